@@ -1,0 +1,90 @@
+"""Process and device setup: one job, getting a torch.distributed group and fairscale's model-parallel group
+ready, whether the program was started by `torchrun --nproc_per_node N` or as a plain `python script.py`."""
+
+import contextlib
+import io
+import os
+from typing import Optional, Union
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.distributed as dist
+
+DeviceLike = Union[str, torch.device, None]
+
+
+def resolve_device(device: DeviceLike = None) -> torch.device:
+    """The device this process computes on: `device` if given, else CUDA when available, else the CPU.
+    Under torchrun a bare "cuda" means this process's own GPU, cuda:LOCAL_RANK. Raises ValueError for an
+    unknown device or CUDA on a machine without it."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} was asked for but torch sees no CUDA GPU: use device='cpu'")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"device {str(device)!r} is not supported: use 'cpu' or 'cuda'")
+    return device
+
+
+def _launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def setup_model_parallel(model_parallel_size: Optional[int] = None, device: DeviceLike = None) -> torch.device:
+    """Make sure a process group and fairscale's model-parallel group exist, and return the device to use.
+
+    Under torchrun the group spans the launched processes (NCCL for CUDA, gloo for the CPU); otherwise a
+    one-process group is created in memory, so a plain `python script.py` needs no launcher. Safe to call
+    again (a second `Llama.build` in one process reuses the groups). `model_parallel_size` defaults to the
+    number of processes and must equal it. Raises ValueError when it does not, or when the groups already
+    exist with another size.
+    """
+    device = resolve_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if _launched_by_torchrun():
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    world_size = dist.get_world_size()
+    if world_size > 1 and device.type == "cpu" and dist.get_backend() == "nccl":
+        raise ValueError("the process group uses NCCL, which cannot run on the CPU: use device='cuda'")
+
+    if model_parallel_size is None:
+        model_parallel_size = world_size
+    if model_parallel_size != world_size:
+        raise ValueError(
+            f"model_parallel_size={model_parallel_size} but {world_size} process(es) were started: "
+            f"run with `torchrun --nproc_per_node {model_parallel_size}` (or leave model_parallel_size unset)"
+        )
+    if fs_init.model_parallel_is_initialized():
+        existing = fs_init.get_model_parallel_world_size()
+        if existing != model_parallel_size:
+            raise ValueError(
+                f"this process already set up model parallelism of size {existing}; "
+                f"a model of size {model_parallel_size} needs a new process"
+            )
+    else:
+        with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes on rank 0
+            fs_init.initialize_model_parallel(model_parallel_size)
+    return device
+
+
+def ensure_model_parallel() -> int:
+    """The model-parallel size, setting up groups with the defaults first if nothing has yet."""
+    if not fs_init.model_parallel_is_initialized():
+        setup_model_parallel()
+    return fs_init.get_model_parallel_world_size()
+
+
+def is_main_process() -> bool:
+    """True on the process that should print (rank 0, or the only process)."""
+    return not dist.is_initialized() or dist.get_rank() == 0

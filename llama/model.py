@@ -1,0 +1,254 @@
+"""The Llama 2 network, in the order a reader needs it: config, norm, rotary embeddings, attention,
+feed-forward, block, transformer.
+
+Parameter names are the names in Meta's checkpoints (`wq`, `w1`, `attention_norm`, ...), so a state-dict key
+points straight at the line that uses it. The linear layers and the embedding are fairscale's model-parallel
+layers, split the way Meta's shards are split: on N ranks, each rank holds 1/N of the heads and of the
+feed-forward width, and the layers gather or sum the partial results themselves.
+"""
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from torch import nn
+
+from llama.distributed import ensure_model_parallel
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: as many key/value heads as query heads (no grouping)
+    vocab_size: int = -1  # -1 in params.json: take it from the tokenizer
+    multiple_of: int = 256  # the SwiGLU width is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """Meta's SwiGLU width: 2/3 of 4*dim keeps the parameter count of a 4*dim two-matrix MLP with three
+        matrices; then the optional multiplier, then rounded up to `multiple_of` for efficient kernels."""
+        hidden_dim = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden_dim = int(self.ffn_dim_multiplier * hidden_dim)
+        return self.multiple_of * ((hidden_dim + self.multiple_of - 1) // self.multiple_of)
+
+    def validate(self, model_parallel_size: int = 1) -> None:
+        """Raise ValueError naming the first setting that cannot build a model split over
+        `model_parallel_size` ranks."""
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_batch_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+        if self.n_kv_heads is not None and (not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0):
+            raise ValueError(f"ModelArgs.n_kv_heads must be a positive integer or None, got {self.n_kv_heads!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = dim / n_heads = {self.head_dim} must be even: rotary embeddings rotate channel pairs")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
+        split_sizes = {
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.kv_heads,
+            "the feed-forward width (ffn_hidden_dim)": self.ffn_hidden_dim,
+            "dim (the embedding is split along it)": self.dim,
+            "vocab_size (the output layer is split along it)": self.vocab_size,
+        }
+        for name, size in split_sizes.items():
+            if size % model_parallel_size:
+                raise ValueError(
+                    f"{name}={size} is not divisible by the model-parallel size {model_parallel_size}: "
+                    f"run with a number of processes that divides it"
+                )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The mean of squares is taken in float32: in float16 it overflows, in bfloat16 it loses digits.
+        return self._norm(x.float()).type_as(x) * self.weight
+
+
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, device: Optional[torch.device] = None) -> torch.Tensor:
+    """The rotation of every position: entry (t, i) is exp(j * t * theta^(-2i/dim)), a unit complex number.
+
+    Returns a complex64 tensor of shape (end, dim // 2), always in float32 precision whatever the model's dtype.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device)[: dim // 2].float() / dim))  # (dim/2,)
+    positions = torch.arange(end, device=device, dtype=torch.float32)  # (end,)
+    angles = torch.outer(positions, inv_freq)  # (end, dim/2)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate queries and keys by their positions' angles.
+
+    Channels (2i, 2i+1) of each head are read as one complex number and multiplied by freqs_cis[t, i]: a
+    rotation in that plane, done as one complex product instead of a 2x2 matrix. Meta's checkpoints were
+    trained with this adjacent pairing (Hugging Face pairs i with i + head_dim/2 and permutes wq/wk to match).
+    xq: (bs, seqlen, heads, head_dim), xk: (bs, seqlen, kv_heads, head_dim), freqs_cis: (seqlen, head_dim/2).
+    """
+    xq_complex = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))  # (bs, seqlen, heads, head_dim/2)
+    xk_complex = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    freqs_cis = freqs_cis.view(1, xq.shape[1], 1, xq_complex.shape[-1])  # broadcast over batch and heads
+    xq_out = torch.view_as_real(xq_complex * freqs_cis).flatten(3)  # (bs, seqlen, heads, head_dim)
+    xk_out = torch.view_as_real(xk_complex * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Grouped-query attention: query head h reads key/value head h // n_rep.
+    (bs, seqlen, kv_heads, head_dim) -> (bs, seqlen, kv_heads * n_rep, head_dim)."""
+    if n_rep == 1:
+        return x
+    bs, seqlen, kv_heads, head_dim = x.shape
+    return x[:, :, :, None, :].expand(bs, seqlen, kv_heads, n_rep, head_dim).reshape(bs, seqlen, kv_heads * n_rep, head_dim)
+
+
+# Fresh (untrained) weights; checkpoints overwrite them. GPT-2's 0.02 keeps the initial logits near uniform.
+_init_weight = partial(nn.init.normal_, mean=0.0, std=0.02)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        model_parallel_size = fs_init.get_model_parallel_world_size()
+        self.n_local_heads = args.n_heads // model_parallel_size
+        self.n_local_kv_heads = args.kv_heads // model_parallel_size
+        self.n_rep = self.n_local_heads // self.n_local_kv_heads
+        self.head_dim = args.head_dim
+        # Column-parallel: each rank computes its own heads. Row-parallel wo sums the ranks' partial outputs.
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_init_weight)
+        self.wk = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_init_weight)
+        self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_init_weight)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_init_weight)
+        # The key/value cache holds only the key/value heads: grouping n_rep query heads per key/value head
+        # divides its size by n_rep (8 for Llama 2 70B), which is what makes long contexts fit.
+        cache_shape = (args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim)
+        self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
+
+    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (bs, seqlen, heads, head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seqlen, kv_heads, head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+
+        self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
+        self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
+        keys = repeat_kv(self.cache_k[:bsz, : start_pos + seqlen], self.n_rep)  # (bs, cache_len, heads, head_dim)
+        values = repeat_kv(self.cache_v[:bsz, : start_pos + seqlen], self.n_rep)
+
+        xq = xq.transpose(1, 2)  # (bs, heads, seqlen, head_dim)
+        keys = keys.transpose(1, 2)  # (bs, heads, cache_len, head_dim)
+        values = values.transpose(1, 2)
+        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)  # (bs, heads, seqlen, cache_len)
+        if mask is not None:
+            scores = scores + mask
+        # Softmax in float32: in half precision the small weights of a long context round to zero.
+        scores = F.softmax(scores.float(), dim=-1).type_as(xq)
+        # No activation follows: the output is a weighted average of values, and the value path
+        # (wv, then wo) is linear. The non-linearities are the softmax weights, SwiGLU and the norms.
+        output = torch.matmul(scores, values)  # (bs, heads, seqlen, head_dim)
+        output = output.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bs, seqlen, heads * head_dim)
+        return self.wo(output)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_init_weight)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_init_weight)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_init_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # SwiGLU: w3's output, gated by SiLU of w1's output.
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        # Pre-norm: the residual stream itself is never normalised, only what each sublayer reads from it.
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs):
+        """The whole decoder. Sets up a one-process model-parallel group first if nothing has (fairscale's
+        layers need one); under torchrun, the layers are split over the launched processes. Raises ValueError
+        if a setting in `params` is invalid or does not divide by the model-parallel size."""
+        super().__init__()
+        params.validate(ensure_model_parallel())
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=_init_weight)
+        self.layers = nn.ModuleList(TransformerBlock(layer_id, params) for layer_id in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_init_weight)
+        # Not a buffer: Module.to(dtype) would cast a complex buffer to a real one and drop the sines.
+        # Twice max_seq_len, as Meta's reference builds it; only the first max_seq_len rows are ever read.
+        self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Logits (float32, shape (batch, seqlen, vocab)) for `tokens` (batch, seqlen) standing at positions
+        start_pos .. start_pos + seqlen - 1, after the positions before start_pos already went through this
+        model for the same batch rows (their keys and values are in the cache)."""
+        bsz, seqlen = tokens.shape
+        if bsz > self.params.max_batch_size or start_pos + seqlen > self.params.max_seq_len:
+            raise ValueError(
+                f"batch of {bsz} at positions {start_pos}..{start_pos + seqlen - 1} does not fit the key/value cache "
+                f"(max_batch_size={self.params.max_batch_size}, max_seq_len={self.params.max_seq_len})"
+            )
+        h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
+        if self.freqs_cis.device != h.device:
+            self.freqs_cis = precompute_freqs_cis(self.params.head_dim, self.params.max_seq_len * 2, self.params.rope_theta, h.device)
+        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
+
+        mask = None
+        if seqlen > 1:
+            # Row i stands at position start_pos + i and may read cache positions 0 .. start_pos + i: the
+            # whole cached prefix, and the new tokens up to itself (this is what makes chunked prefill right).
+            mask = torch.full((seqlen, start_pos + seqlen), float("-inf"), device=tokens.device)
+            mask = torch.triu(mask, diagonal=start_pos + 1).type_as(h)  # (seqlen, cache_len)
+
+        for layer in self.layers:
+            h = layer(h, start_pos, freqs_cis, mask)
+        return self.output(self.norm(h)).float()  # (bs, seqlen, vocab)

@@ -1,0 +1,41 @@
+"""The SentencePiece tokenizer that ships with Llama 2 checkpoints (`tokenizer.model`)."""
+
+import os
+from typing import List
+
+from sentencepiece import SentencePieceProcessor
+
+
+class Tokenizer:
+    def __init__(self, model_path: str):
+        """Load a SentencePiece model file. Raises FileNotFoundError if it does not exist and ValueError if
+        it is not a SentencePiece model."""
+        model_path = os.fspath(model_path)
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(
+                f"tokenizer file {model_path!r} does not exist: pass the tokenizer.model that came with the checkpoint"
+            )
+        self.sp_model = SentencePieceProcessor()
+        try:
+            self.sp_model.Load(model_path)
+        except (OSError, RuntimeError) as error:
+            raise ValueError(f"{model_path!r} is not a SentencePiece model file ({error})") from error
+        self.n_words: int = self.sp_model.vocab_size()
+        self.bos_id: int = self.sp_model.bos_id()
+        self.eos_id: int = self.sp_model.eos_id()
+        self.pad_id: int = self.sp_model.pad_id()  # -1 for Llama's tokenizer: it has no padding piece
+
+    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+        """Token ids of `s`, with BOS in front and EOS at the end when asked. Raises TypeError for a non-string."""
+        if not isinstance(s, str):
+            raise TypeError(f"can only encode a str, got {type(s).__name__}: {s!r}")
+        ids: List[int] = self.sp_model.encode(s)
+        if bos:
+            ids = [self.bos_id] + ids
+        if eos:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids: List[int]) -> str:
+        """The text of token ids (BOS and EOS produce no text)."""
+        return self.sp_model.decode(list(ids))
