@@ -152,7 +152,7 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):
         self.model = model
         self.tokenizer = tokenizer
-        self.device = model.tok_embeddings.weight.device
+        self.device = next(model.parameters()).device
         # A private generator: sampling is reproducible without touching the caller's global RNG state.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
-import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
@@ -139,7 +138,7 @@ _init_weight = partial(nn.init.normal_, mean=0.0, std=0.02)
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        model_parallel_size = fs_init.get_model_parallel_world_size()
+        model_parallel_size = ensure_model_parallel()
         self.n_local_heads = args.n_heads // model_parallel_size
         self.n_local_kv_heads = args.kv_heads // model_parallel_size
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
@@ -185,6 +184,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
+        ensure_model_parallel()
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_init_weight)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_init_weight)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_init_weight)

@@ -1,0 +1,22 @@
+import pytest
+
+from helpers import SHARED_MODEL, train_tokenizer
+from llama.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    return train_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_path):
+    return Tokenizer(str(tokenizer_path))
+
+
+@pytest.fixture(scope="session")
+def stories_dir():
+    """The real pretrained model beside the repository (../shared/models/stories260K)."""
+    if not (SHARED_MODEL / "consolidated.00.pth").is_file():
+        pytest.skip(f"the pretrained test model is not at {SHARED_MODEL}")
+    return SHARED_MODEL

@@ -1,0 +1,119 @@
+"""Building blocks the tests share: small random models, a tokenizer trained in the test, checkpoint
+folders written in Meta's layout, and Meta's model-parallel split written out independently of the library."""
+
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import sentencepiece as spm
+import torch
+
+from llama.model import ModelArgs, Transformer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_MODEL = REPO_ROOT.parent / "shared" / "models" / "stories260K"
+
+# A few lines of text to train the test tokenizer on (written here: tests do not read shared/).
+TOKENIZER_TEXT = """\
+The quick brown fox jumps over the lazy dog, and the dog sleeps on in the sun.
+Once upon a time there was a little girl who loved to read books about the sea.
+She read about whales and ships, about storms and quiet harbours in the morning.
+[INST] What is two plus two? [/INST] Four. <<SYS>> Be brief. <</SYS>>
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000; punctuation: , . ; : ! ? ' " ( ) [ ] { } - _ / \\ @ # $ % ^ & * + = < >
+""" * 4
+
+TOKENIZER_VOCAB = 400
+
+
+def train_tokenizer(path: Path) -> Path:
+    """Write a small SentencePiece BPE model with byte fallback and Llama's special ids (unk 0, bos 1, eos 2, no pad)."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TOKENIZER_TEXT.splitlines()),
+        model_writer=model,
+        vocab_size=TOKENIZER_VOCAB,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def small_args(**overrides) -> ModelArgs:
+    """A model small enough for the CPU, with grouped-query attention (4 query heads share 2 key/value heads)."""
+    settings = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=TOKENIZER_VOCAB, multiple_of=32, max_batch_size=4, max_seq_len=64)
+    settings.update(overrides)
+    return ModelArgs(**settings)
+
+
+def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
+    """A Transformer with weights drawn so that activations and logits have unit scale: random but far from
+    uniform predictions, so that greedy choices are not near-ties that rounding could flip."""
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)  # not all ones, so a norm weight that is dropped or misplaced shows
+            elif name == "tok_embeddings.weight":
+                param.normal_(0.0, 1.0)
+            else:
+                param.normal_(0.0, param.shape[1] ** -0.5)
+    return model.eval()
+
+
+def meta_params(args: ModelArgs) -> Dict:
+    """params.json as Meta writes it: the architecture only (no batch or sequence sizes)."""
+    params = dataclasses.asdict(args)
+    for name in ("max_batch_size", "max_seq_len"):
+        params.pop(name)
+    return params
+
+
+# Meta's model-parallel layout: which dimension of each tensor is split across shards (None: replicated).
+def split_dim(name: str) -> Optional[int]:
+    if name.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight")) or name == "output.weight":
+        return 0  # column-parallel: each shard holds some output rows
+    if name.endswith(("wo.weight", "w2.weight")) or name == "tok_embeddings.weight":
+        return 1  # row-parallel (and the embedding): each shard holds some input columns
+    return None  # norms
+
+
+def split_state_dict(state: Dict[str, torch.Tensor], n_shards: int) -> List[Dict[str, torch.Tensor]]:
+    shards: List[Dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
+    for name, tensor in state.items():
+        dim = split_dim(name)
+        pieces = [tensor] * n_shards if dim is None else torch.chunk(tensor, n_shards, dim=dim)
+        for shard, piece in zip(shards, pieces):
+            shard[name] = piece.clone()
+    return shards
+
+
+def write_checkpoint(folder: Path, args: ModelArgs, state: Dict[str, torch.Tensor], n_shards: int = 1, params: Optional[Dict] = None) -> Path:
+    """Write a Meta-layout checkpoint folder: params.json and consolidated.NN.pth."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.json").write_text(json.dumps(meta_params(args) if params is None else params))
+    for number, shard in enumerate(split_state_dict(state, n_shards)):
+        torch.save(shard, folder / f"consolidated.{number:02d}.pth")
+    return folder
+
+
+def run_python(args: List[str], timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python ARGS...` from the repository root with this interpreter; output captured as text."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def run_torchrun(nproc: int, args: List[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run a script under `torchrun --standalone --nproc_per_node NPROC` (a free port is picked)."""
+    return run_python(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args], timeout=timeout)

@@ -1,0 +1,235 @@
+"""Claims about the architecture, each checked numerically against a second formulation of the same maths."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import random_model, small_args
+from llama.checkpoint import meta_device
+from llama.model import (
+    Attention,
+    FeedForward,
+    ModelArgs,
+    RMSNorm,
+    Transformer,
+    TransformerBlock,
+    apply_rotary_emb,
+    precompute_freqs_cis,
+    repeat_kv,
+)
+
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # float32
+
+
+def causal_mask(seqlen: int) -> torch.Tensor:
+    return torch.full((seqlen, seqlen), float("-inf")).triu(1)
+
+
+# ---- shapes and sizes -------------------------------------------------------------------------------------
+
+
+def test_every_module_returns_the_documented_shape():
+    args = small_args()
+    torch.manual_seed(0)
+    bs, seqlen, head_dim = 3, 7, args.dim // args.n_heads
+    x = torch.randn(bs, seqlen, args.dim)
+    freqs_cis = precompute_freqs_cis(head_dim, seqlen)
+    assert freqs_cis.shape == (seqlen, head_dim // 2) and freqs_cis.dtype == torch.complex64
+    assert RMSNorm(args.dim)(x).shape == (bs, seqlen, args.dim)
+    xq, xk = torch.randn(bs, seqlen, args.n_heads, head_dim), torch.randn(bs, seqlen, args.n_kv_heads, head_dim)
+    rq, rk = apply_rotary_emb(xq, xk, freqs_cis)
+    assert rq.shape == xq.shape and rk.shape == xk.shape
+    assert repeat_kv(xk, 2).shape == (bs, seqlen, args.n_heads, head_dim)
+    assert Attention(args)(x, 0, freqs_cis, causal_mask(seqlen)).shape == (bs, seqlen, args.dim)
+    assert FeedForward(args.dim, args.ffn_hidden_dim)(x).shape == (bs, seqlen, args.dim)
+    assert TransformerBlock(0, args)(x, 0, freqs_cis, causal_mask(seqlen)).shape == (bs, seqlen, args.dim)
+    logits = Transformer(args)(torch.randint(0, args.vocab_size, (bs, seqlen)))
+    assert logits.shape == (bs, seqlen, args.vocab_size) and logits.dtype == torch.float32
+
+
+LLAMA_2_SIZES = {
+    # name: (ModelArgs, published parameter count in billions, published feed-forward width)
+    "7B": (ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000), 6.738, 11008),
+    "13B": (ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000), 13.016, 13824),
+    "70B": (
+        ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, ffn_dim_multiplier=1.3, multiple_of=4096),
+        68.98,
+        28672,
+    ),
+}
+
+
+@pytest.mark.parametrize("size", LLAMA_2_SIZES)
+def test_llama_2_configurations_have_the_published_parameter_counts_and_ffn_widths(size):
+    args, billions, ffn_width = LLAMA_2_SIZES[size]
+    assert args.ffn_hidden_dim == ffn_width
+    with meta_device():  # shapes only: a 70B model in no memory at all
+        model = Transformer(args)
+    assert all(param.device.type == "meta" for param in model.parameters())
+    count = sum(param.numel() for param in model.parameters())
+    digits = len(str(billions).split(".")[1])
+    assert round(count / 1e9, digits) == billions, f"{size}: {count:,} parameters, published {billions}B"
+    assert model.layers[0].feed_forward.w1.weight.shape == (ffn_width, args.dim)
+
+
+# ---- norm ----------------------------------------------------------------------------------------------------
+
+
+def test_rmsnorm_divides_by_the_root_mean_square_then_scales():
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=1e-5)
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+    torch.testing.assert_close(norm(x.float()).double(), expected, **TOLERANCE)
+
+
+def test_rmsnorm_in_float16_stays_finite_where_squares_overflow_float16():
+    # 300**2 = 90000 > 65504, the largest float16: a float16 mean of squares would be inf and the output 0.
+    x = torch.full((2, 8), 300.0, dtype=torch.float16)
+    out = RMSNorm(8).half()(x)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, torch.ones_like(out), rtol=1e-3, atol=1e-3)
+
+
+# ---- rotary embeddings ---------------------------------------------------------------------------------------
+
+
+def rotate_with_real_matrices(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """RoPE written as real 2x2 rotations of channel pairs (2i, 2i+1), angles computed in float64."""
+    bs, seqlen, heads, head_dim = x.shape
+    out = torch.empty_like(x, dtype=torch.float64)
+    for t in range(seqlen):
+        rotation = torch.zeros(head_dim, head_dim, dtype=torch.float64)
+        for i in range(head_dim // 2):
+            angle = t * theta ** (-2 * i / head_dim)
+            c, s = math.cos(angle), math.sin(angle)
+            rotation[2 * i : 2 * i + 2, 2 * i : 2 * i + 2] = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+        out[:, t] = x[:, t].double() @ rotation.T
+    return out
+
+
+@pytest.mark.parametrize("theta", [10000.0, 1000000.0])
+def test_complex_rope_equals_real_2x2_rotations_of_adjacent_channel_pairs(theta):
+    torch.manual_seed(0)
+    xq, xk = torch.randn(2, 12, 4, 16), torch.randn(2, 12, 2, 16)
+    rq, rk = apply_rotary_emb(xq, xk, precompute_freqs_cis(16, 12, theta))
+    torch.testing.assert_close(rq.double(), rotate_with_real_matrices(xq, theta), **TOLERANCE)
+    torch.testing.assert_close(rk.double(), rotate_with_real_matrices(xk, theta), **TOLERANCE)
+
+
+def test_rope_makes_query_key_products_depend_only_on_the_position_difference():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 32), torch.randn(1, 1, 1, 32)
+    freqs_cis = precompute_freqs_cis(32, 64)
+
+    def score(query_pos, key_pos):
+        rq, _ = apply_rotary_emb(q, q, freqs_cis[query_pos : query_pos + 1])
+        rk, _ = apply_rotary_emb(k, k, freqs_cis[key_pos : key_pos + 1])
+        return (rq * rk).sum()
+
+    for offset in (0, 5, 40):
+        torch.testing.assert_close(score(10 + offset, 3 + offset), score(10, 3), rtol=1e-4, atol=1e-4)
+
+
+# ---- attention -----------------------------------------------------------------------------------------------
+
+
+def test_grouped_query_attention_equals_multi_head_attention_with_repeated_key_value_heads():
+    gqa_args = small_args(n_heads=8, n_kv_heads=2)
+    gqa = random_model(gqa_args, seed=1)
+    mha = random_model(small_args(n_heads=8, n_kv_heads=None), seed=2)
+    head_dim, n_rep = gqa_args.head_dim, 4
+    state = gqa.state_dict()
+    for name, tensor in list(state.items()):
+        if name.endswith(("attention.wk.weight", "attention.wv.weight")):
+            # key/value head j serves query heads j*n_rep .. j*n_rep + n_rep - 1
+            heads = tensor.view(gqa_args.n_kv_heads, head_dim, gqa_args.dim)
+            state[name] = heads.repeat_interleave(n_rep, dim=0).reshape(-1, gqa_args.dim)
+    mha.load_state_dict(state)
+    tokens = torch.randint(0, gqa_args.vocab_size, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(tokens), mha(tokens), **TOLERANCE)
+    # ... while its key/value cache is n_heads / n_kv_heads = 4 times smaller.
+    assert mha.layers[0].attention.cache_k.numel() == n_rep * gqa.layers[0].attention.cache_k.numel()
+
+
+def test_value_path_is_linear_each_head_acts_through_one_dim_by_dim_matrix():
+    """Why no activation before wo: for fixed attention weights, a head's contribution is
+    softmax(QK^T) @ x @ (wo_h @ wv_h)^T, one dim x dim matrix. Only the softmax is non-linear here."""
+    args = small_args(n_heads=4, n_kv_heads=2)
+    attention = random_model(args, seed=3).layers[0].attention
+    torch.manual_seed(0)
+    seqlen, head_dim, n_rep = 9, args.head_dim, 2
+    x = torch.randn(2, seqlen, args.dim)
+    freqs_cis = precompute_freqs_cis(head_dim, seqlen)
+    with torch.no_grad():
+        output = attention(x, 0, freqs_cis, causal_mask(seqlen))
+        xq = attention.wq(x).view(2, seqlen, args.n_heads, head_dim)
+        xk = attention.wk(x).view(2, seqlen, args.n_kv_heads, head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        expected = torch.zeros_like(output)
+        for h in range(args.n_heads):
+            kv = h // n_rep
+            weights = F.softmax(xq[:, :, h] @ xk[:, :, kv].transpose(1, 2) / math.sqrt(head_dim) + causal_mask(seqlen), dim=-1)
+            wv_h = attention.wv.weight[kv * head_dim : (kv + 1) * head_dim]  # (head_dim, dim)
+            wo_h = attention.wo.weight[:, h * head_dim : (h + 1) * head_dim]  # (dim, head_dim)
+            merged = wo_h @ wv_h  # (dim, dim): value and output projection in one matrix
+            expected += weights @ x @ merged.T
+    torch.testing.assert_close(output, expected, **TOLERANCE)
+
+
+# ---- caching ---------------------------------------------------------------------------------------------------
+
+
+def test_kv_cache_decode_token_by_token_matches_full_forward():
+    args = small_args()
+    model = random_model(args, seed=4)
+    tokens = torch.randint(0, args.vocab_size, (3, 16))
+    with torch.no_grad():
+        full = model(tokens, 0)
+        stepwise = torch.cat([model(tokens[:, pos : pos + 1], pos) for pos in range(tokens.shape[1])], dim=1)
+    torch.testing.assert_close(stepwise, full, **TOLERANCE)
+
+
+def test_chunked_prefill_with_start_pos_matches_full_forward():
+    """Several tokens at start_pos > 0: each must see the whole cached prefix and the new tokens up to itself."""
+    args = small_args()
+    model = random_model(args, seed=5)
+    tokens = torch.randint(0, args.vocab_size, (2, 20))
+    with torch.no_grad():
+        full = model(tokens, 0)
+        chunks = [(0, 6), (6, 7), (7, 15), (15, 20)]
+        chunked = torch.cat([model(tokens[:, start:end], start) for start, end in chunks], dim=1)
+    torch.testing.assert_close(chunked, full, **TOLERANCE)
+
+
+def test_logits_at_a_position_do_not_depend_on_later_tokens():
+    args = small_args()
+    model = random_model(args, seed=6)
+    tokens = torch.randint(0, args.vocab_size, (1, 12))
+    changed = tokens.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % args.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed)[:, :8], model(tokens)[:, :8], **TOLERANCE)
+
+
+def test_forward_beyond_the_cache_raises_a_clear_error():
+    args = small_args(max_batch_size=2, max_seq_len=8)
+    model = random_model(args)
+    with pytest.raises(ValueError, match="does not fit the key/value cache"):
+        model(torch.zeros(1, 4, dtype=torch.long), 6)
+    with pytest.raises(ValueError, match="max_batch_size=2"):
+        model(torch.zeros(3, 1, dtype=torch.long), 0)
+
+
+def test_model_moved_to_bfloat16_keeps_the_rotary_table_in_float32():
+    args = small_args()
+    model = random_model(args).to(torch.bfloat16)
+    tokens = torch.randint(0, args.vocab_size, (1, 6))
+    with torch.no_grad():
+        logits = model(tokens)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert model.freqs_cis.dtype == torch.complex64
