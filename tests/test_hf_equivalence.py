@@ -1,0 +1,93 @@
+"""The same weights in Hugging Face transformers' LlamaForCausalLM, an independent implementation, give the
+same logits: for a random model with grouped-query attention, and for the real pretrained test model."""
+
+import pytest
+import torch
+
+from helpers import random_model, small_args
+from llama import Llama
+from llama.checkpoint import load_shard, read_model_args
+
+transformers = pytest.importorskip("transformers")
+
+
+def to_hf_rotary_layout(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta rotates channel pairs (2i, 2i+1) of each head; Hugging Face rotates (i, i + head_dim/2).
+    Reorder each head's rows so that HF row c*head_dim/2 + i is Meta row 2i + c."""
+    rows, dim = weight.shape
+    head_dim = rows // n_heads
+    return weight.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def hf_model(args, state):
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.dim,
+        intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.kv_heads,
+        rms_norm_eps=args.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+        max_position_embeddings=args.max_seq_len,
+        tie_word_embeddings=False,
+    )
+    names = {
+        "tok_embeddings.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
+    per_layer = {
+        "attention.wq.weight": "self_attn.q_proj.weight",
+        "attention.wk.weight": "self_attn.k_proj.weight",
+        "attention.wv.weight": "self_attn.v_proj.weight",
+        "attention.wo.weight": "self_attn.o_proj.weight",
+        "feed_forward.w1.weight": "mlp.gate_proj.weight",
+        "feed_forward.w2.weight": "mlp.down_proj.weight",
+        "feed_forward.w3.weight": "mlp.up_proj.weight",
+        "attention_norm.weight": "input_layernorm.weight",
+        "ffn_norm.weight": "post_attention_layernorm.weight",
+    }
+    hf_state = {}
+    for name, tensor in state.items():
+        if name == "rope.freqs":
+            continue
+        if name.startswith("layers."):
+            _, layer, rest = name.split(".", 2)
+            hf_name = f"model.layers.{layer}.{per_layer[rest]}"
+            if rest == "attention.wq.weight":
+                tensor = to_hf_rotary_layout(tensor, args.n_heads)
+            elif rest == "attention.wk.weight":
+                tensor = to_hf_rotary_layout(tensor, args.kv_heads)
+        else:
+            hf_name = names[name]
+        hf_state[hf_name] = tensor.float()
+    model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict(hf_state, strict=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("rope_theta", [10000.0, 1000000.0])
+def test_random_gqa_model_gives_the_same_logits_as_hugging_face_llama(rope_theta):
+    args = small_args(n_layers=3, n_heads=8, n_kv_heads=2, rope_theta=rope_theta)
+    ours = random_model(args, seed=11)
+    theirs = hf_model(args, ours.state_dict())
+    tokens = torch.randint(0, args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), theirs(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_pretrained_model_greedy_text_is_what_hugging_face_llama_predicts(stories_dir):
+    generator = Llama.build(str(stories_dir), str(stories_dir / "tokenizer.model"), max_seq_len=128, max_batch_size=1, device="cpu")
+    args = read_model_args(stories_dir, vocab_size=generator.tokenizer.n_words)
+    theirs = hf_model(args, load_shard(stories_dir / "consolidated.00.pth"))
+    prompt = generator.tokenizer.encode("Once upon a time", bos=True, eos=False)
+    out, _ = generator.generate([prompt], max_gen_len=60, temperature=0)
+    sequence = torch.tensor([prompt + out[0]])
+    with torch.no_grad():
+        their_logits = theirs(sequence).logits
+        our_logits = generator.model(sequence, 0)
+    torch.testing.assert_close(our_logits, their_logits, rtol=1e-4, atol=1e-4)
+    # Teacher-forced on our text, their greedy choice at every position is the token we generated.
+    their_choice = their_logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
+    assert their_choice == out[0]
