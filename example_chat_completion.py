@@ -1,18 +1,18 @@
 """Answer a few dialogs with a Llama 2 chat checkpoint, in the Llama 2 chat format.
 
-    python example_chat_completion.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
-    torchrun --nproc_per_node 2 example_chat_completion.py --ckpt_dir llama-2-13b-chat/ --tokenizer_path tokenizer.model
+python example_chat_completion.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
+torchrun --nproc_per_node 2 example_chat_completion.py --ckpt_dir llama-2-13b-chat/ --tokenizer_path tokenizer.model
 """
 
 import sys
-from typing import List, Optional
+from typing import Optional
 
 import fire
 
 from llama import Dialog, Llama
 from llama.distributed import is_main_process
 
-DIALOGS: List[Dialog] = [
+DIALOGS: list[Dialog] = [
     [{"role": "user", "content": "What should I pack for a weekend of hiking in the mountains?"}],
     [
         {"role": "user", "content": "I'm planting a small vegetable garden."},

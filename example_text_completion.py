@@ -1,7 +1,7 @@
 """Complete a few text prompts with a Llama 2 checkpoint.
 
-    python example_text_completion.py --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model
-    torchrun --nproc_per_node 2 example_text_completion.py --ckpt_dir llama-2-13b/ --tokenizer_path tokenizer.model
+python example_text_completion.py --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model
+torchrun --nproc_per_node 2 example_text_completion.py --ckpt_dir llama-2-13b/ --tokenizer_path tokenizer.model
 """
 
 import sys

@@ -5,4 +5,13 @@ from llama.generation import ChatPrediction, CompletionPrediction, Dialog, Llama
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import Tokenizer
 
-__all__ = ["ChatPrediction", "CompletionPrediction", "Dialog", "Llama", "Message", "ModelArgs", "Tokenizer", "Transformer"]
+__all__ = [
+    "ChatPrediction",
+    "CompletionPrediction",
+    "Dialog",
+    "Llama",
+    "Message",
+    "ModelArgs",
+    "Tokenizer",
+    "Transformer",
+]

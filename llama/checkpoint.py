@@ -6,7 +6,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Optional, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -35,7 +35,8 @@ def read_model_args(ckpt_dir: PathLike, **overrides) -> ModelArgs:
     params_path = ckpt_dir / "params.json"
     if not params_path.is_file():
         raise FileNotFoundError(
-            f"{str(params_path)!r} is missing: a Meta-layout checkpoint folder holds params.json and consolidated.NN.pth files"
+            f"{str(params_path)!r} is missing: a Meta-layout checkpoint folder holds params.json "
+            "and consolidated.NN.pth files"
         )
     try:
         params = json.loads(params_path.read_text())
@@ -47,7 +48,9 @@ def read_model_args(ckpt_dir: PathLike, **overrides) -> ModelArgs:
     known = {field.name for field in dataclasses.fields(ModelArgs)}
     unknown = sorted(set(params) - known)
     if unknown:
-        warnings.warn(f"{params_path}: ignoring settings this library does not know: {', '.join(unknown)}", stacklevel=2)
+        warnings.warn(
+            f"{params_path}: ignoring settings this library does not know: {', '.join(unknown)}", stacklevel=2
+        )
     settings = {name: value for name, value in params.items() if name in known}
     settings.update(overrides)
     for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
@@ -57,7 +60,7 @@ def read_model_args(ckpt_dir: PathLike, **overrides) -> ModelArgs:
     return ModelArgs(**settings)
 
 
-def find_shards(ckpt_dir: PathLike) -> List[Path]:
+def find_shards(ckpt_dir: PathLike) -> list[Path]:
     """The `consolidated.NN.pth` files of `ckpt_dir` in rank order. Raises FileNotFoundError if there are
     none, ValueError if the numbering has a gap (naming the missing shard)."""
     ckpt_dir = Path(ckpt_dir)
@@ -67,15 +70,19 @@ def find_shards(ckpt_dir: PathLike) -> List[Path]:
         if match:
             numbered[int(match.group(1))] = path
     if not numbered:
-        raise FileNotFoundError(f"no consolidated.NN.pth shards in {str(ckpt_dir)!r}: is this a Meta-layout checkpoint folder?")
+        raise FileNotFoundError(
+            f"no consolidated.NN.pth shards in {str(ckpt_dir)!r}: is this a Meta-layout checkpoint folder?"
+        )
     missing = [number for number in range(max(numbered) + 1) if number not in numbered]
     if missing:
         names = ", ".join(f"consolidated.{number:02d}.pth" for number in missing)
-        raise ValueError(f"{str(ckpt_dir)!r} has shards up to consolidated.{max(numbered):02d}.pth but is missing {names}")
+        raise ValueError(
+            f"{str(ckpt_dir)!r} has shards up to consolidated.{max(numbered):02d}.pth but is missing {names}"
+        )
     return [numbered[number] for number in sorted(numbered)]
 
 
-def load_shard(path: PathLike) -> Dict[str, torch.Tensor]:
+def load_shard(path: PathLike) -> dict[str, torch.Tensor]:
     """The tensors of one shard, memory-mapped where the file allows it, never unpickling code.
     Raises ValueError naming the file if it is truncated, corrupt or not a state dict."""
     path = Path(path)
@@ -85,7 +92,9 @@ def load_shard(path: PathLike) -> Dict[str, torch.Tensor]:
         except RuntimeError as error:
             if "mmap" not in str(error):
                 raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format cannot be mapped
+            state = torch.load(
+                path, map_location="cpu", weights_only=True
+            )  # the legacy (pre-zip) format cannot be mapped
     except Exception as error:  # torch reports damage as RuntimeError, EOFError, pickle or zipfile errors
         if "Weights only load failed" in str(error):
             problem = "it holds Python objects other than tensors, and loading them could run code"
@@ -97,7 +106,7 @@ def load_shard(path: PathLike) -> Dict[str, torch.Tensor]:
     return state
 
 
-def check_state_dict(state: Dict[str, torch.Tensor], expected: Dict[str, torch.Size], source: str) -> None:
+def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: str) -> None:
     """Raise ValueError naming every missing or unexpected key of `state`, or the first tensor whose shape
     differs from `expected` (with both shapes). Keys in IGNORED_KEYS are allowed."""
     missing = sorted(set(expected) - set(state))
@@ -115,7 +124,8 @@ def check_state_dict(state: Dict[str, torch.Tensor], expected: Dict[str, torch.S
             if name in ("tok_embeddings.weight", "output.weight") and state[name].shape[0] != shape[0]:
                 hint = " (the vocabulary size differs: use the tokenizer.model that came with this checkpoint)"
             raise ValueError(
-                f"{source}: tensor {name} has shape {tuple(state[name].shape)} but the model expects {tuple(shape)}{hint}"
+                f"{source}: tensor {name} has shape {tuple(state[name].shape)} "
+                f"but the model expects {tuple(shape)}{hint}"
             )
 
 

@@ -1,8 +1,9 @@
 """Text and chat completion: batched decoding with a key/value cache, nucleus sampling, and the Llama 2
 chat format."""
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Literal, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Literal, Optional, TypedDict, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,19 +21,19 @@ class Message(TypedDict):
     content: str
 
 
-Dialog = List[Message]
+Dialog = list[Message]
 
 
 class CompletionPrediction(TypedDict, total=False):
     generation: str
-    tokens: List[str]  # the text of each returned token, with logprobs=True
-    logprobs: List[float]  # with logprobs=True
+    tokens: list[str]  # the text of each returned token, with logprobs=True
+    logprobs: list[float]  # with logprobs=True
 
 
 class ChatPrediction(TypedDict, total=False):
     generation: Message
-    tokens: List[str]
-    logprobs: List[float]
+    tokens: list[str]
+    logprobs: list[float]
 
 
 # The Llama 2 chat format, byte for byte: the chat models were fine-tuned on exactly these strings.
@@ -53,7 +54,9 @@ def check_dialog(dialog: Dialog, index: int = 0) -> None:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise TypeError(f"{where}, message {number}: expected a dict with 'role' and 'content', got {message!r}")
         if not isinstance(message["content"], str):
-            raise TypeError(f"{where}, message {number}: content must be a str, got {type(message['content']).__name__}")
+            raise TypeError(
+                f"{where}, message {number}: content must be a str, got {type(message['content']).__name__}"
+            )
     turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
     if not turns:
         raise ValueError(f"{where} has only a system message: add a user message after it")
@@ -73,14 +76,14 @@ def has_special_tags(dialog: Dialog) -> bool:
     return any(tag in message["content"] for message in dialog for tag in SPECIAL_TAGS)
 
 
-def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
+def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
     """The prompt tokens of a checked dialog in the Llama 2 chat format: a leading system message is merged
     into the first user turn; every finished user/assistant pair is `[INST] user [/INST] answer ` between
     BOS and EOS; the final user turn is `[INST] user [/INST]` with BOS only, for the model to continue."""
     if dialog[0]["role"] == "system":
         first_user = B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]
         dialog = [{"role": "user", "content": first_user}] + list(dialog[2:])
-    tokens: List[int] = []
+    tokens: list[int] = []
     for user, answer in zip(dialog[0:-1:2], dialog[1::2]):
         text = f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} "
         tokens += tokenizer.encode(text, bos=True, eos=True)
@@ -104,7 +107,9 @@ def _check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int]
         raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if max_gen_len is not None and (isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 1):
+    if max_gen_len is not None and (
+        isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 1
+    ):
         raise ValueError(f"max_gen_len must be a positive integer or None, got {max_gen_len!r}")
 
 
@@ -159,13 +164,13 @@ class Llama:
     @torch.inference_mode()
     def generate(
         self,
-        prompt_tokens: List[List[int]],
+        prompt_tokens: list[list[int]],
         max_gen_len: int,
         temperature: float = 0.6,
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
-    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+    ) -> tuple[list[list[int]], Optional[list[list[float]]]]:
         """Continue each prompt (a list of token ids) by up to `max_gen_len` tokens, stopping a sequence at EOS.
 
         All prompts run as one batch; prompts of different lengths are fine. temperature 0 is greedy.
@@ -212,7 +217,9 @@ class Llama:
             # logits[:, i] predicts the token at start + 1 + i
             targets = tokens[:, start + 1 : start + 1 + logits.shape[1]]
             log_probs = F.log_softmax(logits, dim=-1)
-            token_logprobs[:, start + 1 : start + 1 + logits.shape[1]] = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            token_logprobs[:, start + 1 : start + 1 + logits.shape[1]] = log_probs.gather(
+                -1, targets.unsqueeze(-1)
+            ).squeeze(-1)
 
         if min_prompt_len == total_len:
             # Nothing to generate (every prompt fills the context): score the prompts.
@@ -256,13 +263,13 @@ class Llama:
 
     def text_completion(
         self,
-        prompts: List[str],
+        prompts: list[str],
         temperature: float = 0.6,
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
-    ) -> List[CompletionPrediction]:
+    ) -> list[CompletionPrediction]:
         """Complete each prompt string. `max_gen_len` defaults to max_seq_len - 1. Returns one
         {"generation": str} per prompt (the prompt included with echo=True), plus "tokens" and "logprobs"
         with logprobs=True. Raises TypeError for a non-string prompt and ValueError for an empty list, bad
@@ -281,7 +288,7 @@ class Llama:
         generation_tokens, generation_logprobs = self.generate(
             prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo
         )
-        results: List[CompletionPrediction] = []
+        results: list[CompletionPrediction] = []
         for index, row_tokens in enumerate(generation_tokens):
             result: CompletionPrediction = {"generation": self.tokenizer.decode(row_tokens)}
             if logprobs:
@@ -292,12 +299,12 @@ class Llama:
 
     def chat_completion(
         self,
-        dialogs: List[Dialog],
+        dialogs: list[Dialog],
         temperature: float = 0.6,
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
-    ) -> List[ChatPrediction]:
+    ) -> list[ChatPrediction]:
         """Answer each dialog as the assistant, in the Llama 2 chat format. Returns one
         {"generation": {"role": "assistant", "content": str}} per dialog, plus "tokens" and "logprobs" with
         logprobs=True. A dialog containing a chat-format tag is not run; its answer is the reference's error
@@ -321,7 +328,7 @@ class Llama:
             generation_tokens, generation_logprobs = self.generate(
                 prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs
             )
-        results: List[ChatPrediction] = []
+        results: list[ChatPrediction] = []
         answered = 0
         for bad in unsafe:
             if bad:

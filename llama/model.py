@@ -63,7 +63,9 @@ class ModelArgs:
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim = dim / n_heads = {self.head_dim} must be even: rotary embeddings rotate channel pairs")
+            raise ValueError(
+                f"head_dim = dim / n_heads = {self.head_dim} must be even: rotary embeddings rotate channel pairs"
+            )
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
         split_sizes = {
@@ -95,7 +97,9 @@ class RMSNorm(nn.Module):
         return self._norm(x.float()).type_as(x) * self.weight
 
 
-def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, device: Optional[torch.device] = None) -> torch.Tensor:
+def precompute_freqs_cis(
+    dim: int, end: int, theta: float = 10000.0, device: Optional[torch.device] = None
+) -> torch.Tensor:
     """The rotation of every position: entry (t, i) is exp(j * t * theta^(-2i/dim)), a unit complex number.
 
     Returns a complex64 tensor of shape (end, dim // 2), always in float32 precision whatever the model's dtype.
@@ -128,7 +132,11 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     if n_rep == 1:
         return x
     bs, seqlen, kv_heads, head_dim = x.shape
-    return x[:, :, :, None, :].expand(bs, seqlen, kv_heads, n_rep, head_dim).reshape(bs, seqlen, kv_heads * n_rep, head_dim)
+    return (
+        x[:, :, :, None, :]
+        .expand(bs, seqlen, kv_heads, n_rep, head_dim)
+        .reshape(bs, seqlen, kv_heads * n_rep, head_dim)
+    )
 
 
 # Fresh (untrained) weights; checkpoints overwrite them. GPT-2's 0.02 keeps the initial logits near uniform.
@@ -144,17 +152,27 @@ class Attention(nn.Module):
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
         self.head_dim = args.head_dim
         # Column-parallel: each rank computes its own heads. Row-parallel wo sums the ranks' partial outputs.
-        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_init_weight)
-        self.wk = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_init_weight)
-        self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_init_weight)
-        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_init_weight)
+        self.wq = ColumnParallelLinear(
+            args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_init_weight
+        )
+        self.wk = ColumnParallelLinear(
+            args.dim, args.kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_init_weight
+        )
+        self.wv = ColumnParallelLinear(
+            args.dim, args.kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_init_weight
+        )
+        self.wo = RowParallelLinear(
+            args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_init_weight
+        )
         # The key/value cache holds only the key/value heads: grouping n_rep query heads per key/value head
         # divides its size by n_rep (8 for Llama 2 70B), which is what makes long contexts fit.
         cache_shape = (args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
         self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
 
-    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (bs, seqlen, heads, head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seqlen, kv_heads, head_dim)
@@ -203,7 +221,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         # Pre-norm: the residual stream itself is never normalised, only what each sublayer reads from it.
         h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -239,7 +259,9 @@ class Transformer(nn.Module):
             )
         h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
         if self.freqs_cis.device != h.device:
-            self.freqs_cis = precompute_freqs_cis(self.params.head_dim, self.params.max_seq_len * 2, self.params.rope_theta, h.device)
+            self.freqs_cis = precompute_freqs_cis(
+                self.params.head_dim, self.params.max_seq_len * 2, self.params.rope_theta, h.device
+            )
         freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
 
         mask = None

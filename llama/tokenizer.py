@@ -1,7 +1,6 @@
 """The SentencePiece tokenizer that ships with Llama 2 checkpoints (`tokenizer.model`)."""
 
 import os
-from typing import List
 
 from sentencepiece import SentencePieceProcessor
 
@@ -25,17 +24,17 @@ class Tokenizer:
         self.eos_id: int = self.sp_model.eos_id()
         self.pad_id: int = self.sp_model.pad_id()  # -1 for Llama's tokenizer: it has no padding piece
 
-    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+    def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         """Token ids of `s`, with BOS in front and EOS at the end when asked. Raises TypeError for a non-string."""
         if not isinstance(s, str):
             raise TypeError(f"can only encode a str, got {type(s).__name__}: {s!r}")
-        ids: List[int] = self.sp_model.encode(s)
+        ids: list[int] = self.sp_model.encode(s)
         if bos:
             ids = [self.bos_id] + ids
         if eos:
             ids = ids + [self.eos_id]
         return ids
 
-    def decode(self, ids: List[int]) -> str:
+    def decode(self, ids: list[int]) -> str:
         """The text of token ids (BOS and EOS produce no text)."""
         return self.sp_model.decode(list(ids))

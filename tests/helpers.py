@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Optional
 
 import sentencepiece as spm
 import torch
@@ -19,19 +19,23 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_MODEL = REPO_ROOT.parent / "shared" / "models" / "stories260K"
 
 # A few lines of text to train the test tokenizer on (written here: tests do not read shared/).
-TOKENIZER_TEXT = """\
+TOKENIZER_TEXT = (
+    """\
 The quick brown fox jumps over the lazy dog, and the dog sleeps on in the sun.
 Once upon a time there was a little girl who loved to read books about the sea.
 She read about whales and ships, about storms and quiet harbours in the morning.
 [INST] What is two plus two? [/INST] Four. <<SYS>> Be brief. <</SYS>>
 Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000; punctuation: , . ; : ! ? ' " ( ) [ ] { } - _ / \\ @ # $ % ^ & * + = < >
-""" * 4
+"""
+    * 4
+)
 
 TOKENIZER_VOCAB = 400
 
 
 def train_tokenizer(path: Path) -> Path:
-    """Write a small SentencePiece BPE model with byte fallback and Llama's special ids (unk 0, bos 1, eos 2, no pad)."""
+    """Write a small SentencePiece BPE model with byte fallback and Llama's special ids
+    (unk 0, bos 1, eos 2, no pad)."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(TOKENIZER_TEXT.splitlines()),
@@ -51,7 +55,16 @@ def train_tokenizer(path: Path) -> Path:
 
 def small_args(**overrides) -> ModelArgs:
     """A model small enough for the CPU, with grouped-query attention (4 query heads share 2 key/value heads)."""
-    settings = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=TOKENIZER_VOCAB, multiple_of=32, max_batch_size=4, max_seq_len=64)
+    settings = dict(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=TOKENIZER_VOCAB,
+        multiple_of=32,
+        max_batch_size=4,
+        max_seq_len=64,
+    )
     settings.update(overrides)
     return ModelArgs(**settings)
 
@@ -72,7 +85,7 @@ def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
     return model.eval()
 
 
-def meta_params(args: ModelArgs) -> Dict:
+def meta_params(args: ModelArgs) -> dict:
     """params.json as Meta writes it: the architecture only (no batch or sequence sizes)."""
     params = dataclasses.asdict(args)
     for name in ("max_batch_size", "max_seq_len"):
@@ -89,8 +102,8 @@ def split_dim(name: str) -> Optional[int]:
     return None  # norms
 
 
-def split_state_dict(state: Dict[str, torch.Tensor], n_shards: int) -> List[Dict[str, torch.Tensor]]:
-    shards: List[Dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
+def split_state_dict(state: dict[str, torch.Tensor], n_shards: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
     for name, tensor in state.items():
         dim = split_dim(name)
         pieces = [tensor] * n_shards if dim is None else torch.chunk(tensor, n_shards, dim=dim)
@@ -99,7 +112,9 @@ def split_state_dict(state: Dict[str, torch.Tensor], n_shards: int) -> List[Dict
     return shards
 
 
-def write_checkpoint(folder: Path, args: ModelArgs, state: Dict[str, torch.Tensor], n_shards: int = 1, params: Optional[Dict] = None) -> Path:
+def write_checkpoint(
+    folder: Path, args: ModelArgs, state: dict[str, torch.Tensor], n_shards: int = 1, params: Optional[dict] = None
+) -> Path:
     """Write a Meta-layout checkpoint folder: params.json and consolidated.NN.pth."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.json").write_text(json.dumps(meta_params(args) if params is None else params))
@@ -108,12 +123,16 @@ def write_checkpoint(folder: Path, args: ModelArgs, state: Dict[str, torch.Tenso
     return folder
 
 
-def run_python(args: List[str], timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
+def run_python(args: list[str], timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
     """Run `python ARGS...` from the repository root with this interpreter; output captured as text."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs
+    )
 
 
-def run_torchrun(nproc: int, args: List[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def run_torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     """Run a script under `torchrun --standalone --nproc_per_node NPROC` (a free port is picked)."""
-    return run_python(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args], timeout=timeout)
+    return run_python(
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args], timeout=timeout
+    )

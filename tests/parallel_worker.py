@@ -16,4 +16,7 @@ with torch.no_grad():
 greedy, _ = generator.generate([[1, 5, 6, 7], [1, 9]], max_gen_len=16, temperature=0)
 sampled, _ = generator.generate([[1, 5, 6, 7], [1, 9]], max_gen_len=16, temperature=1.0, top_p=0.9)
 if is_main_process():
-    torch.save({"logits": logits, "greedy": greedy, "sampled": sampled, "world_size": torch.distributed.get_world_size()}, out_path)
+    torch.save(
+        {"logits": logits, "greedy": greedy, "sampled": sampled, "world_size": torch.distributed.get_world_size()},
+        out_path,
+    )

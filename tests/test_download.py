@@ -177,11 +177,12 @@ def test_downloads_requested_models_and_verifies_checksums(tmp_path, serve, veri
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert_same_files(source, target, ("llama-2-7b/", "llama-2-13b/"))
-    assert sorted(p.name for p in target.iterdir()) == sorted(
-        TOKENIZER_FILES + ["llama-2-7b", "llama-2-13b"]
-    )
+    assert sorted(p.name for p in target.iterdir()) == sorted(TOKENIZER_FILES + ["llama-2-7b", "llama-2-13b"])
     assert sorted(p.name for p in (target / "llama-2-13b").iterdir()) == [
-        "checklist.chk", "consolidated.00.pth", "consolidated.01.pth", "params.json",
+        "checklist.chk",
+        "consolidated.00.pth",
+        "consolidated.01.pth",
+        "params.json",
     ]
     assert "Checksums OK" in result.stdout
     # The '*' was replaced by the path and the signed query string reached the server intact.

@@ -88,7 +88,9 @@ def test_folder_without_shards(checkpoint, tokenizer_path):
 
 def test_shard_count_other_than_model_parallel_size_names_both_numbers(tmp_path, tokenizer_path, state):
     two = write_checkpoint(tmp_path / "two", ARGS, state, n_shards=2)
-    with pytest.raises(ValueError, match=r"has 2 shard\(s\) but this run has model-parallel size 1.*--nproc_per_node 2"):
+    with pytest.raises(
+        ValueError, match=r"has 2 shard\(s\) but this run has model-parallel size 1.*--nproc_per_node 2"
+    ):
         build(two, tokenizer_path)
 
 
@@ -103,7 +105,9 @@ def test_tensor_of_the_wrong_shape_names_the_tensor_and_both_shapes(tmp_path, to
     bad = dict(state)
     bad["layers.1.feed_forward.w2.weight"] = torch.zeros(64, 100)
     folder = write_checkpoint(tmp_path / "bad", ARGS, bad)
-    with pytest.raises(ValueError, match=r"layers.1.feed_forward.w2.weight has shape \(64, 100\) but the model expects \(64, 192\)"):
+    with pytest.raises(
+        ValueError, match=r"layers.1.feed_forward.w2.weight has shape \(64, 100\) but the model expects \(64, 192\)"
+    ):
         build(folder, tokenizer_path)
 
 
@@ -153,7 +157,9 @@ def test_tokenizer_with_another_vocabulary_size(tmp_path, tokenizer_path, state)
         build(write_checkpoint(tmp_path / "a", ARGS, state, params=params), tokenizer_path)
     bigger = dict(state) | {"tok_embeddings.weight": torch.zeros(512, 64), "output.weight": torch.zeros(512, 64)}
     params = meta_params(ARGS) | {"vocab_size": -1}
-    with pytest.raises(ValueError, match="vocabulary size differs: use the tokenizer.model that came with this checkpoint"):
+    with pytest.raises(
+        ValueError, match="vocabulary size differs: use the tokenizer.model that came with this checkpoint"
+    ):
         build(write_checkpoint(tmp_path / "b", ARGS, bigger, params=params), tokenizer_path)
 
 
@@ -190,7 +196,11 @@ def test_inconsistent_model_args(settings, message):
     [
         (dict(n_heads=4, n_kv_heads=2), 4, "n_kv_heads=2 is not divisible by the model-parallel size 4"),
         (dict(n_heads=4, n_kv_heads=4), 3, "n_heads=4 is not divisible by the model-parallel size 3"),
-        (dict(multiple_of=10, n_kv_heads=None), 4, r"feed-forward width \(ffn_hidden_dim\)=170 is not divisible by the model-parallel size 4"),
+        (
+            dict(multiple_of=10, n_kv_heads=None),
+            4,
+            r"feed-forward width \(ffn_hidden_dim\)=170 is not divisible by the model-parallel size 4",
+        ),
         (dict(vocab_size=401, n_kv_heads=None), 2, "vocab_size .*=401 is not divisible by the model-parallel size 2"),
     ],
 )
@@ -229,7 +239,12 @@ BAD_COMPLETIONS = [
     ("top_p above one", dict(prompts=["a"], top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
     ("zero max_gen_len", dict(prompts=["a"], max_gen_len=0), ValueError, "max_gen_len must be a positive integer"),
     ("too many prompts", dict(prompts=["a", "b", "c"]), ValueError, "3 prompts but max_batch_size=2"),
-    ("prompt too long", dict(prompts=["a", "word " * 40]), ValueError, r"prompt 1 is \d+ tokens long, more than max_seq_len=32"),
+    (
+        "prompt too long",
+        dict(prompts=["a", "word " * 40]),
+        ValueError,
+        r"prompt 1 is \d+ tokens long, more than max_seq_len=32",
+    ),
 ]
 
 
@@ -243,9 +258,19 @@ BAD_DIALOGS = [
     ("no dialogs", [], ValueError, "no dialogs given"),
     ("empty dialog", [[]], ValueError, "dialog 0 must be a non-empty list of messages"),
     ("only a system message", [[SYSTEM]], ValueError, "only a system message"),
-    ("starts with the assistant", [[ASSISTANT, USER]], ValueError, "message 0 has role 'assistant' where 'user' belongs"),
+    (
+        "starts with the assistant",
+        [[ASSISTANT, USER]],
+        ValueError,
+        "message 0 has role 'assistant' where 'user' belongs",
+    ),
     ("two user turns in a row", [[USER, USER]], ValueError, "message 1 has role 'user' where 'assistant' belongs"),
-    ("system message later on", [[USER, SYSTEM, USER]], ValueError, "message 1 has role 'system' where 'assistant' belongs"),
+    (
+        "system message later on",
+        [[USER, SYSTEM, USER]],
+        ValueError,
+        "message 1 has role 'system' where 'assistant' belongs",
+    ),
     ("ends with the assistant", [[USER, ASSISTANT]], ValueError, "must end with a user message"),
     ("unknown role", [[{"role": "bot", "content": "x"}]], ValueError, "role 'bot'"),
     ("content not a string", [[{"role": "user", "content": None}]], TypeError, "content must be a str"),

@@ -140,7 +140,9 @@ def test_top_p_samples_only_from_the_smallest_set_covering_p_renormalised():
     # Sorted: 0.5 (token 1), 0.3 (token 3) reach 0.8 >= 0.7; tokens 0 and 2 are outside the nucleus.
     frequencies = sample_frequencies(probs, 0.7)
     assert frequencies[0] == 0 and frequencies[2] == 0
-    torch.testing.assert_close(frequencies, torch.tensor([0.0, 0.625, 0.0, 0.375], dtype=torch.float64), atol=0.015, rtol=0)
+    torch.testing.assert_close(
+        frequencies, torch.tensor([0.0, 0.625, 0.0, 0.375], dtype=torch.float64), atol=0.015, rtol=0
+    )
 
 
 def test_top_p_of_one_samples_the_full_distribution_and_tiny_p_is_greedy():

@@ -78,7 +78,9 @@ def test_random_gqa_model_gives_the_same_logits_as_hugging_face_llama(rope_theta
 
 
 def test_pretrained_model_greedy_text_is_what_hugging_face_llama_predicts(stories_dir):
-    generator = Llama.build(str(stories_dir), str(stories_dir / "tokenizer.model"), max_seq_len=128, max_batch_size=1, device="cpu")
+    generator = Llama.build(
+        str(stories_dir), str(stories_dir / "tokenizer.model"), max_seq_len=128, max_batch_size=1, device="cpu"
+    )
     args = read_model_args(stories_dir, vocab_size=generator.tokenizer.n_words)
     theirs = hf_model(args, load_shard(stories_dir / "consolidated.00.pth"))
     prompt = generator.tokenizer.encode("Once upon a time", bos=True, eos=False)

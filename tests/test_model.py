@@ -54,7 +54,9 @@ LLAMA_2_SIZES = {
     "7B": (ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000), 6.738, 11008),
     "13B": (ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000), 13.016, 13824),
     "70B": (
-        ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, ffn_dim_multiplier=1.3, multiple_of=4096),
+        ModelArgs(
+            dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, ffn_dim_multiplier=1.3, multiple_of=4096
+        ),
         68.98,
         28672,
     ),
@@ -173,7 +175,9 @@ def test_value_path_is_linear_each_head_acts_through_one_dim_by_dim_matrix():
         expected = torch.zeros_like(output)
         for h in range(args.n_heads):
             kv = h // n_rep
-            weights = F.softmax(xq[:, :, h] @ xk[:, :, kv].transpose(1, 2) / math.sqrt(head_dim) + causal_mask(seqlen), dim=-1)
+            weights = F.softmax(
+                xq[:, :, h] @ xk[:, :, kv].transpose(1, 2) / math.sqrt(head_dim) + causal_mask(seqlen), dim=-1
+            )
             wv_h = attention.wv.weight[kv * head_dim : (kv + 1) * head_dim]  # (head_dim, dim)
             wo_h = attention.wo.weight[:, h * head_dim : (h + 1) * head_dim]  # (dim, head_dim)
             merged = wo_h @ wv_h  # (dim, dim): value and output projection in one matrix

@@ -15,7 +15,9 @@ def test_two_shards_on_two_processes_give_the_logits_of_the_unsplit_checkpoint(t
 
     single = run_python(["tests/parallel_worker.py", str(whole), str(tokenizer_path), str(tmp_path / "single.pt")])
     assert single.returncode == 0, single.stderr
-    parallel = run_torchrun(n_shards, ["tests/parallel_worker.py", str(split), str(tokenizer_path), str(tmp_path / "parallel.pt")])
+    parallel = run_torchrun(
+        n_shards, ["tests/parallel_worker.py", str(split), str(tokenizer_path), str(tmp_path / "parallel.pt")]
+    )
     assert parallel.returncode == 0, parallel.stderr
 
     expected = torch.load(tmp_path / "single.pt", weights_only=True)

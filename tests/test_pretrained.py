@@ -31,7 +31,9 @@ def assert_fluent_story(text: str) -> None:
 
 @pytest.fixture(scope="module")
 def stories(stories_dir):
-    return Llama.build(str(stories_dir), str(stories_dir / "tokenizer.model"), max_seq_len=256, max_batch_size=2, device="cpu")
+    return Llama.build(
+        str(stories_dir), str(stories_dir / "tokenizer.model"), max_seq_len=256, max_batch_size=2, device="cpu"
+    )
 
 
 def test_greedy_decoding_from_a_prompt_and_from_bos_alone_is_fluent_english(stories):
@@ -41,11 +43,20 @@ def test_greedy_decoding_from_a_prompt_and_from_bos_alone_is_fluent_english(stor
 
 
 def test_sampling_with_top_p_is_fluent_english_too(stories):
-    assert_fluent_story(stories.text_completion(["Once upon a time"], temperature=0.6, top_p=0.9, max_gen_len=80)[0]["generation"])
+    assert_fluent_story(
+        stories.text_completion(["Once upon a time"], temperature=0.6, top_p=0.9, max_gen_len=80)[0]["generation"]
+    )
 
 
 def test_bfloat16_on_the_cpu_is_fluent_and_starts_like_float32(stories_dir, stories):
-    half = Llama.build(str(stories_dir), str(stories_dir / "tokenizer.model"), max_seq_len=256, max_batch_size=1, device="cpu", dtype=torch.bfloat16)
+    half = Llama.build(
+        str(stories_dir),
+        str(stories_dir / "tokenizer.model"),
+        max_seq_len=256,
+        max_batch_size=1,
+        device="cpu",
+        dtype=torch.bfloat16,
+    )
     assert half.model.output.weight.dtype == torch.bfloat16
     text = half.text_completion(["Once upon a time"], temperature=0, max_gen_len=60)[0]["generation"]
     assert_fluent_story(text)
@@ -86,6 +97,14 @@ def test_example_chat_completion_answers_every_dialog(stories_dir):
 
 
 def test_example_reports_a_bad_checkpoint_folder_in_one_line(tmp_path, stories_dir):
-    result = run_python(["example_text_completion.py", "--ckpt_dir", str(tmp_path / "missing"), "--tokenizer_path", str(stories_dir / "tokenizer.model")])
+    result = run_python(
+        [
+            "example_text_completion.py",
+            "--ckpt_dir",
+            str(tmp_path / "missing"),
+            "--tokenizer_path",
+            str(stories_dir / "tokenizer.model"),
+        ]
+    )
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: checkpoint folder") and "Traceback" not in result.stderr
