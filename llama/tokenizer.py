@@ -5,6 +5,19 @@ import os
 from sentencepiece import SentencePieceProcessor
 
 
+def check_unicode(s: str) -> None:
+    """Raise ValueError if `s` cannot be written as UTF-8: Python strings may hold lone surrogates
+    (from a bad decode or a "\\ud800" escape) that no tokenizer can encode."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = s[error.start : error.end]
+        raise ValueError(
+            f"text is not valid Unicode: {bad!r} at index {error.start} is a lone surrogate; "
+            f"decode the input with errors='replace' or remove it"
+        ) from None
+
+
 class Tokenizer:
     def __init__(self, model_path: str):
         """Load a SentencePiece model file. Raises FileNotFoundError if it does not exist and ValueError if
@@ -25,9 +38,11 @@ class Tokenizer:
         self.pad_id: int = self.sp_model.pad_id()  # -1 for Llama's tokenizer: it has no padding piece
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
-        """Token ids of `s`, with BOS in front and EOS at the end when asked. Raises TypeError for a non-string."""
+        """Token ids of `s`, with BOS in front and EOS at the end when asked. Raises TypeError for a non-string
+        and ValueError for a string that is not valid Unicode (a lone surrogate)."""
         if not isinstance(s, str):
             raise TypeError(f"can only encode a str, got {type(s).__name__}: {s!r}")
+        check_unicode(s)
         ids: list[int] = self.sp_model.encode(s)
         if bos:
             ids = [self.bos_id] + ids

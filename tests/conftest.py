@@ -1,7 +1,12 @@
 import pytest
+import torch
 
 from helpers import SHARED_MODEL, train_tokenizer
 from llama.tokenizer import Tokenizer
+
+# The test models are tiny: a second thread costs more in synchronisation than it saves, and on a busy
+# machine it makes small operations many times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -47,6 +47,10 @@ def train_tokenizer(path: Path) -> Path:
         bos_id=1,
         eos_id=2,
         pad_id=-1,
+        # As Llama's tokenizer: text kept as it is (newlines, repeated spaces, combining marks), digits split.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
         minloglevel=2,
     )
     path.write_bytes(model.getvalue())

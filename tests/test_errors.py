@@ -234,17 +234,22 @@ BAD_COMPLETIONS = [
     ("empty prompt list", dict(prompts=[]), ValueError, "no prompts given"),
     ("a string, not a list", dict(prompts="hello"), TypeError, "prompts must be a list of strings"),
     ("non-string prompt", dict(prompts=["ok", 42]), TypeError, "prompt 1 must be a str, got int"),
-    ("negative temperature", dict(prompts=["a"], temperature=-0.1), ValueError, "temperature must be a number >= 0"),
+    ("negative temperature", dict(prompts=["a"], temperature=-0.1), ValueError, "temperature must be a finite number >= 0"),
     ("top_p zero", dict(prompts=["a"], top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
     ("top_p above one", dict(prompts=["a"], top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
     ("zero max_gen_len", dict(prompts=["a"], max_gen_len=0), ValueError, "max_gen_len must be a positive integer"),
-    ("too many prompts", dict(prompts=["a", "b", "c"]), ValueError, "3 prompts but max_batch_size=2"),
     (
         "prompt too long",
         dict(prompts=["a", "word " * 40]),
         ValueError,
-        r"prompt 1 is \d+ tokens long, more than max_seq_len=32",
+        r"prompt 1 is \d+ tokens long, more than the 31",
     ),
+    ("negative top_k", dict(prompts=["a"], top_k=-1), ValueError, "top_k must be an integer >= 0"),
+    ("top_k not an integer", dict(prompts=["a"], top_k=2.5), ValueError, "top_k must be an integer >= 0"),
+    ("stop a string", dict(prompts=["a"], stop="\n"), TypeError, "stop must be a list of strings"),
+    ("stop holds a non-string", dict(prompts=["a"], stop=["\n", 3]), TypeError, "list of non-empty strings"),
+    ("stop holds an empty string", dict(prompts=["a"], stop=[""]), TypeError, "list of non-empty strings"),
+    ("lone surrogate", dict(prompts=["ok", "bad \ud800 text"]), ValueError, "prompt 1: text is not valid Unicode"),
 ]
 
 
@@ -276,7 +281,12 @@ BAD_DIALOGS = [
     ("content not a string", [[{"role": "user", "content": None}]], TypeError, "content must be a str"),
     ("message not a dict", [["hello"]], TypeError, "expected a dict with 'role' and 'content'"),
     ("second dialog bad", [[USER], [USER, ASSISTANT]], ValueError, "dialog 1 must end with a user message"),
-    ("too many dialogs", [[USER]] * 3, ValueError, "3 dialogs but max_batch_size=2"),
+    (
+        "dialog too long",
+        [[USER], [{"role": "user", "content": "word " * 40}]],
+        ValueError,
+        r"dialog 1 is \d+ tokens long",
+    ),
 ]
 
 

@@ -1,0 +1,118 @@
+"""Whatever a caller passes, the only exceptions are the documented ones (TypeError, ValueError), with a
+message; Unicode edge cases round-trip; and many generations in one process do not leak memory."""
+
+import gc
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import random_model, small_args
+from llama.generation import Llama
+
+DOCUMENTED = (TypeError, ValueError)
+
+
+@pytest.fixture(scope="module")
+def llama(tokenizer):
+    return Llama(random_model(small_args(max_seq_len=64, max_batch_size=3), seed=51), tokenizer)
+
+
+UNICODE_CASES = {
+    "emoji": "Hi 😀👍🏽",
+    "family emoji with zero-width joiners": "\U0001f469\u200d\U0001f469\u200d\U0001f467",
+    "right-to-left Hebrew and Arabic": "\u05e9\u05dc\u05d5\u05dd \u0645\u0631\u062d\u0628\u0627",
+    "bidirectional override": "abc\u202edef\u202c",
+    "zero-width space and joiner": "a\u200bb\u200dc\ufeff",
+    "combining marks": "e\u0301 a\u0308\u0323",
+    "CJK": "世界 こんにちは 안녕",
+    "control characters": "tab\there\x00nul\x1bescape\r\n",
+    "private use and astral": "\ue000 \U0010fffd \U0001d11e",
+}
+
+
+@pytest.mark.parametrize("text", UNICODE_CASES.values(), ids=UNICODE_CASES.keys())
+def test_unicode_edge_cases_round_trip_through_the_tokenizer_and_generate(llama, text):
+    tokens = llama.tokenizer.encode(text, bos=False, eos=False)
+    assert llama.tokenizer.decode(tokens) == text
+    result = llama.text_completion([text], temperature=0, max_gen_len=3, echo=True)[0]["generation"]
+    assert result.startswith(text)
+
+
+@pytest.mark.parametrize("text", ["\ud800", "ok \udfff", "\udc80\ud800 pair in the wrong order"])
+def test_lone_surrogates_fail_cleanly_naming_the_prompt(llama, text):
+    with pytest.raises(ValueError, match=r"prompt 1: text is not valid Unicode: .* lone surrogate"):
+        llama.text_completion(["fine", text], max_gen_len=2)
+    with pytest.raises(ValueError, match=r"dialog 0, message 0: text is not valid Unicode"):
+        llama.chat_completion([[{"role": "user", "content": text}]], max_gen_len=2)
+
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FAST
+@given(
+    prompts=st.lists(st.text(max_size=40), min_size=0, max_size=5),
+    temperature=st.one_of(st.floats(allow_nan=True), st.integers(-2, 2)),
+    top_p=st.one_of(st.floats(allow_nan=True), st.just(0.9)),
+    top_k=st.one_of(st.integers(-3, 500), st.just(0)),
+    stop=st.one_of(st.none(), st.lists(st.text(max_size=4), max_size=3), st.text(max_size=3)),
+    echo=st.booleans(),
+)
+def test_random_completion_calls_raise_only_documented_errors(llama, prompts, temperature, top_p, top_k, stop, echo):
+    try:
+        results = llama.text_completion(
+            prompts, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, echo=echo, max_gen_len=3
+        )
+    except DOCUMENTED as error:
+        assert str(error)
+        return
+    assert len(results) == len(prompts) and all(isinstance(r["generation"], str) for r in results)
+
+
+message = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["system", "user", "assistant", "bot", ""]),
+        "content": st.one_of(st.text(max_size=30), st.sampled_from(["[INST]", "<</SYS>>", "hi"]), st.integers()),
+    }
+)
+dialog = st.one_of(st.lists(message, max_size=5), st.just("not a dialog"), st.just([["nested"]]))
+
+
+@FAST
+@given(dialogs=st.lists(dialog, max_size=4))
+def test_random_chat_calls_raise_only_documented_errors(llama, dialogs):
+    try:
+        results = llama.chat_completion(dialogs, temperature=0, max_gen_len=3)
+    except DOCUMENTED as error:
+        assert str(error)
+        return
+    assert len(results) == len(dialogs)
+    assert all(r["generation"]["role"] == "assistant" and isinstance(r["generation"]["content"], str) for r in results)
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_hundreds_of_generations_in_one_process_do_not_grow_memory(llama):
+    prompts = ["The sea", "Once upon a time", "", "A"]
+
+    def run(count):
+        for index in range(count):
+            llama.text_completion(prompts[: 1 + index % 3], temperature=0.8, max_gen_len=6, stop=["\n"])
+            list(llama.stream_chat([[{"role": "user", "content": prompts[index % 4]}]], max_gen_len=4))
+
+    run(30)  # warm-up: allocator pools, lazily built tables
+    gc.collect()
+    tensors_before = sum(issubclass(type(obj), torch.Tensor) for obj in gc.get_objects())
+    before = resident_bytes()
+    run(300)
+    gc.collect()
+    growth = resident_bytes() - before
+    tensors_after = sum(issubclass(type(obj), torch.Tensor) for obj in gc.get_objects())
+    assert tensors_after <= tensors_before, f"{tensors_after - tensors_before} tensors left alive by 300 generations"
+    assert growth < 16 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MiB over 300 generations"
