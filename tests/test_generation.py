@@ -165,7 +165,9 @@ def test_chat_prompt_is_the_llama_2_chat_format_token_for_token(generator, token
     bos, eos = sp.bos_id(), sp.eos_id()
     expected = (
         [bos]
-        + sp.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is two plus two? [/INST] Four. ")
+        # The system message is merged into the first user turn, and the merged turn stripped as a whole (as
+        # in Meta's reference): the user's leading spaces, now inside, stay.
+        + sp.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n  What is two plus two? [/INST] Four. ")
         + [eos, bos]
         + sp.encode("[INST] And 3 plus 3? [/INST]")
     )
