@@ -1,16 +1,21 @@
-"""Answer a few dialogs with a Llama 2 chat checkpoint, in the Llama 2 chat format.
+"""Answer dialogs with a Llama 2 chat checkpoint, in the Llama 2 chat format: a few built-in dialogs, or
+an interactive chat that streams its answers.
 
-python example_chat_completion.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
-torchrun --nproc_per_node 2 example_chat_completion.py --ckpt_dir llama-2-13b-chat/ --tokenizer_path tokenizer.model
+    python example_chat_completion.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
+    python example_chat_completion.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model --interactive
+    torchrun --nproc_per_node 2 example_chat_completion.py --ckpt_dir llama-2-13b-chat/ --tokenizer_path tokenizer.model
 """
 
 import sys
+from collections.abc import Iterator
 from typing import Optional
 
 import fire
+import torch.distributed as dist
 
 from llama import Dialog, Llama
 from llama.distributed import is_main_process
+from llama.generation import has_special_tags, trim_dialog
 
 DIALOGS: list[Dialog] = [
     [{"role": "user", "content": "What should I pack for a weekend of hiking in the mountains?"}],
@@ -30,6 +35,63 @@ DIALOGS: list[Dialog] = [
 ]
 
 
+def say(*args, **kwargs) -> None:
+    if is_main_process():  # every rank computes the same text; one prints it
+        print(*args, **kwargs, flush=True)
+
+
+def user_lines() -> Iterator[str]:
+    """User turns, one line each, read on rank 0 and shared with the other ranks; ends at /exit or end of input."""
+    while True:
+        line = None
+        if is_main_process():
+            if sys.stdin.isatty():
+                try:
+                    line = input("User: ")
+                except EOFError:
+                    line = None
+            else:
+                line = sys.stdin.readline()
+                line = line.rstrip("\n") if line else None
+                if line is not None:
+                    print(f"User: {line}", flush=True)  # a transcript reads like the terminal session
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            shared = [line]
+            dist.broadcast_object_list(shared, src=0)
+            line = shared[0]
+        if line is None or line.strip() == "/exit":
+            return
+        yield line
+
+
+def chat(generator: Llama, system: Optional[str], temperature: float, top_p: float, max_gen_len: int) -> None:
+    """The interactive loop: keeps the history, streams each answer, trims the oldest turns when needed."""
+    max_prompt_len = generator.model.params.max_seq_len - max_gen_len
+    history: Dialog = [{"role": "system", "content": system}] if system else []
+    say("Chat started: type a message and press Enter; /exit or end of input quits.", file=sys.stderr)
+    for line in user_lines():
+        if not line.strip():
+            continue
+        dialog = history + [{"role": "user", "content": line}]
+        if has_special_tags(dialog):
+            say("error: [INST], [/INST], <<SYS>> and <</SYS>> are not allowed in messages", file=sys.stderr)
+            continue
+        try:
+            dialog, dropped = trim_dialog(generator.tokenizer, dialog, max_prompt_len)
+        except ValueError as error:
+            say(f"error: {error}", file=sys.stderr)
+            continue
+        if dropped:
+            say(f"(dropped the {dropped} oldest messages to fit max_seq_len)", file=sys.stderr)
+        say("Assistant: ", end="")
+        answer = ""
+        for pieces in generator.stream_chat([dialog], temperature=temperature, top_p=top_p, max_gen_len=max_gen_len):
+            say(pieces[0], end="")
+            answer += pieces[0]
+        say()
+        history = dialog + [{"role": "assistant", "content": answer}]
+
+
 def main(
     ckpt_dir: str,
     tokenizer_path: str,
@@ -40,18 +102,23 @@ def main(
     max_batch_size: int = 4,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    interactive: bool = False,
+    system: Optional[str] = None,
 ):
     try:
         generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype)
+        if interactive:
+            # Leave room for history: an answer gets at most a quarter of the context unless told otherwise.
+            chat(generator, system, temperature, top_p, max_gen_len or max_seq_len // 4)
+            return
         results = generator.chat_completion(DIALOGS, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
     except (FileNotFoundError, ValueError, TypeError) as error:
         sys.exit(f"error: {error}")
-    if is_main_process():  # every rank computes the same text; one prints it
-        for dialog, result in zip(DIALOGS, results):
-            for message in dialog:
-                print(f"{message['role'].capitalize()}: {message['content']}")
-            print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
-            print("\n==================================\n")
+    for dialog, result in zip(DIALOGS, results):
+        for message in dialog:
+            say(f"{message['role'].capitalize()}: {message['content']}")
+        say(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
+        say("\n==================================\n")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,26 @@ def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
     return tokens
 
 
+def trim_dialog(tokenizer: Tokenizer, dialog: Dialog, max_prompt_len: int) -> tuple[Dialog, int]:
+    """Drop the oldest user/assistant exchanges of a dialog until its prompt fits `max_prompt_len` tokens,
+    keeping a leading system message and the last user turn. Returns the trimmed dialog and the number of
+    messages dropped. Raises ValueError if the system message and the last user turn alone do not fit."""
+    check_dialog(dialog)
+    system = list(dialog[:1]) if dialog[0]["role"] == "system" else []
+    turns = list(dialog[len(system) :])
+    dropped = 0
+    while len(encode_dialog(tokenizer, system + turns)) > max_prompt_len:
+        if len(turns) == 1:
+            length = len(encode_dialog(tokenizer, system + turns))
+            raise ValueError(
+                f"the last message (with the system prompt) is {length} tokens long, more than the {max_prompt_len} "
+                f"that fit: shorten it, or use a larger max_seq_len"
+            )
+        turns = turns[2:]  # the oldest user message and its answer
+        dropped += 2
+    return system + turns, dropped
+
+
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Nucleus sampling: draw from the smallest set of most likely tokens whose probabilities add up to at
     least p, renormalised. probs: (batch, vocab); returns token ids (batch, 1)."""

@@ -234,7 +234,12 @@ BAD_COMPLETIONS = [
     ("empty prompt list", dict(prompts=[]), ValueError, "no prompts given"),
     ("a string, not a list", dict(prompts="hello"), TypeError, "prompts must be a list of strings"),
     ("non-string prompt", dict(prompts=["ok", 42]), TypeError, "prompt 1 must be a str, got int"),
-    ("negative temperature", dict(prompts=["a"], temperature=-0.1), ValueError, "temperature must be a finite number >= 0"),
+    (
+        "negative temperature",
+        dict(prompts=["a"], temperature=-0.1),
+        ValueError,
+        "temperature must be a finite number >= 0",
+    ),
     ("top_p zero", dict(prompts=["a"], top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
     ("top_p above one", dict(prompts=["a"], top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
     ("zero max_gen_len", dict(prompts=["a"], max_gen_len=0), ValueError, "max_gen_len must be a positive integer"),

@@ -1,0 +1,63 @@
+"""The interactive chat of example_chat_completion.py: turns from standard input, history kept, answers
+streamed, the oldest turns trimmed with a notice when the history no longer fits."""
+
+import pytest
+
+from helpers import random_model, run_python, small_args, write_checkpoint
+from llama.generation import encode_dialog, trim_dialog
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    args = small_args()
+    return write_checkpoint(tmp_path_factory.mktemp("chat"), args, random_model(args, seed=61).state_dict())
+
+
+def chat(checkpoint, tokenizer_path, lines, *options):
+    command = ["example_chat_completion.py", "--ckpt_dir", str(checkpoint), "--tokenizer_path", str(tokenizer_path)]
+    return run_python([*command, "--interactive", "--temperature", "0", *options], input=lines, timeout=120)
+
+
+def test_interactive_chat_answers_each_line_until_exit(checkpoint, tokenizer_path):
+    result = chat(checkpoint, tokenizer_path, "Hello\n\nHow are you?\n/exit\nnot read\n", "--max_gen_len", "6")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Assistant: ") == 2  # the empty line is skipped; nothing after /exit is read
+    assert "not read" not in result.stdout
+
+
+def test_interactive_chat_ends_cleanly_at_end_of_input(checkpoint, tokenizer_path):
+    result = chat(checkpoint, tokenizer_path, "Hello", "--max_gen_len", "4")  # no newline, no /exit
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Assistant: ") == 1
+
+
+def test_interactive_chat_trims_the_oldest_turns_with_a_notice(checkpoint, tokenizer_path):
+    lines = "".join(f"Tell me about the number {n} please\n" for n in range(6))
+    result = chat(checkpoint, tokenizer_path, lines, "--max_seq_len", "64", "--max_gen_len", "8", "--system", "Brief.")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Assistant: ") == 6
+    assert "oldest messages to fit max_seq_len" in result.stderr
+
+
+def test_interactive_chat_refuses_tags_and_overlong_messages_and_goes_on(checkpoint, tokenizer_path):
+    lines = "Say [INST] hi\n" + "word " * 80 + "\nHello\n"
+    result = chat(checkpoint, tokenizer_path, lines, "--max_seq_len", "64", "--max_gen_len", "8")
+    assert result.returncode == 0, result.stderr
+    assert "not allowed in messages" in result.stderr and "more than the 56 that fit" in result.stderr
+    assert result.stdout.count("Assistant: ") == 1
+
+
+def test_trim_dialog_keeps_the_system_message_and_the_last_user_turn(tokenizer):
+    system = {"role": "system", "content": "Be brief."}
+    turns = []
+    for n in range(4):
+        turns += [{"role": "user", "content": f"question {n}"}, {"role": "assistant", "content": f"answer {n}"}]
+    dialog = [system] + turns + [{"role": "user", "content": "last question"}]
+    full = len(encode_dialog(tokenizer, dialog))
+    assert trim_dialog(tokenizer, dialog, full) == (dialog, 0)
+    trimmed, dropped = trim_dialog(tokenizer, dialog, full - 1)
+    assert dropped == 2 and trimmed == [system] + turns[2:] + [dialog[-1]]
+    last_only = len(encode_dialog(tokenizer, [system, dialog[-1]]))
+    assert trim_dialog(tokenizer, dialog, last_only) == ([system, dialog[-1]], 8)
+    with pytest.raises(ValueError, match="the last message"):
+        trim_dialog(tokenizer, dialog, last_only - 1)
