@@ -242,3 +242,12 @@ def test_text_stream_holds_back_what_may_still_change(tokenizer):
     pieces = [stream.push(token) for token in ids]
     assert "".join(pieces) + stream.finish() == "a😀"
     assert stream.stopped and stream.text == "a😀"
+
+
+def test_long_batch_runs_report_progress_only_when_asked(tokenizer, capsys):
+    model = random_model(small_args(max_batch_size=2), seed=45)
+    prompts = ["a", "b", "c", "d", "e"]
+    Llama(model, tokenizer, progress=True).text_completion(prompts, temperature=0, max_gen_len=2)
+    assert capsys.readouterr().err.splitlines() == [f"generating batch {n}/3" for n in (1, 2, 3)]
+    Llama(model, tokenizer).text_completion(prompts, temperature=0, max_gen_len=2)
+    assert capsys.readouterr().err == ""
