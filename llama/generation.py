@@ -209,11 +209,17 @@ class TextStream:
         certain = len(self.text)
         while certain > self.emitted and self.text[certain - 1] == "\ufffd":
             certain -= 1
-        for sequence in self.stop:
-            for length in range(min(len(sequence) - 1, certain - self.generated_from), 0, -1):
-                if self.text[certain - length : certain] == sequence[:length]:
-                    certain -= length
-                    break
+        # The longest ending that is the start of some stop sequence waits for the next tokens.
+        room = certain - self.generated_from
+        certain -= max(
+            (
+                n
+                for s in self.stop
+                for n in range(1, min(len(s), room + 1))
+                if self.text[certain - n : certain] == s[:n]
+            ),
+            default=0,
+        )
         piece = self.text[self.emitted : max(certain, self.emitted)]
         self.emitted += len(piece)
         return piece
