@@ -1,0 +1,376 @@
+"""Conversion between Meta's checkpoint layout and Hugging Face transformers' Llama layout (a folder that
+`LlamaForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` open offline).
+
+The two hold the same numbers under other names, with one real difference: rotary embeddings. Meta rotates
+channel pairs (2i, 2i+1) of each head; Hugging Face rotates (i, i + head_dim/2). Attention scores do not care
+how a head's channels are ordered as long as queries and keys agree, so the conversion reorders the rows of wq
+and wk within each head, and the two models compute the same logits.
+"""
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import safetensors.torch
+import torch
+from sentencepiece import SentencePieceProcessor
+
+from llama.checkpoint import (
+    IGNORED_KEYS,
+    PathLike,
+    ShardedCheckpoint,
+    read_model_args,
+    save_shard,
+    staged_folder,
+)
+from llama.model import ModelArgs
+
+# Meta's name -> Hugging Face's name, for the tensors outside the layers and inside each layer.
+_TOP_LEVEL_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+
+def meta_to_hf_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder the rows of a query or key projection (n_heads * head_dim, dim) from Meta's rotary pairing to
+    Hugging Face's: within each head, Meta row 2i + c becomes row c * head_dim/2 + i (c = 0 for the real part of
+    pair i, 1 for the imaginary part)."""
+    rows, dim = weight.shape
+    head_dim = rows // n_heads
+    return weight.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def hf_to_meta_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `meta_to_hf_rotary`: Hugging Face row c * head_dim/2 + i becomes Meta row 2i + c."""
+    rows, dim = weight.shape
+    head_dim = rows // n_heads
+    return weight.view(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def _name_map(n_layers: int) -> dict[str, str]:
+    names = dict(_TOP_LEVEL_NAMES)
+    for layer in range(n_layers):
+        for meta, hf in _LAYER_NAMES.items():
+            names[f"layers.{layer}.{meta}"] = f"model.layers.{layer}.{hf}"
+    return names
+
+
+def _check_names(present: set, expected: set, ignored: tuple, source: str) -> None:
+    missing = sorted(expected - present)
+    unexpected = sorted(name for name in present - expected if not name.endswith(ignored))
+    if missing or unexpected:
+        problems = [f"missing {', '.join(missing)}"] if missing else []
+        problems += [f"unexpected {', '.join(unexpected)}"] if unexpected else []
+        raise ValueError(f"{source} does not match its configuration: {'; '.join(problems)}")
+
+
+def meta_to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """An unsplit Meta state dict under Hugging Face's names, with wq and wk in Hugging Face's rotary order.
+    rope.freqs is dropped. Raises ValueError naming missing or unexpected tensors."""
+    names = _name_map(args.n_layers)
+    _check_names(set(state), set(names), tuple(IGNORED_KEYS), "the Meta checkpoint")
+    hf_state = {}
+    for meta_name, hf_name in names.items():
+        tensor = state[meta_name]
+        if meta_name.endswith("attention.wq.weight"):
+            tensor = meta_to_hf_rotary(tensor, args.n_heads)
+        elif meta_name.endswith("attention.wk.weight"):
+            tensor = meta_to_hf_rotary(tensor, args.kv_heads)
+        hf_state[hf_name] = tensor
+    return hf_state
+
+
+def hf_to_meta_state_dict(
+    state: dict[str, torch.Tensor], args: ModelArgs, tie_word_embeddings: bool = False
+) -> dict[str, torch.Tensor]:
+    """The inverse of `meta_to_hf_state_dict`. With tie_word_embeddings, a missing lm_head is the embedding.
+    Hugging Face's cached rotary tables (rotary_emb.inv_freq) are dropped. Raises ValueError naming missing or
+    unexpected tensors."""
+    names = _name_map(args.n_layers)
+    state = dict(state)
+    if tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    _check_names(set(state), set(names.values()), ("rotary_emb.inv_freq",), "the Hugging Face checkpoint")
+    meta_state = {}
+    for meta_name, hf_name in names.items():
+        tensor = state[hf_name]
+        if meta_name.endswith("attention.wq.weight"):
+            tensor = hf_to_meta_rotary(tensor, args.n_heads)
+        elif meta_name.endswith("attention.wk.weight"):
+            tensor = hf_to_meta_rotary(tensor, args.kv_heads)
+        meta_state[meta_name] = tensor
+    return meta_state
+
+
+def tokenizer_json(tokenizer_path: PathLike) -> dict:
+    """A `tokenizer.json` (the format of the `tokenizers` library) that encodes and decodes like the
+    SentencePiece BPE model at `tokenizer_path`, as Llama's tokenizer is: the same pieces and ids, merges
+    ranked by the merged piece's score (SentencePiece merges the best-scoring adjacent pair first, and its BPE
+    scores fall with the id), byte fallback, a "▁" in front of the text and for every space, BOS added.
+    Transformers opens it without protobuf, which reading tokenizer.model itself would need."""
+    sp = SentencePieceProcessor(model_file=str(tokenizer_path))
+    pieces = [sp.id_to_piece(index) for index in range(sp.vocab_size())]
+    special = [index for index in range(len(pieces)) if sp.is_control(index) or sp.is_unknown(index)]
+    ordinary = {piece: index for index, piece in enumerate(pieces) if not (index in special or sp.is_byte(index))}
+    merges = []
+    for piece, index in ordinary.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ordinary and right in ordinary:
+                merges.append((index, ordinary[left], ordinary[right], [left, right]))
+    merges.sort(key=lambda merge: merge[:3])
+    bos = pieces[sp.bos_id()]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            dict(id=index, content=pieces[index], single_word=False, lstrip=False, rstrip=False, normalized=False)
+            | {"special": True}
+            for index in special
+        ],
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+            ],
+        },
+        "pre_tokenizer": None,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [
+                {"SpecialToken": {"id": bos, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": bos, "type_id": 1}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {bos: {"id": bos, "ids": [sp.bos_id()], "tokens": [bos]}},
+        },
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": pieces[sp.unk_id()],
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": {piece: index for index, piece in enumerate(pieces)},
+            "merges": [merge[3] for merge in merges],
+        },
+    }
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int, eos_id: int, max_position_embeddings: int) -> dict:
+    """config.json for `args`: the fields LlamaConfig reads, with the rotary base written both ways
+    (`rope_parameters` for transformers 5, `rope_theta` for 4)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "vocab_size": args.vocab_size,
+        "max_position_embeddings": max_position_embeddings,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": None,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def to_hf(
+    src: PathLike,
+    dst: PathLike,
+    tokenizer_path: Optional[PathLike] = None,
+    max_position_embeddings: int = 4096,
+    overwrite: bool = False,
+) -> None:
+    """Write the Meta-layout checkpoint `src` (any number of shards) as a Hugging Face folder `dst`:
+    config.json, model.safetensors (the tensors in their stored dtype), tokenizer.model, tokenizer.json and
+    tokenizer_config.json. `tokenizer_path` defaults to src/tokenizer.model; max_position_embeddings is the
+    context length the config announces (Llama 2: 4096). `dst` appears only when complete; `src` is never
+    changed. Raises FileNotFoundError without a tokenizer, ValueError if its vocabulary differs from the
+    checkpoint's, and as `ShardedCheckpoint` and `staged_folder` do.
+    """
+    src = Path(src)
+    tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else src / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(
+            f"tokenizer file {str(tokenizer_path)!r} does not exist: pass --tokenizer_path with the checkpoint's "
+            "tokenizer.model"
+        )
+    if isinstance(max_position_embeddings, bool) or not isinstance(max_position_embeddings, int):
+        raise ValueError(f"--max_position_embeddings must be a positive integer, got {max_position_embeddings!r}")
+    args = read_model_args(src)
+    checkpoint = ShardedCheckpoint(src)
+    vocab_size = checkpoint.shapes["tok_embeddings.weight"][0] if "tok_embeddings.weight" in checkpoint.shapes else 0
+    if args.vocab_size == -1:
+        args.vocab_size = vocab_size
+    sp = SentencePieceProcessor(model_file=str(tokenizer_path))
+    if sp.vocab_size() != args.vocab_size:
+        raise ValueError(
+            f"the tokenizer {str(tokenizer_path)!r} has {sp.vocab_size()} pieces but the checkpoint's vocabulary "
+            f"has {args.vocab_size}: pass --tokenizer_path with the tokenizer.model that came with it"
+        )
+    state = {name: checkpoint.slice(name, 0, 1) for name in checkpoint.shapes}
+    hf_state = {name: tensor.contiguous() for name, tensor in meta_to_hf_state_dict(state, args).items()}
+    dtype = hf_state["model.embed_tokens.weight"].dtype
+    bos, eos, unk = (sp.id_to_piece(index) for index in (sp.bos_id(), sp.eos_id(), sp.unk_id()))
+    tokenizer_config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": unk,
+        "pad_token": None,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_position_embeddings,
+    }
+    with staged_folder(dst, overwrite, source=src) as staging:
+        safetensors.torch.save_file(hf_state, staging / "model.safetensors", metadata={"format": "pt"})
+        config = hf_config(args, dtype, sp.bos_id(), sp.eos_id(), max_position_embeddings)
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        shutil.copyfile(tokenizer_path, staging / "tokenizer.model")
+        (staging / "tokenizer.json").write_text(json.dumps(tokenizer_json(tokenizer_path), ensure_ascii=False))
+        (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+def meta_params(config: dict) -> dict:
+    """params.json for a Hugging Face Llama config.json: the architecture, with multiple_of (and where needed
+    ffn_dim_multiplier) chosen so that ModelArgs' FFN width is the config's intermediate_size. Raises
+    ValueError for a model this library does not implement (another model type, biases, rope scaling, a head
+    size other than hidden_size / heads, an activation other than SiLU)."""
+
+    def setting(name, default=None):
+        return config.get(name, default)
+
+    problems = []
+    if setting("model_type", "llama") != "llama":
+        problems.append(f"model_type is {setting('model_type')!r}")
+    if setting("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act is {setting('hidden_act')!r}")
+    if setting("attention_bias") or setting("mlp_bias"):
+        problems.append("it has biases")
+    rope = setting("rope_parameters") or setting("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        problems.append(f"it scales rotary embeddings ({rope})")
+    dim, n_heads = setting("hidden_size"), setting("num_attention_heads")
+    if setting("head_dim") not in (None, dim // n_heads):
+        problems.append(f"head_dim {setting('head_dim')} is not hidden_size / num_attention_heads")
+    if problems:
+        raise ValueError(f"this config.json describes a model this library does not implement: {'; '.join(problems)}")
+
+    hidden = setting("intermediate_size")
+    multiple_of, multiplier = 256, None  # Llama 2 7B and 13B
+    if ModelArgs(dim=dim, multiple_of=multiple_of).ffn_hidden_dim != hidden:
+        # Round up to the width itself; scale down first if the default width is already wider.
+        multiple_of = hidden
+        default = ModelArgs(dim=dim, multiple_of=1).ffn_hidden_dim
+        multiplier = hidden / default if default > hidden else None
+    params = {
+        "dim": dim,
+        "n_layers": setting("num_hidden_layers"),
+        "n_heads": n_heads,
+        "n_kv_heads": setting("num_key_value_heads", n_heads),
+        "vocab_size": setting("vocab_size"),
+        "multiple_of": multiple_of,
+        "ffn_dim_multiplier": multiplier,
+        "norm_eps": setting("rms_norm_eps", 1e-6),
+        "rope_theta": rope.get("rope_theta", setting("rope_theta", 10000.0)),
+    }
+    if ModelArgs(**params).ffn_hidden_dim != hidden:
+        raise ValueError(f"cannot express intermediate_size={hidden} as a Llama FFN width for dim={dim}")
+    return params
+
+
+def _hf_weights(src: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face folder, memory-mapped: model.safetensors, sharded safetensors with their
+    index, or pytorch_model.bin (read with weights_only, so no code is unpickled)."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (src / index_name).is_file():
+            files = sorted(set(json.loads((src / index_name).read_text())["weight_map"].values()))
+            break
+    else:
+        files = [name for name in ("model.safetensors", "pytorch_model.bin") if (src / name).is_file()][:1]
+    if not files:
+        raise FileNotFoundError(
+            f"no model.safetensors, pytorch_model.bin or index of shards in {str(src)!r}: "
+            "is this a Hugging Face model folder?"
+        )
+    state = {}
+    for name in files:
+        path = src / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(path)!r}, listed in the index of {str(src)!r}, is missing")
+        if path.suffix == ".safetensors":
+            state.update(safetensors.torch.load_file(path, device="cpu"))
+        else:
+            try:
+                state.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+            except Exception as error:
+                raise ValueError(f"cannot read {str(path)!r} as a file of tensors ({error})") from error
+    return state
+
+
+def from_hf(src: PathLike, dst: PathLike, overwrite: bool = False) -> None:
+    """Write the Hugging Face Llama folder `src` as a Meta-layout folder `dst`: params.json,
+    consolidated.00.pth (the tensors in their stored dtype) and tokenizer.model (copied when `src` has one; a
+    warning otherwise). Reshard the result for more ranks with `reshard`. `dst` appears only when complete;
+    `src` is never changed. Raises FileNotFoundError for a folder without config.json or weights, ValueError
+    for a model this library does not implement or tensors that do not match the config."""
+    src = Path(src)
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(config_path)!r} is missing: is {str(src)!r} a Hugging Face model folder?")
+    config = json.loads(config_path.read_text())
+    params = meta_params(config)
+    args = ModelArgs(**params)
+    state = hf_to_meta_state_dict(_hf_weights(src), args, tie_word_embeddings=config.get("tie_word_embeddings", False))
+    with staged_folder(dst, overwrite, source=src) as staging:
+        (staging / "params.json").write_text(json.dumps(params) + "\n")
+        save_shard({name: tensor.clone() for name, tensor in state.items()}, staging / "consolidated.00.pth")
+        if (src / "tokenizer.model").is_file():
+            shutil.copyfile(src / "tokenizer.model", staging / "tokenizer.model")
+        else:
+            warnings.warn(
+                f"{str(src)!r} has no tokenizer.model: copy the model's SentencePiece file into {dst}", stacklevel=2
+            )
