@@ -13,8 +13,10 @@ from Hugging Face's layout (`llama.hf`):
 """
 
 import contextlib
+import ctypes
 import dataclasses
 import json
+import mmap
 import re
 import secrets
 import shlex
@@ -42,6 +44,14 @@ _SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.(pth|safetensors)")
 
 # Files of a checkpoint folder that are not shards and go unchanged into every rewritten copy.
 _COMPANION_FILES = ("params.json", "tokenizer.model")
+
+# madvise(2), to let go of file pages already copied (see ShardedCheckpoint.release); None where unavailable.
+try:
+    _madvise = ctypes.CDLL(None, use_errno=True).madvise
+    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    _MADV_DONTNEED = mmap.MADV_DONTNEED  # Linux
+except (AttributeError, OSError, TypeError):
+    _madvise = None
 
 
 def read_model_args(ckpt_dir: PathLike, **overrides) -> ModelArgs:
@@ -119,7 +129,12 @@ def load_shard(path: PathLike) -> dict[str, torch.Tensor]:
     """The tensors of one `.pth` or `.safetensors` shard, memory-mapped where the file allows it (nothing is
     read until used), never unpickling code. Raises ValueError naming the file if it is truncated, corrupt or
     not a state dict."""
-    path = Path(path)
+    return _read_shard(Path(path))[0]
+
+
+def _read_shard(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """The tensors, and whether they are memory-mapped from the file."""
+    mapped = True
     try:
         if path.suffix == ".safetensors":
             state = safetensors.torch.load_file(path, device="cpu")  # memory-mapped; the format holds no code
@@ -130,6 +145,7 @@ def load_shard(path: PathLike) -> dict[str, torch.Tensor]:
                 if "mmap" not in str(error):
                     raise
                 state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
+                mapped = False
     except Exception as error:  # torch reports damage as RuntimeError, EOFError, pickle or zipfile errors
         if "Weights only load failed" in str(error):
             problem = "it holds Python objects other than tensors, and loading them could run code"
@@ -138,7 +154,7 @@ def load_shard(path: PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"cannot read checkpoint shard {str(path)!r}: {problem} ({error})") from error
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise ValueError(f"checkpoint shard {str(path)!r} does not hold a dict of tensors")
-    return state
+    return state, mapped
 
 
 def split_dim(name: str) -> Optional[int]:
@@ -164,7 +180,7 @@ class ShardedCheckpoint:
         shape differs between shards, or a split tensor whose other dimensions differ."""
         self.folder = Path(ckpt_dir)
         self.paths = find_shards(self.folder)
-        self.shards = [load_shard(path) for path in self.paths]
+        self.shards, self.mapped = zip(*(_read_shard(path) for path in self.paths))
         self.shapes: dict[str, torch.Size] = {}
         self._starts: dict[str, list[int]] = {}  # where each shard's piece begins along the split dimension
         first = self.paths[0].name
@@ -193,13 +209,14 @@ class ShardedCheckpoint:
             self._starts[name] = [sum(sizes[:number]) for number in range(len(sizes))]
             self.shapes[name] = shapes[0][:dim] + (sum(sizes),) + shapes[0][dim + 1 :]
 
-    def slice(self, name: str, rank: int, world_size: int) -> torch.Tensor:
-        """Rank `rank`'s part of tensor `name` when the model is split over `world_size` ranks: a view of the
-        memory-mapped shard when one shard holds it all, else the pieces joined. Whole tensors are returned as
-        they are. Raises ValueError if the split dimension does not divide by world_size."""
+    def pieces(self, name: str, rank: int, world_size: int) -> list[tuple[int, torch.Tensor]]:
+        """Rank `rank`'s part of tensor `name` when the model is split over `world_size` ranks, as the views of
+        the memory-mapped shards that hold it, in order: (shard number, view) pairs, to be joined along
+        `split_dim(name)`. A whole tensor is one piece from shard 0. Raises ValueError if the split dimension
+        does not divide by world_size."""
         dim = split_dim(name)
         if name not in self._starts:
-            return self.shards[0][name]
+            return [(0, self.shards[0][name])]
         total = self.shapes[name][dim]
         if total % world_size:
             raise ValueError(
@@ -208,12 +225,32 @@ class ShardedCheckpoint:
             )
         start, stop = rank * total // world_size, (rank + 1) * total // world_size
         pieces = []
-        for shard, shard_start in zip(self.shards, self._starts[name]):
+        for number, (shard, shard_start) in enumerate(zip(self.shards, self._starts[name])):
             tensor = shard[name]
             low, high = max(start, shard_start), min(stop, shard_start + tensor.shape[dim])
             if low < high:
-                pieces.append(tensor.narrow(dim, low - shard_start, high - low))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+                pieces.append((number, tensor.narrow(dim, low - shard_start, high - low)))
+        return pieces
+
+    def slice(self, name: str, rank: int, world_size: int) -> torch.Tensor:
+        """Rank `rank`'s part of tensor `name` for `world_size` ranks as one tensor (see `pieces`): a view of
+        the memory-mapped shard when one shard holds it all, else the pieces joined."""
+        views = [view for _, view in self.pieces(name, rank, world_size)]
+        return views[0] if len(views) == 1 else torch.cat(views, split_dim(name))
+
+    def release(self, name: str, shard_number: int) -> None:
+        """Drop the file pages under tensor `name` of a memory-mapped shard from this process's resident
+        memory (Linux; elsewhere nothing happens). Call it once the tensor has been copied: touched pages of a
+        mapped file count as the process's memory until unmapped, so without this, copying a checkpoint into
+        parameters would hold the weights twice at the end of loading. The pages are clean (never written), so
+        reading the tensor again would simply fetch them from the file again."""
+        if not self.mapped[shard_number] or _madvise is None:
+            return
+        storage = self.shards[shard_number][name].untyped_storage()
+        first = -(-storage.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # only whole pages inside the tensor
+        last = (storage.data_ptr() + storage.nbytes()) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            _madvise(first, last - first, _MADV_DONTNEED)
 
 
 def check_state_dict(shapes: dict[str, torch.Size], expected: dict[str, torch.Size], source: str) -> None:
@@ -297,12 +334,17 @@ def load_model(ckpt_dir: PathLike, args: ModelArgs, rank: int, device: torch.dev
     mapped = {}
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            piece = checkpoint.slice(name, rank, world_size)
-            if device.type == "cpu" and piece.dtype == dtype and piece.is_contiguous():
-                mapped[name] = piece
-            else:
-                parameter.copy_(piece)
-            del piece  # a joined slice is freed before the next one is made
+            pieces = checkpoint.pieces(name, rank, world_size)
+            if len(pieces) == 1 and device.type == "cpu" and pieces[0][1].dtype == dtype:
+                if pieces[0][1].is_contiguous():
+                    mapped[name] = pieces[0][1]
+                    continue
+            start = 0  # each piece goes straight to its place in the parameter: no joined copy in between
+            for number, view in pieces:
+                dim = split_dim(name) or 0
+                parameter.narrow(dim, start, view.shape[dim]).copy_(view)
+                start += view.shape[dim]
+                checkpoint.release(name, number)
     model.load_state_dict(mapped, strict=False, assign=True)
     for buffer in model.buffers():  # the key/value caches
         buffer.zero_()
