@@ -311,11 +311,12 @@ def load_model(ckpt_dir: PathLike, args: ModelArgs, rank: int, device: torch.dev
     them, and rank 0 warns once when the shard count differs from the model-parallel size (with the `reshard`
     command that makes a matching copy).
 
-    The model is built on the meta device, so nothing is initialised at random. Where a slice already has the
-    model's dtype and a contiguous layout and the model lives on the CPU, the parameter *is* the memory-mapped
-    slice (no copy: the weights are the file's pages, copy-on-write, so the file is never changed); anything
-    else is copied, tensor by tensor, into parameters allocated once. Raises ValueError for a corrupt shard,
-    shards that disagree, or missing, unexpected or mis-shaped tensors.
+    The model is built on the meta device and its parameters allocated once, uninitialised; each slice is
+    copied into place from the memory-mapped shards, whose pages are released as soon as they are copied, so
+    host memory holds the weights about once while loading. (The parameters are copies, not the mapped file
+    itself: a model that used the file's pages would crash with a bus error if the file were rewritten in
+    place.) Raises ValueError for a corrupt shard, shards that disagree, or missing, unexpected or mis-shaped
+    tensors.
     """
     with meta_device():
         model = Transformer(args)
@@ -331,21 +332,15 @@ def load_model(ckpt_dir: PathLike, args: ModelArgs, rank: int, device: torch.dev
             stacklevel=3,
         )
     model = model.to(dtype=dtype).to_empty(device=device)
-    mapped = {}
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            pieces = checkpoint.pieces(name, rank, world_size)
-            if len(pieces) == 1 and device.type == "cpu" and pieces[0][1].dtype == dtype:
-                if pieces[0][1].is_contiguous():
-                    mapped[name] = pieces[0][1]
-                    continue
-            start = 0  # each piece goes straight to its place in the parameter: no joined copy in between
-            for number, view in pieces:
-                dim = split_dim(name) or 0
+            dim, start = split_dim(name) or 0, 0
+            # Each piece goes straight to its place in the parameter (no joined copy in between), and its file
+            # pages are let go as soon as it is copied.
+            for number, view in checkpoint.pieces(name, rank, world_size):
                 parameter.narrow(dim, start, view.shape[dim]).copy_(view)
                 start += view.shape[dim]
                 checkpoint.release(name, number)
-    model.load_state_dict(mapped, strict=False, assign=True)
     for buffer in model.buffers():  # the key/value caches
         buffer.zero_()
     return model
