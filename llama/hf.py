@@ -236,7 +236,11 @@ def to_hf(
             f"tokenizer file {str(tokenizer_path)!r} does not exist: pass --tokenizer_path with the checkpoint's "
             "tokenizer.model"
         )
-    if isinstance(max_position_embeddings, bool) or not isinstance(max_position_embeddings, int):
+    if (
+        isinstance(max_position_embeddings, bool)
+        or not isinstance(max_position_embeddings, int)
+        or max_position_embeddings < 1
+    ):
         raise ValueError(f"--max_position_embeddings must be a positive integer, got {max_position_embeddings!r}")
     args = read_model_args(src)
     checkpoint = ShardedCheckpoint(src)

@@ -1,5 +1,6 @@
 """The same weights in Hugging Face transformers' LlamaForCausalLM, an independent implementation, give the
-same logits: for a random model with grouped-query attention, and for the real pretrained test model."""
+same logits: for a random model with grouped-query attention, and for the real pretrained test model. The
+mapping of names and rotary layout written here also checks the library's conversion (llama.hf)."""
 
 import pytest
 import torch
@@ -14,10 +15,11 @@ transformers = pytest.importorskip("transformers")
 
 def to_hf_rotary_layout(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Meta rotates channel pairs (2i, 2i+1) of each head; Hugging Face rotates (i, i + head_dim/2).
-    Reorder each head's rows so that HF row c*head_dim/2 + i is Meta row 2i + c."""
-    rows, dim = weight.shape
-    head_dim = rows // n_heads
-    return weight.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+    Reorder each head's rows so that HF row c*head_dim/2 + i is Meta row 2i + c (written as a row index, not as
+    the library's reshape)."""
+    head_dim = weight.shape[0] // n_heads
+    order = [head * head_dim + 2 * i + c for head in range(n_heads) for c in (0, 1) for i in range(head_dim // 2)]
+    return weight[order]
 
 
 def hf_config(args):
