@@ -70,20 +70,50 @@ def _name_map(n_layers: int) -> dict[str, str]:
     return names
 
 
-def _check_names(present: set, expected: set, ignored: tuple, source: str) -> None:
-    missing = sorted(expected - present)
-    unexpected = sorted(name for name in present - expected if not name.endswith(ignored))
+def meta_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """The unsplit shape of every tensor of a Meta checkpoint for `args` (Hugging Face's have the same shapes
+    under their names)."""
+    heads, kv_heads, ffn = args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden_dim
+    shapes = {
+        "tok_embeddings.weight": (args.vocab_size, args.dim),
+        "norm.weight": (args.dim,),
+        "output.weight": (args.vocab_size, args.dim),
+    }
+    for layer in range(args.n_layers):
+        for name, shape in {
+            "attention.wq.weight": (heads, args.dim),
+            "attention.wk.weight": (kv_heads, args.dim),
+            "attention.wv.weight": (kv_heads, args.dim),
+            "attention.wo.weight": (args.dim, heads),
+            "feed_forward.w1.weight": (ffn, args.dim),
+            "feed_forward.w2.weight": (args.dim, ffn),
+            "feed_forward.w3.weight": (ffn, args.dim),
+            "attention_norm.weight": (args.dim,),
+            "ffn_norm.weight": (args.dim,),
+        }.items():
+            shapes[f"layers.{layer}.{name}"] = shape
+    return shapes
+
+
+def _check_tensors(state: dict, expected: dict, ignored: tuple, source: str) -> None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(name for name in set(state) - set(expected) if not name.endswith(ignored))
     if missing or unexpected:
         problems = [f"missing {', '.join(missing)}"] if missing else []
         problems += [f"unexpected {', '.join(unexpected)}"] if unexpected else []
         raise ValueError(f"{source} does not match its configuration: {'; '.join(problems)}")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(
+                f"{source}: tensor {name} has shape {tuple(state[name].shape)} but its configuration says {shape}"
+            )
 
 
 def meta_to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """An unsplit Meta state dict under Hugging Face's names, with wq and wk in Hugging Face's rotary order.
-    rope.freqs is dropped. Raises ValueError naming missing or unexpected tensors."""
+    rope.freqs is dropped. Raises ValueError naming missing, unexpected or mis-shaped tensors."""
     names = _name_map(args.n_layers)
-    _check_names(set(state), set(names), tuple(IGNORED_KEYS), "the Meta checkpoint")
+    _check_tensors(state, meta_shapes(args), tuple(IGNORED_KEYS), "the Meta checkpoint")
     hf_state = {}
     for meta_name, hf_name in names.items():
         tensor = state[meta_name]
@@ -99,13 +129,14 @@ def hf_to_meta_state_dict(
     state: dict[str, torch.Tensor], args: ModelArgs, tie_word_embeddings: bool = False
 ) -> dict[str, torch.Tensor]:
     """The inverse of `meta_to_hf_state_dict`. With tie_word_embeddings, a missing lm_head is the embedding.
-    Hugging Face's cached rotary tables (rotary_emb.inv_freq) are dropped. Raises ValueError naming missing or
-    unexpected tensors."""
+    Hugging Face's cached rotary tables (rotary_emb.inv_freq) are dropped. Raises ValueError naming missing,
+    unexpected or mis-shaped tensors."""
     names = _name_map(args.n_layers)
     state = dict(state)
     if tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    _check_names(set(state), set(names.values()), ("rotary_emb.inv_freq",), "the Hugging Face checkpoint")
+    expected = {names[name]: shape for name, shape in meta_shapes(args).items()}
+    _check_tensors(state, expected, ("rotary_emb.inv_freq",), "the Hugging Face checkpoint")
     meta_state = {}
     for meta_name, hf_name in names.items():
         tensor = state[hf_name]

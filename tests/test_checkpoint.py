@@ -339,3 +339,18 @@ def test_command_line_reshards_and_reports_mistakes_in_one_line(tmp_path, one_sh
     assert again.stderr.strip() == f"error: {str(tmp_path / 'two')!r} already exists: " + (
         "choose another destination, or pass --overwrite to replace it"
     )
+
+
+def test_hugging_face_conversion_refuses_other_models_and_mismatched_tensors(tmp_path, one_shard, state):
+    with pytest.raises(FileNotFoundError, match="pass --tokenizer_path"):
+        to_hf(write_checkpoint(tmp_path / "no-tokenizer", ARGS, state), tmp_path / "out")
+    to_hf(one_shard, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    scaled = config | {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0}}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(scaled))
+    with pytest.raises(ValueError, match="does not implement: it scales rotary embeddings"):
+        from_hf(tmp_path / "hf", tmp_path / "out")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config | {"num_key_value_heads": 8}))
+    with pytest.raises(ValueError, match=r"k_proj.weight has shape \(32, 64\) but its configuration says \(64, 64\)"):
+        from_hf(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
