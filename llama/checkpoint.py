@@ -381,16 +381,25 @@ def staged_folder(destination: PathLike, overwrite: bool = False, source: Option
 
 
 def save_shard(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write one shard, as safetensors or as a torch zip file by the suffix of `path`. Every tensor must own
-    its storage (a view of a larger tensor would write all of it)."""
+    """Write one shard, as safetensors or as a torch zip file by the suffix of `path`. A tensor that is a view
+    of a larger one is copied first (torch.save would write the whole storage, and safetensors refuses shared
+    memory); the others, memory-mapped ones included, are written as they are, without a copy in memory."""
+    state = {
+        name: tensor if _owns_its_storage(tensor) else tensor.clone(memory_format=torch.contiguous_format)
+        for name, tensor in state.items()
+    }
     if path.suffix == ".safetensors":
         safetensors.torch.save_file(state, path)
     else:
         torch.save(state, path)
 
 
-def _owned(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.clone(memory_format=torch.contiguous_format)
+def _owns_its_storage(tensor: torch.Tensor) -> bool:
+    return (
+        tensor.is_contiguous()
+        and tensor.storage_offset() == 0
+        and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    )
 
 
 def _copy_companions(source: Path, destination: Path) -> None:
@@ -418,7 +427,7 @@ def reshard(src: PathLike, dst: PathLike, model_parallel_size: int, overwrite: b
     suffix = checkpoint.paths[0].suffix
     with staged_folder(dst, overwrite, source=src) as staging:
         for rank in range(model_parallel_size):
-            shard = {name: _owned(checkpoint.slice(name, rank, model_parallel_size)) for name in checkpoint.shapes}
+            shard = {name: checkpoint.slice(name, rank, model_parallel_size) for name in checkpoint.shapes}
             save_shard(shard, staging / f"consolidated.{rank:02d}{suffix}")
             del shard
         _copy_companions(src, staging)
@@ -461,7 +470,7 @@ def fold_norms(src: PathLike, dst: PathLike, overwrite: bool = False) -> None:
     with staged_folder(dst, overwrite, source=src) as staging:
         for path, shard in zip(checkpoint.paths, checkpoint.shards):
             folded = fold_norm_weights(shard)
-            save_shard({name: _owned(tensor) for name, tensor in folded.items()}, staging / path.name)
+            save_shard(folded, staging / path.name)
             del folded
         _copy_companions(src, staging)
 

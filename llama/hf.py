@@ -95,34 +95,34 @@ def meta_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_tensors(state: dict, expected: dict, ignored: tuple, source: str) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(name for name in set(state) - set(expected) if not name.endswith(ignored))
+def _check_shapes(shapes: dict, expected: dict, ignored: tuple, source: str) -> None:
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(name for name in set(shapes) - set(expected) if not name.endswith(ignored))
     if missing or unexpected:
         problems = [f"missing {', '.join(missing)}"] if missing else []
         problems += [f"unexpected {', '.join(unexpected)}"] if unexpected else []
         raise ValueError(f"{source} does not match its configuration: {'; '.join(problems)}")
     for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
+        if tuple(shapes[name]) != shape:
             raise ValueError(
-                f"{source}: tensor {name} has shape {tuple(state[name].shape)} but its configuration says {shape}"
+                f"{source}: tensor {name} has shape {tuple(shapes[name])} but its configuration says {shape}"
             )
+
+
+def _to_hf_tensor(meta_name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    if meta_name.endswith("attention.wq.weight"):
+        return meta_to_hf_rotary(tensor, args.n_heads)
+    if meta_name.endswith("attention.wk.weight"):
+        return meta_to_hf_rotary(tensor, args.kv_heads)
+    return tensor
 
 
 def meta_to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """An unsplit Meta state dict under Hugging Face's names, with wq and wk in Hugging Face's rotary order.
     rope.freqs is dropped. Raises ValueError naming missing, unexpected or mis-shaped tensors."""
-    names = _name_map(args.n_layers)
-    _check_tensors(state, meta_shapes(args), tuple(IGNORED_KEYS), "the Meta checkpoint")
-    hf_state = {}
-    for meta_name, hf_name in names.items():
-        tensor = state[meta_name]
-        if meta_name.endswith("attention.wq.weight"):
-            tensor = meta_to_hf_rotary(tensor, args.n_heads)
-        elif meta_name.endswith("attention.wk.weight"):
-            tensor = meta_to_hf_rotary(tensor, args.kv_heads)
-        hf_state[hf_name] = tensor
-    return hf_state
+    shapes = {name: tensor.shape for name, tensor in state.items()}
+    _check_shapes(shapes, meta_shapes(args), tuple(IGNORED_KEYS), "the Meta checkpoint")
+    return {hf_name: _to_hf_tensor(name, state[name], args) for name, hf_name in _name_map(args.n_layers).items()}
 
 
 def hf_to_meta_state_dict(
@@ -136,7 +136,8 @@ def hf_to_meta_state_dict(
     if tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     expected = {names[name]: shape for name, shape in meta_shapes(args).items()}
-    _check_tensors(state, expected, ("rotary_emb.inv_freq",), "the Hugging Face checkpoint")
+    shapes = {name: tensor.shape for name, tensor in state.items()}
+    _check_shapes(shapes, expected, ("rotary_emb.inv_freq",), "the Hugging Face checkpoint")
     meta_state = {}
     for meta_name, hf_name in names.items():
         tensor = state[hf_name]
@@ -251,14 +252,17 @@ def to_hf(
     dst: PathLike,
     tokenizer_path: Optional[PathLike] = None,
     max_position_embeddings: int = 4096,
+    max_file_bytes: int = 5_000_000_000,
     overwrite: bool = False,
 ) -> None:
     """Write the Meta-layout checkpoint `src` (any number of shards) as a Hugging Face folder `dst`:
-    config.json, model.safetensors (the tensors in their stored dtype), tokenizer.model, tokenizer.json and
-    tokenizer_config.json. `tokenizer_path` defaults to src/tokenizer.model; max_position_embeddings is the
-    context length the config announces (Llama 2: 4096). `dst` appears only when complete; `src` is never
-    changed. Raises FileNotFoundError without a tokenizer, ValueError if its vocabulary differs from the
-    checkpoint's, and as `ShardedCheckpoint` and `staged_folder` do.
+    config.json, the tensors in their stored dtype (model.safetensors, or model-NNNNN-of-NNNNN.safetensors files
+    of at most max_file_bytes each with model.safetensors.index.json, written one file at a time so that only
+    one file's tensors are in memory), tokenizer.model, tokenizer.json and tokenizer_config.json.
+    `tokenizer_path` defaults to src/tokenizer.model; max_position_embeddings is the context length the config
+    announces (Llama 2: 4096). `dst` appears only when complete; `src` is never changed. Raises
+    FileNotFoundError without a tokenizer, ValueError if its vocabulary differs from the checkpoint's or a
+    tensor does not match params.json, and as `ShardedCheckpoint` and `staged_folder` do.
     """
     src = Path(src)
     tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else src / "tokenizer.model"
@@ -273,6 +277,8 @@ def to_hf(
         or max_position_embeddings < 1
     ):
         raise ValueError(f"--max_position_embeddings must be a positive integer, got {max_position_embeddings!r}")
+    if isinstance(max_file_bytes, bool) or not isinstance(max_file_bytes, int) or max_file_bytes < 1:
+        raise ValueError(f"--max_file_bytes must be a positive integer, got {max_file_bytes!r}")
     args = read_model_args(src)
     checkpoint = ShardedCheckpoint(src)
     vocab_size = checkpoint.shapes["tok_embeddings.weight"][0] if "tok_embeddings.weight" in checkpoint.shapes else 0
@@ -284,9 +290,20 @@ def to_hf(
             f"the tokenizer {str(tokenizer_path)!r} has {sp.vocab_size()} pieces but the checkpoint's vocabulary "
             f"has {args.vocab_size}: pass --tokenizer_path with the tokenizer.model that came with it"
         )
-    state = {name: checkpoint.slice(name, 0, 1) for name in checkpoint.shapes}
-    hf_state = {name: tensor.contiguous() for name, tensor in meta_to_hf_state_dict(state, args).items()}
-    dtype = hf_state["model.embed_tokens.weight"].dtype
+    _check_shapes(checkpoint.shapes, meta_shapes(args), tuple(IGNORED_KEYS), f"checkpoint {str(src)!r}")
+    names = _name_map(args.n_layers)
+    dtype = checkpoint.shards[0]["tok_embeddings.weight"].dtype
+    groups, group_bytes = [[]], 0
+    for name in names:
+        size = checkpoint.shapes[name].numel() * dtype.itemsize
+        if group_bytes and group_bytes + size > max_file_bytes:
+            groups, group_bytes = [*groups, []], 0
+        groups[-1].append(name)
+        group_bytes += size
+    if len(groups) == 1:
+        file_names = ["model.safetensors"]
+    else:
+        file_names = [f"model-{number:05d}-of-{len(groups):05d}.safetensors" for number in range(1, len(groups) + 1)]
     bos, eos, unk = (sp.id_to_piece(index) for index in (sp.bos_id(), sp.eos_id(), sp.unk_id()))
     tokenizer_config = {
         "tokenizer_class": "LlamaTokenizer",
@@ -301,7 +318,17 @@ def to_hf(
         "model_max_length": max_position_embeddings,
     }
     with staged_folder(dst, overwrite, source=src) as staging:
-        safetensors.torch.save_file(hf_state, staging / "model.safetensors", metadata={"format": "pt"})
+        for file_name, group in zip(file_names, groups):
+            tensors = {names[name]: _to_hf_tensor(name, checkpoint.slice(name, 0, 1), args) for name in group}
+            tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
+            safetensors.torch.save_file(tensors, staging / file_name, metadata={"format": "pt"})
+            del tensors
+        if len(groups) > 1:
+            index = {
+                "metadata": {"total_size": sum(checkpoint.shapes[name].numel() for name in names) * dtype.itemsize},
+                "weight_map": {names[name]: file for file, group in zip(file_names, groups) for name in group},
+            }
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config = hf_config(args, dtype, sp.bos_id(), sp.eos_id(), max_position_embeddings)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shutil.copyfile(tokenizer_path, staging / "tokenizer.model")
@@ -400,9 +427,11 @@ def from_hf(src: PathLike, dst: PathLike, overwrite: bool = False) -> None:
     params = meta_params(config)
     args = ModelArgs(**params)
     state = hf_to_meta_state_dict(_hf_weights(src), args, tie_word_embeddings=config.get("tie_word_embeddings", False))
+    if state["output.weight"] is state["tok_embeddings.weight"]:
+        state["output.weight"] = state["output.weight"].clone()  # Meta's layout has no tied weights
     with staged_folder(dst, overwrite, source=src) as staging:
         (staging / "params.json").write_text(json.dumps(params) + "\n")
-        save_shard({name: tensor.clone() for name, tensor in state.items()}, staging / "consolidated.00.pth")
+        save_shard(state, staging / "consolidated.00.pth")
         if (src / "tokenizer.model").is_file():
             shutil.copyfile(src / "tokenizer.model", staging / "tokenizer.model")
         else:

@@ -169,10 +169,17 @@ def test_pretrained_tokenizer_exported_to_hugging_face_encodes_like_ours(tmp_pat
         assert tokenizer(sentence)["input_ids"] == ours.encode(sentence, bos=True, eos=False), sentence
 
 
-def test_meta_to_hugging_face_to_meta_round_trips_bit_identical(tmp_path, state, tokenizer_path):
+def test_meta_to_hugging_face_to_meta_round_trips_bit_identical(tmp_path, state, tokenizer_path, offline):
     bfloat16 = {name: tensor.bfloat16() for name, tensor in state.items()}
     source = write_checkpoint(tmp_path / "two", ARGS, bfloat16, n_shards=2)
-    to_hf(source, tmp_path / "hf", tokenizer_path=tokenizer_path)
+    # Files of at most 100 kB: the export is split over several files with an index, as large models are.
+    to_hf(source, tmp_path / "hf", tokenizer_path=tokenizer_path, max_file_bytes=100_000)
+    files = sorted(path.name for path in (tmp_path / "hf").glob("*.safetensors"))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+    assert theirs.dtype == torch.bfloat16
+    assert torch.equal(theirs.model.layers[1].mlp.down_proj.weight, bfloat16["layers.1.feed_forward.w2.weight"])
     from_hf(tmp_path / "hf", tmp_path / "back")
     back = load_shard(tmp_path / "back" / "consolidated.00.pth")
     assert back.keys() == bfloat16.keys()
