@@ -8,7 +8,8 @@ from Hugging Face's layout (`llama.hf`):
 
     python -m llama.checkpoint reshard SRC DST --model_parallel_size N [--overwrite]
     python -m llama.checkpoint fold_norms SRC DST [--overwrite]
-    python -m llama.checkpoint to_hf SRC DST [--tokenizer_path T] [--max_position_embeddings 4096] [--overwrite]
+    python -m llama.checkpoint to_hf SRC DST [--tokenizer_path T] [--max_position_embeddings 4096]
+                                             [--max_file_bytes 5000000000] [--overwrite]
     python -m llama.checkpoint from_hf SRC DST [--overwrite]
 """
 
@@ -352,13 +353,16 @@ def staged_folder(destination: PathLike, overwrite: bool = False, source: Option
     ends without error the temporary folder is renamed to `destination`, and if it raises (or is interrupted)
     the temporary folder is removed and `destination` is left as it was. An existing `destination` is replaced
     only with overwrite=True, and only after the new folder is complete. Raises FileExistsError if it exists
-    without overwrite, ValueError if it is `source` or inside it (a conversion never changes its source).
+    without overwrite, ValueError if it is `source`, inside it or around it (a conversion never changes its
+    source).
     """
     destination = Path(destination)
     if source is not None:
-        resolved = destination.resolve()
-        if resolved == Path(source).resolve() or Path(source).resolve() in resolved.parents:
-            raise ValueError(f"destination {str(destination)!r} is inside the source folder: choose another one")
+        target, origin = destination.resolve(), Path(source).resolve()
+        if target == origin or origin in target.parents or target in origin.parents:
+            raise ValueError(
+                f"destination {str(destination)!r} is the source folder, inside it or around it: choose another one"
+            )
     if destination.exists() and not overwrite:
         raise FileExistsError(
             f"{str(destination)!r} already exists: choose another destination, or pass --overwrite to replace it"
@@ -371,7 +375,11 @@ def staged_folder(destination: PathLike, overwrite: bool = False, source: Option
         if destination.exists():
             previous = destination.with_name(f"{destination.name}.old-{secrets.token_hex(4)}")
             destination.rename(previous)
-            staging.rename(destination)
+            try:
+                staging.rename(destination)
+            except BaseException:
+                previous.rename(destination)
+                raise
             shutil.rmtree(previous)
         else:
             staging.rename(destination)
@@ -430,6 +438,9 @@ def reshard(src: PathLike, dst: PathLike, model_parallel_size: int, overwrite: b
             shard = {name: checkpoint.slice(name, rank, model_parallel_size) for name in checkpoint.shapes}
             save_shard(shard, staging / f"consolidated.{rank:02d}{suffix}")
             del shard
+            for name in checkpoint.shapes:  # the next output shard reads its pages again, from the page cache
+                for number in range(len(checkpoint.paths)):
+                    checkpoint.release(name, number)
         _copy_companions(src, staging)
 
 

@@ -21,6 +21,7 @@ from llama.checkpoint import (
     IGNORED_KEYS,
     PathLike,
     ShardedCheckpoint,
+    load_shard,
     read_model_args,
     save_shard,
     staged_folder,
@@ -400,16 +401,9 @@ def _hf_weights(src: Path) -> dict[str, torch.Tensor]:
         )
     state = {}
     for name in files:
-        path = src / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{str(path)!r}, listed in the index of {str(src)!r}, is missing")
-        if path.suffix == ".safetensors":
-            state.update(safetensors.torch.load_file(path, device="cpu"))
-        else:
-            try:
-                state.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-            except Exception as error:
-                raise ValueError(f"cannot read {str(path)!r} as a file of tensors ({error})") from error
+        if not (src / name).is_file():
+            raise FileNotFoundError(f"{str(src / name)!r}, listed in the index of {str(src)!r}, is missing")
+        state.update(load_shard(src / name))
     return state
 
 

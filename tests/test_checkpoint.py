@@ -330,8 +330,9 @@ def test_model_parallel_size_that_does_not_divide_names_the_number(tmp_path, one
         reshard(one_shard, tmp_path / "out", model_parallel_size=3)
     with pytest.raises(ValueError, match="must be a positive integer"):
         reshard(one_shard, tmp_path / "out", model_parallel_size=0)
-    with pytest.raises(ValueError, match="inside the source folder"):
-        reshard(one_shard, one_shard / "copy", model_parallel_size=1)
+    for destination in (one_shard, one_shard / "copy", tmp_path):  # replacing tmp_path would delete the source
+        with pytest.raises(ValueError, match="is the source folder, inside it or around it"):
+            reshard(one_shard, destination, model_parallel_size=1, overwrite=True)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["one"]
 
 
