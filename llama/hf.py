@@ -337,32 +337,32 @@ def to_hf(
         (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
-def meta_params(config: dict) -> dict:
+def params_from_hf_config(config: dict) -> dict:
     """params.json for a Hugging Face Llama config.json: the architecture, with multiple_of (and where needed
     ffn_dim_multiplier) chosen so that ModelArgs' FFN width is the config's intermediate_size. Raises
-    ValueError for a model this library does not implement (another model type, biases, rope scaling, a head
-    size other than hidden_size / heads, an activation other than SiLU)."""
-
-    def setting(name, default=None):
-        return config.get(name, default)
-
+    ValueError for a missing size, or a model this library does not implement (another model type, biases, rope
+    scaling, a head size other than hidden_size / heads, an activation other than SiLU)."""
+    required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    for name in required:
+        if isinstance(config.get(name), bool) or not isinstance(config.get(name), int) or config[name] < 1:
+            raise ValueError(f"config.json: {name} must be a positive integer, got {config.get(name)!r}")
     problems = []
-    if setting("model_type", "llama") != "llama":
-        problems.append(f"model_type is {setting('model_type')!r}")
-    if setting("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act is {setting('hidden_act')!r}")
-    if setting("attention_bias") or setting("mlp_bias"):
+    if config.get("model_type", "llama") != "llama":
+        problems.append(f"model_type is {config['model_type']!r}")
+    if config.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act is {config['hidden_act']!r}")
+    if config.get("attention_bias") or config.get("mlp_bias"):
         problems.append("it has biases")
-    rope = setting("rope_parameters") or setting("rope_scaling") or {}
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         problems.append(f"it scales rotary embeddings ({rope})")
-    dim, n_heads = setting("hidden_size"), setting("num_attention_heads")
-    if setting("head_dim") not in (None, dim // n_heads):
-        problems.append(f"head_dim {setting('head_dim')} is not hidden_size / num_attention_heads")
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim") not in (None, dim // n_heads):
+        problems.append(f"head_dim {config['head_dim']} is not hidden_size / num_attention_heads")
     if problems:
         raise ValueError(f"this config.json describes a model this library does not implement: {'; '.join(problems)}")
 
-    hidden = setting("intermediate_size")
+    hidden = config["intermediate_size"]
     multiple_of, multiplier = 256, None  # Llama 2 7B and 13B
     if ModelArgs(dim=dim, multiple_of=multiple_of).ffn_hidden_dim != hidden:
         # Round up to the width itself; scale down first if the default width is already wider.
@@ -371,14 +371,14 @@ def meta_params(config: dict) -> dict:
         multiplier = hidden / default if default > hidden else None
     params = {
         "dim": dim,
-        "n_layers": setting("num_hidden_layers"),
+        "n_layers": config["num_hidden_layers"],
         "n_heads": n_heads,
-        "n_kv_heads": setting("num_key_value_heads", n_heads),
-        "vocab_size": setting("vocab_size"),
+        "n_kv_heads": config.get("num_key_value_heads", n_heads),
+        "vocab_size": config["vocab_size"],
         "multiple_of": multiple_of,
         "ffn_dim_multiplier": multiplier,
-        "norm_eps": setting("rms_norm_eps", 1e-6),
-        "rope_theta": rope.get("rope_theta", setting("rope_theta", 10000.0)),
+        "norm_eps": config.get("rms_norm_eps", 1e-6),
+        "rope_theta": rope.get("rope_theta", config.get("rope_theta", 10000.0)),
     }
     if ModelArgs(**params).ffn_hidden_dim != hidden:
         raise ValueError(f"cannot express intermediate_size={hidden} as a Llama FFN width for dim={dim}")
@@ -417,8 +417,13 @@ def from_hf(src: PathLike, dst: PathLike, overwrite: bool = False) -> None:
     config_path = src / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{str(config_path)!r} is missing: is {str(src)!r} a Hugging Face model folder?")
-    config = json.loads(config_path.read_text())
-    params = meta_params(config)
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(config_path)!r} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(config_path)!r} must hold a JSON object of model settings")
+    params = params_from_hf_config(config)
     args = ModelArgs(**params)
     state = hf_to_meta_state_dict(_hf_weights(src), args, tie_word_embeddings=config.get("tie_word_embeddings", False))
     if state["output.weight"] is state["tok_embeddings.weight"]:
