@@ -6,6 +6,7 @@ error. Meta's layout is checked against helpers.split_state_dict, an independent
 import hashlib
 import json
 import shutil
+import sys
 
 import pytest
 import safetensors.torch
@@ -111,6 +112,7 @@ def test_safetensors_shards_load_like_pth_shards_and_a_mix_is_refused(tmp_path, 
 # ---- memory ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status; releasing pages uses Linux's madvise")
 def test_loading_holds_the_weights_about_once_in_memory(tmp_path, tokenizer_path):
     # About 300 MB of float32 weights, so that a second copy would stand out above the noise of allocators.
     args = small_args(dim=1024, n_layers=6, n_heads=8, n_kv_heads=8, multiple_of=256)
