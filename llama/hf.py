@@ -220,6 +220,20 @@ def tokenizer_json(tokenizer_path: PathLike) -> dict:
     }
 
 
+def _normalisation_warning(sp: SentencePieceProcessor, tokenizer_path: Path) -> None:
+    # Llama's tokenizer keeps text as it is; one trained with SentencePiece's defaults collapses runs of spaces
+    # and applies NFKC. The Llama tokenizer of transformers does neither, whatever tokenizer.json says, so
+    # probe for both (the model's settings cannot be read without protobuf) and say so.
+    probes = {"runs of spaces": "a  b", "compatibility characters (NFKC)": "\ufb01"}
+    changed = [what for what, text in probes.items() if sp.decode(sp.encode(text)) != text]
+    if changed:
+        warnings.warn(
+            f"the tokenizer {str(tokenizer_path)!r} normalises {' and '.join(changed)}, unlike Llama's: the exported "
+            "tokenizer encodes text containing them differently (other text the same)",
+            stacklevel=3,
+        )
+
+
 def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int, eos_id: int, max_position_embeddings: int) -> dict:
     """config.json for `args`: the fields LlamaConfig reads, with the rotary base written both ways
     (`rope_parameters` for transformers 5, `rope_theta` for 4)."""
@@ -292,6 +306,7 @@ def to_hf(
             f"has {args.vocab_size}: pass --tokenizer_path with the tokenizer.model that came with it"
         )
     _check_shapes(checkpoint.shapes, meta_shapes(args), tuple(IGNORED_KEYS), f"checkpoint {str(src)!r}")
+    _normalisation_warning(sp, tokenizer_path)
     names = _name_map(args.n_layers)
     dtype = checkpoint.shards[0]["tok_embeddings.weight"].dtype
     groups, group_bytes = [[]], 0
