@@ -307,6 +307,16 @@ def test_existing_destination_is_refused_untouched_and_replaced_only_with_overwr
 # ---- errors ----------------------------------------------------------------------------------------------------
 
 
+def test_reshard_takes_the_vocabulary_from_the_tensors_when_params_say_minus_one(tmp_path):
+    args = small_args(n_heads=8, n_kv_heads=4, vocab_size=402)
+    params = meta_params(args) | {"vocab_size": -1}
+    folder = write_checkpoint(tmp_path / "one", args, random_model(args).state_dict(), params=params)
+    reshard(folder, tmp_path / "two", model_parallel_size=2)
+    assert load_shard(tmp_path / "two" / "consolidated.01.pth")["output.weight"].shape == (201, args.dim)
+    with pytest.raises(ValueError, match=r"vocab_size .*=402 is not divisible by the model-parallel size 4"):
+        reshard(folder, tmp_path / "four", model_parallel_size=4)
+
+
 def test_missing_shard_is_named(tmp_path, state):
     folder = write_checkpoint(tmp_path / "gap", ARGS, state, n_shards=4)
     (folder / "consolidated.02.pth").unlink()
