@@ -259,15 +259,17 @@ class Llama:
     ) -> "Llama":
         """Load a Meta-layout checkpoint folder and its tokenizer, ready to generate.
 
-        Works under `torchrun --nproc_per_node N` (N = the number of shards) and as a plain `python` process
-        (a one-process group is set up). `device` defaults to CUDA when available, else the CPU; `dtype` to
-        bfloat16 on GPUs that support it, float16 on other GPUs, float32 on the CPU. `seed` fixes sampling
-        (the same on every rank, so the ranks agree on every token). `progress` reports batches of a long run
-        on standard error (default: when it is a terminal, on rank 0). The caller's torch defaults are left
-        alone, and build may be called again in the same process. Raises FileNotFoundError for a missing
-        folder, params.json, shard or tokenizer, and ValueError for anything that does not fit: a malformed
-        params.json, a shard count other than the model-parallel size, a corrupt shard, a tensor of the
-        wrong shape, a tokenizer of another vocabulary size, or non-positive sizes.
+        Works under `torchrun --nproc_per_node N` and as a plain `python` process (a one-process group is set
+        up), with any number of shards: a count other than N is resliced as it loads (see `load_model`), as long
+        as N divides the heads, key/value heads, FFN width, dim and vocabulary. `device` defaults to CUDA when
+        available, else the CPU; `dtype` to bfloat16 on GPUs that support it, float16 on other GPUs, float32 on
+        the CPU. `seed` fixes sampling (the same on every rank, so the ranks agree on every token). `progress`
+        reports loading and the batches of a long run on standard error (default: when it is a terminal, on rank
+        0). The caller's torch defaults are left alone, and build may be called again in the same process. Raises
+        FileNotFoundError for a missing folder, params.json, shard or tokenizer, and ValueError for anything
+        that does not fit: a malformed params.json, a model-parallel size that does not divide the model, a
+        corrupt shard, shards that disagree, a tensor of the wrong shape, a tokenizer of another vocabulary
+        size, or non-positive sizes.
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

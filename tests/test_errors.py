@@ -82,16 +82,22 @@ def test_vocab_size_minus_one_is_taken_from_the_tokenizer(checkpoint, tokenizer_
 
 def test_folder_without_shards(checkpoint, tokenizer_path):
     (checkpoint / "consolidated.00.pth").rename(checkpoint / "weights.pth")  # only consolidated.*.pth count
-    with pytest.raises(FileNotFoundError, match="no consolidated.NN.pth shards"):
+    with pytest.raises(FileNotFoundError, match="no consolidated.NN.pth or consolidated.NN.safetensors shards"):
         build(checkpoint, tokenizer_path)
 
 
-def test_shard_count_other_than_model_parallel_size_names_both_numbers(tmp_path, tokenizer_path, state):
+def test_shard_count_other_than_model_parallel_size_loads_with_one_notice_naming_the_reshard_command(
+    tmp_path, tokenizer_path, state
+):
     two = write_checkpoint(tmp_path / "two", ARGS, state, n_shards=2)
-    with pytest.raises(
-        ValueError, match=r"has 2 shard\(s\) but this run has model-parallel size 1.*--nproc_per_node 2"
-    ):
-        build(two, tokenizer_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generator = build(two, tokenizer_path)
+    notices = [str(warning.message) for warning in caught if "resharded on the fly" in str(warning.message)]
+    assert len(notices) == 1, f"expected one notice, got {notices}"
+    assert "has 2 shard(s) and this run has model-parallel size 1" in notices[0]
+    assert f"python -m llama.checkpoint reshard {two} {two}-mp1 --model_parallel_size 1" in notices[0]
+    torch.testing.assert_close(generator.model.output.weight, state["output.weight"], rtol=0, atol=0)
 
 
 def test_gap_in_shard_numbers_names_the_missing_shard(tmp_path, tokenizer_path, state):

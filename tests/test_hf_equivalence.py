@@ -1,5 +1,6 @@
 """The same weights in Hugging Face transformers' LlamaForCausalLM, an independent implementation, give the
-same logits: for a random model with grouped-query attention, and for the real pretrained test model."""
+same logits: for a random model with grouped-query attention, and for the real pretrained test model. The
+mapping of names and rotary layout written here also checks the library's conversion (llama.hf)."""
 
 import pytest
 import torch
@@ -7,20 +8,22 @@ import torch
 from helpers import random_model, small_args
 from llama import Llama
 from llama.checkpoint import load_shard, read_model_args
+from llama.hf import hf_to_meta_state_dict, meta_to_hf_state_dict
 
 transformers = pytest.importorskip("transformers")
 
 
 def to_hf_rotary_layout(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Meta rotates channel pairs (2i, 2i+1) of each head; Hugging Face rotates (i, i + head_dim/2).
-    Reorder each head's rows so that HF row c*head_dim/2 + i is Meta row 2i + c."""
-    rows, dim = weight.shape
-    head_dim = rows // n_heads
-    return weight.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+    Reorder each head's rows so that HF row c*head_dim/2 + i is Meta row 2i + c (written as a row index, not as
+    the library's reshape)."""
+    head_dim = weight.shape[0] // n_heads
+    order = [head * head_dim + 2 * i + c for head in range(n_heads) for c in (0, 1) for i in range(head_dim // 2)]
+    return weight[order]
 
 
-def hf_model(args, state):
-    config = transformers.LlamaConfig(
+def hf_config(args):
+    return transformers.LlamaConfig(
         vocab_size=args.vocab_size,
         hidden_size=args.dim,
         intermediate_size=args.ffn_hidden_dim,
@@ -32,6 +35,10 @@ def hf_model(args, state):
         max_position_embeddings=args.max_seq_len,
         tie_word_embeddings=False,
     )
+
+
+def hf_state_dict(args, state):
+    """This file's own statement of the Meta -> Hugging Face mapping, independent of llama.hf."""
     names = {
         "tok_embeddings.weight": "model.embed_tokens.weight",
         "norm.weight": "model.norm.weight",
@@ -61,10 +68,26 @@ def hf_model(args, state):
                 tensor = to_hf_rotary_layout(tensor, args.kv_heads)
         else:
             hf_name = names[name]
-        hf_state[hf_name] = tensor.float()
-    model = transformers.LlamaForCausalLM(config)
-    model.load_state_dict(hf_state, strict=True)
+        hf_state[hf_name] = tensor
+    return hf_state
+
+
+def hf_model(args, state):
+    model = transformers.LlamaForCausalLM(hf_config(args))
+    model.load_state_dict({name: tensor.float() for name, tensor in hf_state_dict(args, state).items()}, strict=True)
     return model.eval()
+
+
+def test_library_conversion_equals_this_files_independent_mapping_and_inverts_exactly():
+    args = small_args(n_layers=2, n_heads=8, n_kv_heads=2)
+    state = random_model(args, seed=12).state_dict()
+    converted = meta_to_hf_state_dict(state, args)
+    expected = hf_state_dict(args, state)
+    assert converted.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(converted[name], tensor), name
+    back = hf_to_meta_state_dict(converted, args)
+    assert back.keys() == state.keys() and all(torch.equal(back[name], state[name]) for name in state)
 
 
 @pytest.mark.parametrize("rope_theta", [10000.0, 1000000.0])

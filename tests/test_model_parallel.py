@@ -1,28 +1,47 @@
 """Model parallelism: a checkpoint split into shards the way Meta splits them, run by as many processes,
-computes what the unsplit checkpoint computes in one process."""
+computes what the unsplit checkpoint computes in one process; so does a checkpoint whose shard count differs
+from the number of processes, resliced as it loads."""
 
+import pytest
 import torch
 
 from helpers import random_model, run_python, run_torchrun, small_args, write_checkpoint
 
+N_PROCESSES = 2
+ARGS = small_args(n_layers=2, n_heads=4, n_kv_heads=2)
 
-def test_two_shards_on_two_processes_give_the_logits_of_the_unsplit_checkpoint(tmp_path, tokenizer_path):
-    n_shards = 2
-    args = small_args(n_layers=2, n_heads=4, n_kv_heads=2)
-    state = random_model(args, seed=21).state_dict()
-    whole = write_checkpoint(tmp_path / "whole", args, state, n_shards=1)
-    split = write_checkpoint(tmp_path / "split", args, state, n_shards=n_shards)
 
-    single = run_python(["tests/parallel_worker.py", str(whole), str(tokenizer_path), str(tmp_path / "single.pt")])
-    assert single.returncode == 0, single.stderr
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model_parallel")
+    state = random_model(ARGS, seed=21).state_dict()
+    return {count: write_checkpoint(folder / f"shards{count}", ARGS, state, n_shards=count) for count in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def single_process(checkpoints, tokenizer_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "single.pt"
+    result = run_python(["tests/parallel_worker.py", str(checkpoints[1]), str(tokenizer_path), str(out)])
+    assert result.returncode == 0, result.stderr
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("n_shards", [2, 1], ids=["two shards", "one shard resliced"])
+def test_two_processes_give_the_logits_of_the_unsplit_checkpoint(
+    checkpoints, single_process, tokenizer_path, tmp_path, n_shards
+):
+    out = tmp_path / "parallel.pt"
     parallel = run_torchrun(
-        n_shards, ["tests/parallel_worker.py", str(split), str(tokenizer_path), str(tmp_path / "parallel.pt")]
+        N_PROCESSES, ["tests/parallel_worker.py", str(checkpoints[n_shards]), str(tokenizer_path), str(out)]
     )
     assert parallel.returncode == 0, parallel.stderr
+    notices = parallel.stderr.count("resharded on the fly")
+    assert notices == (0 if n_shards == N_PROCESSES else 1), f"rank 0 alone tells once:\n{parallel.stderr}"
+    if n_shards != N_PROCESSES:
+        assert f"--model_parallel_size {N_PROCESSES}" in parallel.stderr
 
-    expected = torch.load(tmp_path / "single.pt", weights_only=True)
-    actual = torch.load(tmp_path / "parallel.pt", weights_only=True)
-    assert expected["world_size"] == 1 and actual["world_size"] == n_shards
+    expected, actual = single_process, torch.load(out, weights_only=True)
+    assert expected["world_size"] == 1 and actual["world_size"] == N_PROCESSES
     # Row-parallel layers sum partial products across ranks: the same sums in another order.
     torch.testing.assert_close(actual["logits"], expected["logits"], rtol=1e-5, atol=1e-5)
     assert actual["greedy"] == expected["greedy"]
