@@ -306,7 +306,9 @@ def reshard_command(ckpt_dir: PathLike, model_parallel_size: int) -> str:
     )
 
 
-def load_model(ckpt_dir: PathLike, args: ModelArgs, rank: int, device: torch.device, dtype: torch.dtype) -> Transformer:
+def load_model(
+    ckpt_dir: PathLike, args: ModelArgs, rank: int, device: torch.device, dtype: torch.dtype, progress: bool = False
+) -> Transformer:
     """The Transformer for model-parallel `rank`, with its slice of the checkpoint's weights, on `device` in
     `dtype`, whatever the number of shards: each rank reads only the slices it needs from the shards that hold
     them, and rank 0 warns once when the shard count differs from the model-parallel size (with the `reshard`
@@ -316,7 +318,8 @@ def load_model(ckpt_dir: PathLike, args: ModelArgs, rank: int, device: torch.dev
     copied into place from the memory-mapped shards, whose pages are released as soon as they are copied, so
     host memory holds the weights about once while loading. (The parameters are copies, not the mapped file
     itself: a model that used the file's pages would crash with a bus error if the file were rewritten in
-    place.) Raises ValueError for a corrupt shard, shards that disagree, or missing, unexpected or mis-shaped
+    place.) With progress=True, a line on standard error shows the shard being read and the share of tensors
+    copied. Raises ValueError for a corrupt shard, shards that disagree, or missing, unexpected or mis-shaped
     tensors.
     """
     with meta_device():
@@ -333,8 +336,9 @@ def load_model(ckpt_dir: PathLike, args: ModelArgs, rank: int, device: torch.dev
             stacklevel=3,
         )
     model = model.to(dtype=dtype).to_empty(device=device)
+    parameters = list(model.named_parameters())
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for index, (name, parameter) in enumerate(parameters, 1):
             dim, start = split_dim(name) or 0, 0
             # Each piece goes straight to its place in the parameter (no joined copy in between), and its file
             # pages are let go as soon as it is copied.
@@ -342,6 +346,11 @@ def load_model(ckpt_dir: PathLike, args: ModelArgs, rank: int, device: torch.dev
                 parameter.narrow(dim, start, view.shape[dim]).copy_(view)
                 start += view.shape[dim]
                 checkpoint.release(name, number)
+                if progress:
+                    shard = checkpoint.paths[number].name
+                    print(f"\rloading {shard}: {index}/{len(parameters)} tensors", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
     for buffer in model.buffers():  # the key/value caches
         buffer.zero_()
     return model

@@ -286,9 +286,9 @@ class Llama:
                 f"vocab_size={args.vocab_size}: use the tokenizer.model that came with this checkpoint"
             )
         args.validate(torch.distributed.get_world_size())
-        model = load_model(ckpt_dir, args, torch.distributed.get_rank(), device, dtype)
         if progress is None:
             progress = sys.stderr.isatty() and is_main_process()
+        model = load_model(ckpt_dir, args, torch.distributed.get_rank(), device, dtype, progress=progress)
         return Llama(model, tokenizer, seed, progress=progress)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, progress: bool = False):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import random_model, small_args
+from helpers import random_model, small_args, write_checkpoint
 from llama.generation import UNSAFE_REQUEST_ERROR, Llama, TextStream, sample
 
 
@@ -251,3 +251,15 @@ def test_long_batch_runs_report_progress_only_when_asked(tokenizer, capsys):
     assert capsys.readouterr().err.splitlines() == [f"generating batch {n}/3" for n in (1, 2, 3)]
     Llama(model, tokenizer).text_completion(prompts, temperature=0, max_gen_len=2)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.filterwarnings("ignore:.*resharded on the fly")
+def test_loading_reports_progress_per_shard_only_when_asked(tmp_path, tokenizer_path, capsys):
+    args = small_args()
+    folder = write_checkpoint(tmp_path / "two", args, random_model(args).state_dict(), n_shards=2)
+    Llama.build(str(folder), str(tokenizer_path), max_seq_len=16, max_batch_size=1, device="cpu", progress=True)
+    err = capsys.readouterr().err
+    count = len(list(random_model(args).parameters()))
+    assert "loading consolidated.00.pth" in err and f"loading consolidated.01.pth: {count}/{count} tensors" in err
+    Llama.build(str(folder), str(tokenizer_path), max_seq_len=16, max_batch_size=1, device="cpu")
+    assert "loading" not in capsys.readouterr().err  # standard error is not a terminal here
