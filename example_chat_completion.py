@@ -1,5 +1,7 @@
-"""Answer a few dialogs with a Llama 2 chat checkpoint, in the Llama 2 chat format.
+"""Answer a few dialogs with a Llama 2 chat checkpoint, in the Llama 2 chat format (with the bundled demo
+model when no checkpoint is given, which shows the mechanics but is no chat model).
 
+python example_chat_completion.py
 python example_chat_completion.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
 torchrun --nproc_per_node 2 example_chat_completion.py --ckpt_dir llama-2-13b-chat/ --tokenizer_path tokenizer.model
 """
@@ -9,7 +11,7 @@ from typing import Optional
 
 import fire
 
-from llama import Dialog, Llama
+from llama import Dialog, Llama, demo_checkpoint
 from llama.distributed import is_main_process
 
 DIALOGS: list[Dialog] = [
@@ -30,9 +32,16 @@ DIALOGS: list[Dialog] = [
 ]
 
 
+DEMO_NOTE = (
+    "Note: no --ckpt_dir given, so this runs the bundled demo model. It was trained on Shakespeare's plays only and "
+    "is no chat model: its replies are play-like text, not answers. For answers, pass --ckpt_dir and "
+    "--tokenizer_path of a Llama 2 chat model (for example llama-2-7b-chat/).\n"
+)
+
+
 def main(
-    ckpt_dir: str,
-    tokenizer_path: str,
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 512,
@@ -42,11 +51,18 @@ def main(
     dtype: Optional[str] = None,
 ):
     try:
+        on_demo = ckpt_dir is None and tokenizer_path is None
+        if on_demo:
+            ckpt_dir, tokenizer_path = demo_checkpoint()
+        elif ckpt_dir is None or tokenizer_path is None:
+            raise ValueError("give both --ckpt_dir and --tokenizer_path, or neither to run the bundled demo model")
         generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype)
         results = generator.chat_completion(DIALOGS, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
     except (FileNotFoundError, ValueError, TypeError) as error:
         sys.exit(f"error: {error}")
     if is_main_process():  # every rank computes the same text; one prints it
+        if on_demo:
+            print(DEMO_NOTE)
         for dialog, result in zip(DIALOGS, results):
             for message in dialog:
                 print(f"{message['role'].capitalize()}: {message['content']}")

@@ -1,6 +1,8 @@
 """A reference PyTorch implementation of Llama-2-style decoders: the model (`llama.model`), its tokenizer,
-checkpoint loading, and text and chat generation."""
+checkpoint loading, text and chat generation, training (`llama.train`), and a small bundled demo model
+(`demo_checkpoint()`)."""
 
+from llama.checkpoint import demo_checkpoint
 from llama.generation import ChatPrediction, CompletionPrediction, Dialog, Llama, Message
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import Tokenizer
@@ -14,4 +16,5 @@ __all__ = [
     "ModelArgs",
     "Tokenizer",
     "Transformer",
+    "demo_checkpoint",
 ]
