@@ -25,7 +25,7 @@ PROMPTS = [
 DEMO_PROMPTS = [
     "ROMEO:\n",
     "First Citizen:\nWhat say you to the",
-    "KING HENRY VI:\nO God, ",
+    "KING HENRY VI:\nO God,",
     "JULIET:\nO gentle night,",
 ]
 
