@@ -54,6 +54,9 @@ def main(
         on_demo = ckpt_dir is None and tokenizer_path is None
         if on_demo:
             ckpt_dir, tokenizer_path = demo_checkpoint()
+            # Its replies are no answers, and past its training context of 256 tokens they fall apart: a short
+            # sample shows the mechanics.
+            max_gen_len = max_gen_len or 64
         elif ckpt_dir is None or tokenizer_path is None:
             raise ValueError("give both --ckpt_dir and --tokenizer_path, or neither to run the bundled demo model")
         generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype)
