@@ -189,8 +189,8 @@ class Attention(nn.Module):
             self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
             xk = self.cache_k[:bsz, : start_pos + seqlen]  # (bs, context_len, kv_heads, head_dim)
             xv = self.cache_v[:bsz, : start_pos + seqlen]
-        # Without the cache (training) the context is these tokens alone, and the in-place cache writes,
-        # which autograd cannot differentiate through, never happen.
+        # Without the cache (training, scoring) the context is these tokens alone and the buffers are left
+        # alone: writing them in place would overwrite tensors autograd keeps for the backward pass.
         keys = repeat_kv(xk, self.n_rep)  # (bs, context_len, heads, head_dim)
         values = repeat_kv(xv, self.n_rep)
 
