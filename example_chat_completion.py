@@ -1,6 +1,8 @@
 """Answer dialogs with a Llama 2 chat checkpoint, in the Llama 2 chat format: a few built-in dialogs, or
-an interactive chat that streams its answers.
+an interactive chat that streams its answers. With no checkpoint given it runs the bundled demo model, which
+shows the mechanics but is no chat model.
 
+    python example_chat_completion.py
     python example_chat_completion.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
     python example_chat_completion.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model --interactive
     torchrun --nproc_per_node 2 example_chat_completion.py --ckpt_dir llama-2-13b-chat/ --tokenizer_path tokenizer.model
@@ -13,7 +15,7 @@ from typing import Optional
 import fire
 import torch.distributed as dist
 
-from llama import Dialog, Llama
+from llama import Dialog, Llama, demo_checkpoint
 from llama.distributed import is_main_process
 from llama.generation import has_special_tags, trim_dialog
 
@@ -92,9 +94,16 @@ def chat(generator: Llama, system: Optional[str], temperature: float, top_p: flo
         history = dialog + [{"role": "assistant", "content": answer}]
 
 
+DEMO_NOTE = (
+    "Note: no --ckpt_dir given, so this runs the bundled demo model. It was trained on Shakespeare's plays only and "
+    "is no chat model: its replies are play-like text, not answers. For answers, pass --ckpt_dir and "
+    "--tokenizer_path of a Llama 2 chat model (for example llama-2-7b-chat/).\n"
+)
+
+
 def main(
-    ckpt_dir: str,
-    tokenizer_path: str,
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 512,
@@ -106,7 +115,17 @@ def main(
     system: Optional[str] = None,
 ):
     try:
+        on_demo = ckpt_dir is None and tokenizer_path is None
+        if on_demo:
+            ckpt_dir, tokenizer_path = demo_checkpoint()
+            # Its replies are no answers, and past its training context of 256 tokens they fall apart: a short
+            # sample shows the mechanics.
+            max_gen_len = max_gen_len or 64
+        elif ckpt_dir is None or tokenizer_path is None:
+            raise ValueError("give both --ckpt_dir and --tokenizer_path, or neither to run the bundled demo model")
         generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype)
+        if on_demo:
+            say(DEMO_NOTE)
         if interactive:
             # Leave room for history: an answer gets at most a quarter of the context unless told otherwise.
             chat(generator, system, temperature, top_p, max_gen_len or max_seq_len // 4)

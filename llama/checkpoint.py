@@ -54,6 +54,22 @@ try:
 except (AttributeError, OSError, TypeError):
     _madvise = None
 
+# The small model that ships inside the package (trained by `python -m llama.train` on Shakespeare's plays).
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+
+
+def demo_checkpoint() -> tuple[Path, Path]:
+    """The bundled demo model, a few million parameters trained on Shakespeare's plays: (ckpt_dir,
+    tokenizer_path), ready for `Llama.build`. Raises FileNotFoundError if the package was installed without
+    its data files."""
+    tokenizer_path = DEMO_DIR / "tokenizer.model"
+    for path in (DEMO_DIR / "params.json", DEMO_DIR / "consolidated.00.pth", tokenizer_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"the bundled demo model file {str(path)!r} is missing: reinstall the package with `pip install .`"
+            )
+    return DEMO_DIR, tokenizer_path
+
 
 def read_model_args(ckpt_dir: PathLike, **overrides) -> ModelArgs:
     """ModelArgs from `ckpt_dir/params.json`, with `overrides` (for example max_seq_len) applied on top.

@@ -171,7 +171,12 @@ class Attention(nn.Module):
         self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
 
     def forward(
-        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        start_pos: int,
+        freqs_cis: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        use_cache: bool = True,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (bs, seqlen, heads, head_dim)
@@ -179,15 +184,20 @@ class Attention(nn.Module):
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
 
-        self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
-        self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
-        keys = repeat_kv(self.cache_k[:bsz, : start_pos + seqlen], self.n_rep)  # (bs, cache_len, heads, head_dim)
-        values = repeat_kv(self.cache_v[:bsz, : start_pos + seqlen], self.n_rep)
+        if use_cache:
+            self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
+            self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
+            xk = self.cache_k[:bsz, : start_pos + seqlen]  # (bs, context_len, kv_heads, head_dim)
+            xv = self.cache_v[:bsz, : start_pos + seqlen]
+        # Without the cache (training, scoring) the context is these tokens alone and the buffers are left
+        # alone: writing them in place would overwrite tensors autograd keeps for the backward pass.
+        keys = repeat_kv(xk, self.n_rep)  # (bs, context_len, heads, head_dim)
+        values = repeat_kv(xv, self.n_rep)
 
         xq = xq.transpose(1, 2)  # (bs, heads, seqlen, head_dim)
-        keys = keys.transpose(1, 2)  # (bs, heads, cache_len, head_dim)
+        keys = keys.transpose(1, 2)  # (bs, heads, context_len, head_dim)
         values = values.transpose(1, 2)
-        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)  # (bs, heads, seqlen, cache_len)
+        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)  # (bs, heads, seqlen, context_len)
         if mask is not None:
             scores = scores + mask
         # Softmax in float32: in half precision the small weights of a long context round to zero.
@@ -222,10 +232,15 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        start_pos: int,
+        freqs_cis: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        use_cache: bool = True,
     ) -> torch.Tensor:
         # Pre-norm: the residual stream itself is never normalised, only what each sublayer reads from it.
-        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, use_cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -247,12 +262,15 @@ class Transformer(nn.Module):
         # Twice max_seq_len, as Meta's reference builds it; only the first max_seq_len rows are ever read.
         self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, use_cache: bool = True) -> torch.Tensor:
         """Logits (float32, shape (batch, seqlen, vocab)) for `tokens` (batch, seqlen) standing at positions
         start_pos .. start_pos + seqlen - 1, after the positions before start_pos already went through this
-        model for the same batch rows (their keys and values are in the cache)."""
+        model for the same batch rows (their keys and values are in the cache). With use_cache=False (training,
+        scoring whole sequences) the tokens attend causally to each other only, the cache is neither read nor
+        written, autograd runs through, and the batch may be larger than max_batch_size. Raises ValueError
+        when the tokens do not fit max_seq_len (or, with the cache, max_batch_size)."""
         bsz, seqlen = tokens.shape
-        if bsz > self.params.max_batch_size or start_pos + seqlen > self.params.max_seq_len:
+        if (use_cache and bsz > self.params.max_batch_size) or start_pos + seqlen > self.params.max_seq_len:
             raise ValueError(
                 f"batch of {bsz} at positions {start_pos}..{start_pos + seqlen - 1} does not fit the key/value cache "
                 f"(max_batch_size={self.params.max_batch_size}, max_seq_len={self.params.max_seq_len})"
@@ -266,11 +284,13 @@ class Transformer(nn.Module):
 
         mask = None
         if seqlen > 1:
-            # Row i stands at position start_pos + i and may read cache positions 0 .. start_pos + i: the
-            # whole cached prefix, and the new tokens up to itself (this is what makes chunked prefill right).
-            mask = torch.full((seqlen, start_pos + seqlen), float("-inf"), device=tokens.device)
-            mask = torch.triu(mask, diagonal=start_pos + 1).type_as(h)  # (seqlen, cache_len)
+            # Row i stands at position start_pos + i and may read context positions up to its own: with the
+            # cache, the whole cached prefix and the new tokens up to itself (this is what makes chunked
+            # prefill right); without it, the new tokens up to itself.
+            context_len = start_pos + seqlen if use_cache else seqlen
+            mask = torch.full((seqlen, context_len), float("-inf"), device=tokens.device)
+            mask = torch.triu(mask, diagonal=context_len - seqlen + 1).type_as(h)  # (seqlen, context_len)
 
         for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask)
+            h = layer(h, start_pos, freqs_cis, mask, use_cache)
         return self.output(self.norm(h)).float()  # (bs, seqlen, vocab)
