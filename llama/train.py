@@ -14,9 +14,7 @@ import hashlib
 import io
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -26,7 +24,7 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from llama.checkpoint import resolve_dtype
+from llama.checkpoint import resolve_dtype, staged_folder
 from llama.distributed import setup_model_parallel
 from llama.model import ModelArgs, Transformer
 
@@ -164,28 +162,6 @@ def _check_settings(settings: dict) -> None:
         raise ValueError(
             f"--warmup_steps must be a whole number from 0 to --steps - 1 = {steps - 1}, got {warmup_steps!r}"
         )
-
-
-def _write_folder_atomically(out_dir: Path, overwrite: bool, write) -> None:
-    """Call write(folder) on a fresh hidden folder beside out_dir, then rename it to out_dir: a reader sees
-    the old folder or the whole new one, never a half-written one, and a failure leaves nothing behind."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    partial.chmod(0o755)  # mkdtemp makes it private to its owner; the checkpoint is for everyone to read
-    try:
-        write(partial)
-        if out_dir.exists():
-            if not overwrite:
-                raise FileExistsError(f"{str(out_dir)!r} appeared during training: pass --overwrite to replace it")
-            old = partial.with_suffix(".old")
-            out_dir.rename(old)
-            partial.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            partial.rename(out_dir)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial)
 
 
 def train(
@@ -353,15 +329,15 @@ def train(
         flush=True,
     )
 
-    def write(folder: Path) -> None:
+    # Written under a temporary name and renamed into place: a reader sees the old folder or the whole new
+    # one, never a half-written one, and a failure leaves nothing behind.
+    with staged_folder(out_dir, overwrite=overwrite) as folder:
         params = {name: value for name, value in dataclasses.asdict(args).items() if name in META_PARAM_KEYS}
         (folder / "params.json").write_text(json.dumps(params, indent=2) + "\n")
         state = {name: tensor.detach().to("cpu", save_dtype).clone() for name, tensor in model.state_dict().items()}
         torch.save(state, folder / "consolidated.00.pth")
         (folder / "tokenizer.model").write_bytes(tokenizer_model)
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-
-    _write_folder_atomically(out_dir, overwrite, write)
     print(f"wrote {out_dir}", flush=True)
     return metrics
 

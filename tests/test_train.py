@@ -127,7 +127,7 @@ def test_training_writes_a_meta_layout_checkpoint_that_llama_build_loads_and_gen
         "params.json",
         "tokenizer.model",
     ]
-    assert [path.name for path in folder.iterdir() if path.name.startswith(".")] == [], "a partial folder was left"
+    assert [path.name for path in folder.iterdir() if ".tmp-" in path.name] == [], "a partial folder was left"
     params = json.loads((model_dir / "params.json").read_text())
     assert set(params) <= set(META_PARAM_KEYS) and params["vocab_size"] == TINY["vocab_size"]
     state = torch.load(model_dir / "consolidated.00.pth", weights_only=True)
@@ -151,7 +151,7 @@ def test_training_refuses_to_overwrite_an_existing_out_dir_unless_asked(trained)
 
     train(text_path, existing, overwrite=True, **dict(TINY, steps=2, warmup_steps=1, eval_every=2))
     assert (existing / "consolidated.00.pth").is_file() and not (existing / "keep.txt").exists()
-    assert [path.name for path in folder.iterdir() if path.name.startswith(".")] == []
+    assert [path.name for path in folder.iterdir() if ".tmp-" in path.name or ".old-" in path.name] == []
 
 
 def test_a_failure_while_writing_leaves_no_partial_folder(trained, monkeypatch, tmp_path):
