@@ -7,7 +7,6 @@ layers, split the way Meta's shards are split: on N ranks, each rank holds 1/N o
 feed-forward width, and the layers gather or sum the partial results themselves.
 """
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
@@ -187,14 +186,12 @@ class Attention(nn.Module):
         xq = xq.transpose(1, 2)  # (bs, heads, seqlen, head_dim)
         keys = keys.transpose(1, 2)  # (bs, heads, cache_len, head_dim)
         values = values.transpose(1, 2)
-        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)  # (bs, heads, seqlen, cache_len)
-        if mask is not None:
-            scores = scores + mask
-        # Softmax in float32: in half precision the small weights of a long context round to zero.
-        scores = F.softmax(scores.float(), dim=-1).type_as(xq)
-        # No activation follows: the output is a weighted average of values, and the value path
-        # (wv, then wo) is linear. The non-linearities are the softmax weights, SwiGLU and the norms.
-        output = torch.matmul(scores, values)  # (bs, heads, seqlen, head_dim)
+        # softmax(xq @ keys^T / sqrt(head_dim) + mask) @ values, in one fused kernel that never materialises
+        # the (seqlen, cache_len) scores and accumulates half-precision inputs in float32 (in half precision
+        # the small weights of a long context would round to zero). No activation follows: the output is a
+        # weighted average of values, and the value path (wv, then wo) is linear. The non-linearities are the
+        # softmax weights, SwiGLU and the norms.
+        output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask)  # (bs, heads, seqlen, head_dim)
         output = output.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bs, seqlen, heads * head_dim)
         return self.wo(output)
 

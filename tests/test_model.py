@@ -185,6 +185,36 @@ def test_value_path_is_linear_each_head_acts_through_one_dim_by_dim_matrix():
     torch.testing.assert_close(output, expected, **TOLERANCE)
 
 
+def plain_attention(query, key, value, attn_mask=None):
+    """Attention written out: softmax(q k^T / sqrt(head_dim) + mask) in float32, then the weighted values."""
+    scores = query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1])
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    return F.softmax(scores.float(), dim=-1).type_as(query) @ value
+
+
+def test_fused_attention_kernel_gives_the_logits_of_the_plain_softmax_formula(monkeypatch):
+    """The model's scaled_dot_product_attention equals the formula, for a full pass, chunked prefill at
+    start_pos > 0 (explicit mask over the cached prefix) and token-by-token decoding with the cache."""
+    args = small_args(n_heads=8, n_kv_heads=2)
+    model = random_model(args, seed=8)
+    tokens = torch.randint(0, args.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    chunks = [(0, 6), (6, 7), (7, 15), (15, 16), (16, 17), (17, 20)]
+
+    def passes():
+        with torch.no_grad():
+            full = model(tokens, 0)
+            chunked = torch.cat([model(tokens[:, start:end], start) for start, end in chunks], dim=1)
+        return full, chunked
+
+    fused_full, fused_chunked = passes()
+    monkeypatch.setattr(F, "scaled_dot_product_attention", plain_attention)
+    plain_full, plain_chunked = passes()
+    torch.testing.assert_close(fused_full, plain_full, **TOLERANCE)
+    torch.testing.assert_close(fused_chunked, plain_chunked, **TOLERANCE)
+    torch.testing.assert_close(fused_chunked, fused_full, **TOLERANCE)
+
+
 # ---- caching ---------------------------------------------------------------------------------------------------
 
 
