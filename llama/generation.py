@@ -548,7 +548,8 @@ class Llama:
 
         prev_pos = 0
         for cur_pos in range(min_prompt_len, total_len):
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bs, cur_pos - prev_pos, vocab)
+            # (bs, cur_pos - prev_pos, vocab) for logprobs, else (bs, 1, vocab): the next token needs only the last
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
             last = logits[:, -1]
             # -inf marks a token as impossible; NaN, +inf or nothing possible means the model broke. Such a row
             # is sampled from zeros so that the draw cannot crash, and reported below with where it happened.

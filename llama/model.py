@@ -244,10 +244,11 @@ class Transformer(nn.Module):
         # Twice max_seq_len, as Meta's reference builds it; only the first max_seq_len rows are ever read.
         self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         """Logits (float32, shape (batch, seqlen, vocab)) for `tokens` (batch, seqlen) standing at positions
         start_pos .. start_pos + seqlen - 1, after the positions before start_pos already went through this
-        model for the same batch rows (their keys and values are in the cache)."""
+        model for the same batch rows (their keys and values are in the cache). With `last_only`, only the last
+        position's logits, shape (batch, 1, vocab): all that generation needs to pick the next token."""
         bsz, seqlen = tokens.shape
         if bsz > self.params.max_batch_size or start_pos + seqlen > self.params.max_seq_len:
             raise ValueError(
@@ -270,4 +271,8 @@ class Transformer(nn.Module):
 
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask)
-        return self.output(self.norm(h)).float()  # (bs, seqlen, vocab)
+        if last_only:
+            # The output layer costs as much as several blocks (vocab x dim per position): for a long prompt,
+            # skipping it at every other position saves a large part of the prefill.
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()  # (bs, seqlen, vocab), or (bs, 1, vocab)

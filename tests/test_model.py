@@ -240,6 +240,19 @@ def test_chunked_prefill_with_start_pos_matches_full_forward():
     torch.testing.assert_close(chunked, full, **TOLERANCE)
 
 
+def test_last_only_gives_the_last_position_of_the_full_logits():
+    args = small_args()
+    model = random_model(args, seed=9)
+    tokens = torch.randint(0, args.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = model(tokens, 0)
+        prefill = model(tokens[:, :8], 0, last_only=True)
+        decode = model(tokens[:, 8:9], 8, last_only=True)
+        chunk = model(tokens[:, 9:12], 9, last_only=True)
+    assert prefill.shape == (2, 1, args.vocab_size)
+    torch.testing.assert_close(torch.cat([prefill, decode, chunk], dim=1), full[:, [7, 8, 11]], **TOLERANCE)
+
+
 def test_logits_at_a_position_do_not_depend_on_later_tokens():
     args = small_args()
     model = random_model(args, seed=6)
