@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from fairscale.nn.model_parallel import layers as fairscale_layers
 
 from helpers import random_model, small_args
 from llama.checkpoint import meta_device
@@ -213,6 +214,22 @@ def test_fused_attention_kernel_gives_the_logits_of_the_plain_softmax_formula(mo
     torch.testing.assert_close(fused_full, plain_full, **TOLERANCE)
     torch.testing.assert_close(fused_chunked, plain_chunked, **TOLERANCE)
     torch.testing.assert_close(fused_chunked, fused_full, **TOLERANCE)
+
+
+def test_single_rank_linear_layers_compute_what_fairscale_computes():
+    """On one rank the layers skip fairscale's copy/gather/reduce steps (identities there) and give its result."""
+    model = random_model(small_args(), seed=10)
+    x = torch.randn(2, 5, model.params.dim)
+    h = torch.randn(2, 5, model.params.ffn_hidden_dim)
+    feed_forward = model.layers[0].feed_forward
+    with torch.no_grad():
+        for layer, fairscale_class, inputs in (
+            (feed_forward.w1, fairscale_layers.ColumnParallelLinear, x),
+            (model.output, fairscale_layers.ColumnParallelLinear, x),  # gathers its output across ranks
+            (feed_forward.w2, fairscale_layers.RowParallelLinear, h),
+        ):
+            assert isinstance(layer, fairscale_class)
+            torch.testing.assert_close(layer(inputs), fairscale_class.forward(layer, inputs), rtol=0, atol=0)
 
 
 # ---- caching ---------------------------------------------------------------------------------------------------
