@@ -165,7 +165,11 @@ def load_model(ckpt_dir: PathLike, args: ModelArgs, rank: int, device: torch.dev
     for name in IGNORED_KEYS:
         state.pop(name, None)
     model = model.to(dtype=dtype).to_empty(device=device)
-    model.load_state_dict(state)
+    # Tensors already in the wanted dtype, for the CPU, become the parameters where they lie (in the
+    # memory-mapped file) instead of being copied: the weights then take their size in memory once, not twice.
+    # The parameters allocated by to_empty are never touched, so they never take memory.
+    in_place = device.type == "cpu" and all(tensor.dtype == dtype for tensor in state.values())
+    model.load_state_dict(state, assign=in_place)
     for buffer in model.buffers():  # the key/value caches
         buffer.zero_()
     return model

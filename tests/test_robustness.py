@@ -2,13 +2,14 @@
 message; Unicode edge cases round-trip; and many generations in one process do not leak memory."""
 
 import gc
+import sys
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import random_model, small_args
+from helpers import random_model, run_python, small_args, write_checkpoint
 from llama.generation import Llama
 
 DOCUMENTED = (TypeError, ValueError)
@@ -116,3 +117,40 @@ def test_hundreds_of_generations_in_one_process_do_not_grow_memory(llama):
     tensors_after = sum(issubclass(type(obj), torch.Tensor) for obj in gc.get_objects())
     assert tensors_after <= tensors_before, f"{tensors_after - tensors_before} tensors left alive by 300 generations"
     assert growth < 16 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MiB over 300 generations"
+
+
+LOAD_PROBE = """
+import sys
+import torch
+from llama import Llama
+from llama.checkpoint import meta_device
+from llama.distributed import setup_model_parallel
+
+def peak_rss():  # bytes; VmHWM is the peak resident size, reset by writing 5 to clear_refs
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+    return int(status["VmHWM"].split()[0]) * 1024
+
+# The baseline: imports, the process group, and the ~800 modules (70 MB) the first dispatch mode imports.
+setup_model_parallel(device="cpu")
+with meta_device():
+    torch.empty(1)
+with open("/proc/self/clear_refs", "w") as clear_refs:
+    clear_refs.write("5")  # the imports peaked higher than where they settled: start the peak from here
+baseline = peak_rss()
+llama = Llama.build(sys.argv[1], sys.argv[2], max_seq_len=16, max_batch_size=1, device="cpu", dtype="float32")
+llama.generate([[1, 5, 6]], max_gen_len=2, temperature=0)  # reads every weight
+print(peak_rss() - baseline)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak from Linux's /proc")
+def test_checkpoint_in_the_models_dtype_takes_its_size_in_memory_once_not_twice(tmp_path, tokenizer_path):
+    """Weights already in the wanted dtype stay where torch.load mapped them, instead of being copied into a
+    second allocation: loading and using the model costs about the checkpoint's size (copying costs 2x)."""
+    args = small_args(dim=512, n_layers=8, n_heads=8, n_kv_heads=None, max_seq_len=16, max_batch_size=1)
+    folder = write_checkpoint(tmp_path / "ckpt", args, random_model(args).state_dict())
+    checkpoint_bytes = (folder / "consolidated.00.pth").stat().st_size
+    done = run_python(["-c", LOAD_PROBE, str(folder), str(tokenizer_path)])
+    assert done.returncode == 0, done.stderr
+    peak = int(done.stdout.split()[-1])
+    assert peak <= 1.3 * checkpoint_bytes, f"peak {peak / 2**20:.0f} MiB for a {checkpoint_bytes / 2**20:.0f} MiB file"
