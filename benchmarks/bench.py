@@ -396,6 +396,9 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
         load_peak_rss_above_baseline_bytes=load["load_peak_rss_above_baseline"],
         load_peak_rss_over_checkpoint_bytes=load["load_peak_rss_above_baseline"] / checkpoint_bytes,
         peak_rss_build_and_generate_bytes=load["peak_rss_build_and_generate"],
+        # Weights mapped from the file are read on first use: this is the load's cost once they all were.
+        peak_rss_after_generate_over_checkpoint_bytes=load["peak_rss_build_and_generate_above_baseline"]
+        / checkpoint_bytes,
     )
     result = {
         "shape": None if options.ckpt_dir else options.shape,
@@ -480,7 +483,9 @@ def format_table(result: dict) -> str:
         f"{result['weight_bytes_read_per_token'] / mb:.0f} MB actually read (one embedding row)",
         f"load (Llama.build, file in the page cache): {ours['load_s']:.2f} s, peak RSS "
         f"{ours['load_peak_rss_above_baseline_bytes'] / mb:.0f} MB above baseline = "
-        f"{ours['load_peak_rss_over_checkpoint_bytes']:.2f}x the checkpoint ({result['checkpoint_bytes'] / mb:.0f} MB)",
+        f"{ours['load_peak_rss_over_checkpoint_bytes']:.2f}x the checkpoint "
+        f"({result['checkpoint_bytes'] / mb:.0f} MB); after a first generation (every weight read): "
+        f"{ours['peak_rss_after_generate_over_checkpoint_bytes']:.2f}x",
         f"peak RSS: ours alone (build, generate at batch 1) {ours['peak_rss_build_and_generate_bytes'] / mb:.0f} MB; "
         f"this process (both models, batch 8) {result['peak_rss_bytes'] / mb:.0f} MB",
     ]
