@@ -182,7 +182,8 @@ def hf_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dtype
             hf_state[f"model.layers.{layer}.{per_layer[module]}.weight"] = tensor
         elif name in top_level:
             hf_state[f"{top_level[name]}.weight"] = tensor
-    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialised where it runs: a 7B model's random init is slow on the CPU
+        model = transformers.LlamaForCausalLM(config).to(dtype)
     model.load_state_dict(hf_state, strict=True)
     model.generation_config.eos_token_id = None  # EOS ignored, as on our side: both do every step
     model.generation_config.pad_token_id = 0
