@@ -306,6 +306,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def run(options: argparse.Namespace, workdir: Path) -> dict:
+    # The machine's load before this run adds its own: other work on the cores makes every figure noisier.
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     device = torch.device(options.device)
     dtype = DTYPES[options.dtype]
     torch.set_num_threads(options.threads)
@@ -407,7 +409,7 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
         "dtype": options.dtype,
         "device": str(device),
         "threads": options.threads,
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average_at_start": load_average,
         "repeats": options.repeats,
         "prompt_len": options.prompt_len,
         "decode_prompt_len": options.decode_prompt_len,
@@ -455,7 +457,7 @@ def format_table(result: dict) -> str:
     what = result["ckpt_dir"] or f"random {result['shape']}"
     lines = [
         f"model: {what}, {result['parameters'] / 1e6:.1f}M parameters, {result['dtype']}, {result['device']}, "
-        f"{result['threads']} threads, load average {result['load_average']:.2f}",
+        f"{result['threads']} threads, load average {result['load_average_at_start']} at the start",
         f"medians of {result['repeats']} rounds; prompt {result['prompt_len']} tokens for prefill, "
         f"{result['new_tokens']} tokens decoded after {result['decode_prompt_len']}",
         "",
