@@ -166,8 +166,9 @@ def load_model(ckpt_dir: PathLike, args: ModelArgs, rank: int, device: torch.dev
         state.pop(name, None)
     model = model.to(dtype=dtype).to_empty(device=device)
     # Tensors already in the wanted dtype, for the CPU, become the parameters where they lie (in the
-    # memory-mapped file) instead of being copied: the weights then take their size in memory once, not twice.
-    # The parameters allocated by to_empty are never touched, so they never take memory.
+    # memory-mapped file) instead of being copied: the weights then take their size in memory once, not twice,
+    # and are read from the file on first use. The file must then stay as it is while the model lives. The
+    # parameters allocated by to_empty are never touched, so they never take memory.
     in_place = device.type == "cpu" and all(tensor.dtype == dtype for tensor in state.values())
     model.load_state_dict(state, assign=in_place)
     for buffer in model.buffers():  # the key/value caches

@@ -294,7 +294,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask)
         if last_only:
-            # The output layer costs as much as several blocks (vocab x dim per position): for a long prompt,
-            # skipping it at every other position saves a large part of the prefill.
+            # The output layer is a vocab x dim product per position (in a small model, as much as three or
+            # four blocks): for a long prompt, skipping it at every position but the last saves much of the prefill.
             h = h[:, -1:]
         return self.output(self.norm(h)).float()  # (bs, seqlen, vocab), or (bs, 1, vocab)
