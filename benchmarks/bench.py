@@ -206,15 +206,26 @@ def timed(function: Callable[[], object], device: torch.device) -> tuple[float, 
     return time.perf_counter() - start, result
 
 
-def memory_bandwidth(device: torch.device, repeats: int, gib: float = 1.0) -> float:
-    """Bytes per second streamed by a float32 matrix-vector product over a `gib` GiB matrix (median)."""
-    columns = 8192
-    rows = int(gib * 2**30 / 4 / columns)
-    matrix = torch.randn(rows, columns, device=device)
-    vector = torch.randn(columns, device=device)
-    torch.mv(matrix, vector)  # warm-up: page faults, thread pool
-    seconds = [timed(lambda: torch.mv(matrix, vector), device)[0] for _ in range(max(repeats, 5))]
-    return matrix.numel() * matrix.element_size() / statistics.median(seconds)
+class BandwidthProbe:
+    """Bytes per second streamed by a float32 matrix-vector product over a 1 GiB matrix: far larger than any
+    cache, read once per product, as decoding reads the weights. Sampled between the timed rounds, so that
+    the floor is measured under the same conditions as the figures compared with it."""
+
+    def __init__(self, device: torch.device, gib: float = 1.0):
+        columns = 8192
+        self.device = device
+        self.matrix = torch.randn(int(gib * 2**30 / 4 / columns), columns, device=device)
+        self.vector = torch.randn(columns, device=device)
+        torch.mv(self.matrix, self.vector)  # warm-up: page faults, thread pool
+        self.samples: list[float] = []
+
+    def sample(self, count: int = 3) -> None:
+        for _ in range(count):
+            seconds, _ = timed(lambda: torch.mv(self.matrix, self.vector), self.device)
+            self.samples.append(self.matrix.numel() * self.matrix.element_size() / seconds)
+
+    def median(self) -> float:
+        return statistics.median(self.samples)
 
 
 # ---- load time and memory, in a fresh process ----------------------------------------------------------------
@@ -268,7 +279,13 @@ def measure_load(ckpt_dir: Path, tokenizer_path: Path, options: argparse.Namespa
     arguments += [str(options.threads), str(options.prompt_len), str(options.new_tokens)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     done = subprocess.run(
-        [sys.executable, "-c", _LOAD_PROBE, *arguments], capture_output=True, text=True, env=env, check=False
+        # cwd: `python -c` puts the current folder first on sys.path, and this repository's llama must win
+        [sys.executable, "-c", _LOAD_PROBE, *arguments],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        check=False,
     )
     if done.returncode != 0:
         raise RuntimeError(f"the load probe failed:\n{done.stderr}")
@@ -359,6 +376,7 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
     for batch in BATCH_SIZES:
         jobs += [(f"one_token_b{batch}", decode_prompts[batch], 1), (f"decode_b{batch}", decode_prompts[batch], None)]
 
+    bandwidth = BandwidthProbe(device)
     times = {name: {job: [] for job, _, _ in jobs} for name in implementations}
     tokens = {name: {} for name in implementations}
     for round_number in range(options.warmup + options.repeats):
@@ -372,9 +390,11 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
                 if round_number >= options.warmup:
                     times[name][job].append(seconds)
                 tokens[name][job] = out
-
-    bandwidth = memory_bandwidth(device, options.repeats)
-    floor, floor_read = bandwidth / weights, bandwidth / weights_read
+        if round_number >= options.warmup:
+            bandwidth.sample()
+    bytes_per_s = bandwidth.median()
+    del bandwidth  # 1 GiB
+    floor, floor_read = bytes_per_s / weights, bytes_per_s / weights_read
 
     figures = {}
     for name in implementations:
@@ -417,7 +437,7 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
         "parameters": sum(p.numel() for p in ours.model.parameters()),
         "weight_bytes": weights,
         "checkpoint_bytes": checkpoint_bytes,
-        "memory_bandwidth_gb_per_s": bandwidth / 1e9,
+        "memory_bandwidth_gb_per_s": bytes_per_s / 1e9,
         "weight_bytes_read_per_token": weights_read,
         "decode_floor_tokens_per_s": floor,
         "decode_floor_weights_read_tokens_per_s": floor_read,
@@ -442,7 +462,19 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
             )
         }
         result["greedy_tokens_agree"] = {job: tokens["ours"][job] == tokens["hf"][job] for job in tokens["ours"]}
+        # Where they differ (half precision rounds differently in the two), how far they went together.
+        result["greedy_tokens_common_prefix"] = {
+            job: min(_common_prefix(a, b) for a, b in zip(tokens["ours"][job], tokens["hf"][job]))
+            for job in tokens["ours"]
+        }
     return result
+
+
+def _common_prefix(first: list[int], second: list[int]) -> int:
+    length = 0
+    while length < min(len(first), len(second)) and first[length] == second[length]:
+        length += 1
+    return length
 
 
 def _peak_rss() -> int:
@@ -490,13 +522,14 @@ def format_table(result: dict) -> str:
         f"({result['checkpoint_bytes'] / mb:.0f} MB); after a first generation (every weight read): "
         f"{ours['peak_rss_after_generate_over_checkpoint_bytes']:.2f}x",
         f"peak RSS: ours alone (build, generate at batch 1) {ours['peak_rss_build_and_generate_bytes'] / mb:.0f} MB; "
-        f"this process (both models, batch 8) {result['peak_rss_bytes'] / mb:.0f} MB",
+        f"this process (both models, batch 8, the 1 GiB probe matrix) {result['peak_rss_bytes'] / mb:.0f} MB",
     ]
     if "peak_gpu_memory_bytes" in result:
         lines.append(f"peak GPU memory: {result['peak_gpu_memory_bytes'] / mb:.0f} MB")
     if "greedy_tokens_agree" in result:
         agree = result["greedy_tokens_agree"]
-        differing = ", ".join(job for job, same in agree.items() if not same)
+        prefix = result["greedy_tokens_common_prefix"]
+        differing = ", ".join(f"{job} (after {prefix[job]} equal tokens)" for job, same in agree.items() if not same)
         verdict = "yes, in every run" if not differing else f"NO, they differ in {differing}"
         lines.append(f"same greedy tokens as HF ({result['hf_attention']} attention): {verdict}")
     return "\n".join(lines)
