@@ -556,11 +556,14 @@ class Llama:
 
         prev_pos = 0
         for cur_pos in range(min_prompt_len, total_len):
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bs, cur_pos - prev_pos, vocab)
+            # (bs, cur_pos - prev_pos, vocab) for logprobs, else (bs, 1, vocab): the next token needs only the last
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
             last = logits[:, -1]
             # -inf marks a token as impossible; NaN, +inf or nothing possible means the model broke. Such a row
             # is sampled from zeros so that the draw cannot crash, and reported below with where it happened.
-            usable = ~(torch.isnan(last) | torch.isposinf(last)).any(dim=-1) & torch.isfinite(last).any(dim=-1)
+            # One reduction finds them all: the row maximum is NaN if any logit is, +inf if any is, and -inf
+            # only if every one is.
+            usable = torch.isfinite(last.amax(dim=-1))
             next_token = sample(torch.where(usable[:, None], last, 0.0), temperature, top_p, top_k, self.generator)
             # Where the prompt still has a token at cur_pos, keep it instead of the sample.
             next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
@@ -569,7 +572,8 @@ class Llama:
                 record_logprobs(logits, prev_pos)
             prev_pos = cur_pos
 
-            new_tokens, usable = next_token.tolist(), usable.tolist()  # the one host synchronisation per step
+            # The one host synchronisation per step (EOS, stop sequences and streaming need the tokens on the host)
+            new_tokens, usable = torch.stack((next_token, usable.long())).tolist()
             pieces = [""] * bsz
             for row in range(bsz):
                 if done[row] or cur_pos < prompt_lens[row]:

@@ -7,14 +7,14 @@ layers, split the way Meta's shards are split: on N ranks, each rank holds 1/N o
 feed-forward width, and the layers gather or sum the partial results themselves.
 """
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from fairscale.nn.model_parallel import layers as fairscale_layers
+from fairscale.nn.model_parallel.layers import ParallelEmbedding
 from torch import nn
 
 from llama.distributed import ensure_model_parallel
@@ -139,6 +139,27 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     )
 
 
+class ColumnParallelLinear(fairscale_layers.ColumnParallelLinear):
+    """fairscale's column-parallel linear layer (each rank computes some of the output features). On a single
+    rank its copy and gather steps are identities, yet each is a Python autograd call: the plain product
+    skips them, about 20 microseconds per call, several percent of a small model's decoding step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.output_size_per_partition == self.out_features:  # one rank holds every output feature
+            return F.linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class RowParallelLinear(fairscale_layers.RowParallelLinear):
+    """fairscale's row-parallel linear layer (each rank reads some input features, the ranks' products are
+    summed); on a single rank, the plain product, for the same reason as ColumnParallelLinear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_size_per_partition == self.in_features:  # one rank: nothing to sum
+            return F.linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 # Fresh (untrained) weights; checkpoints overwrite them. GPT-2's 0.02 keeps the initial logits near uniform.
 _init_weight = partial(nn.init.normal_, mean=0.0, std=0.02)
 
@@ -197,14 +218,12 @@ class Attention(nn.Module):
         xq = xq.transpose(1, 2)  # (bs, heads, seqlen, head_dim)
         keys = keys.transpose(1, 2)  # (bs, heads, context_len, head_dim)
         values = values.transpose(1, 2)
-        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)  # (bs, heads, seqlen, context_len)
-        if mask is not None:
-            scores = scores + mask
-        # Softmax in float32: in half precision the small weights of a long context round to zero.
-        scores = F.softmax(scores.float(), dim=-1).type_as(xq)
-        # No activation follows: the output is a weighted average of values, and the value path
-        # (wv, then wo) is linear. The non-linearities are the softmax weights, SwiGLU and the norms.
-        output = torch.matmul(scores, values)  # (bs, heads, seqlen, head_dim)
+        # softmax(xq @ keys^T / sqrt(head_dim) + mask) @ values, in one fused kernel that never materialises
+        # the (seqlen, cache_len) scores and accumulates half-precision inputs in float32 (in half precision
+        # the small weights of a long context would round to zero). No activation follows: the output is a
+        # weighted average of values, and the value path (wv, then wo) is linear. The non-linearities are the
+        # softmax weights, SwiGLU and the norms.
+        output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask)  # (bs, heads, seqlen, head_dim)
         output = output.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bs, seqlen, heads * head_dim)
         return self.wo(output)
 
@@ -262,13 +281,16 @@ class Transformer(nn.Module):
         # Twice max_seq_len, as Meta's reference builds it; only the first max_seq_len rows are ever read.
         self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, use_cache: bool = True) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int = 0, use_cache: bool = True, last_only: bool = False
+    ) -> torch.Tensor:
         """Logits (float32, shape (batch, seqlen, vocab)) for `tokens` (batch, seqlen) standing at positions
         start_pos .. start_pos + seqlen - 1, after the positions before start_pos already went through this
         model for the same batch rows (their keys and values are in the cache). With use_cache=False (training,
         scoring whole sequences) the tokens attend causally to each other only, the cache is neither read nor
-        written, autograd runs through, and the batch may be larger than max_batch_size. Raises ValueError
-        when the tokens do not fit max_seq_len (or, with the cache, max_batch_size)."""
+        written, autograd runs through, and the batch may be larger than max_batch_size. With `last_only`, only
+        the last position's logits, shape (batch, 1, vocab): all that generation needs to pick the next token.
+        Raises ValueError when the tokens do not fit max_seq_len (or, with the cache, max_batch_size)."""
         bsz, seqlen = tokens.shape
         if (use_cache and bsz > self.params.max_batch_size) or start_pos + seqlen > self.params.max_seq_len:
             raise ValueError(
@@ -293,4 +315,8 @@ class Transformer(nn.Module):
 
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask, use_cache)
-        return self.output(self.norm(h)).float()  # (bs, seqlen, vocab)
+        if last_only:
+            # The output layer is a vocab x dim product per position (in a small model, as much as three or
+            # four blocks): for a long prompt, skipping it at every position but the last saves much of the prefill.
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()  # (bs, seqlen, vocab), or (bs, 1, vocab)

@@ -23,13 +23,14 @@ class EosAt(torch.nn.Module):
         self.force, self.forbid = set(force), forbid  # (row, position of the predicted token)
         self.calls = 0
 
-    def forward(self, tokens, start_pos=0):
+    def forward(self, tokens, start_pos=0, last_only=False):
         self.calls += 1
-        logits = self.inner(tokens, start_pos)
+        logits = self.inner(tokens, start_pos, last_only)
         if self.forbid:
             logits[..., self.eos_id] = float("-inf")
+        first = start_pos + tokens.shape[1] - logits.shape[1]  # the position of logits[:, 0]
         for row, position in self.force:
-            column = position - 1 - start_pos  # logits[:, j] predicts position start_pos + j + 1
+            column = position - 1 - first  # logits[:, j] predicts position first + j + 1
             if 0 <= column < logits.shape[1]:
                 logits[row, column, self.eos_id] = 1e4
         return logits
@@ -52,6 +53,26 @@ def test_greedy_generation_equals_argmax_of_full_forward_passes(generator):
     out, _ = forbid_eos.generate(PROMPTS, max_gen_len=10, temperature=0)
     for prompt, tokens in zip(PROMPTS, out):
         assert tokens == greedy_without_cache(forbid_eos.model, prompt, 10)
+
+
+class AllLogits(torch.nn.Module):
+    """Wraps a model and always computes the logits of every position, as before `last_only` existed."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.params = model, model.params
+
+    def forward(self, tokens, start_pos=0, last_only=False):
+        return self.inner(tokens, start_pos)
+
+
+def test_generation_computing_only_last_position_logits_gives_the_tokens_of_all_logits(generator, tokenizer):
+    for temperature, logprobs in ((0, False), (1.0, False), (1.0, True)):
+        # Fresh generators with the same seed: the samples are the same when the logits are.
+        last_only = Llama(generator.model, tokenizer, seed=5)
+        everything = Llama(AllLogits(generator.model), tokenizer, seed=5)
+        expected = everything.generate(PROMPTS, 10, temperature, logprobs=logprobs, echo=True)
+        assert last_only.generate(PROMPTS, 10, temperature, logprobs=logprobs, echo=True) == expected
 
 
 def test_batch_of_prompts_of_different_lengths_gives_the_same_greedy_tokens_as_each_alone(generator):

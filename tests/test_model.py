@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from fairscale.nn.model_parallel import layers as fairscale_layers
 
 from helpers import random_model, small_args
 from llama.checkpoint import meta_device
@@ -185,6 +186,52 @@ def test_value_path_is_linear_each_head_acts_through_one_dim_by_dim_matrix():
     torch.testing.assert_close(output, expected, **TOLERANCE)
 
 
+def plain_attention(query, key, value, attn_mask=None):
+    """Attention written out: softmax(q k^T / sqrt(head_dim) + mask) in float32, then the weighted values."""
+    scores = query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1])
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    return F.softmax(scores.float(), dim=-1).type_as(query) @ value
+
+
+def test_fused_attention_kernel_gives_the_logits_of_the_plain_softmax_formula(monkeypatch):
+    """The model's scaled_dot_product_attention equals the formula, for a full pass, chunked prefill at
+    start_pos > 0 (explicit mask over the cached prefix) and token-by-token decoding with the cache."""
+    args = small_args(n_heads=8, n_kv_heads=2)
+    model = random_model(args, seed=8)
+    tokens = torch.randint(0, args.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    chunks = [(0, 6), (6, 7), (7, 15), (15, 16), (16, 17), (17, 20)]
+
+    def passes():
+        with torch.no_grad():
+            full = model(tokens, 0)
+            chunked = torch.cat([model(tokens[:, start:end], start) for start, end in chunks], dim=1)
+        return full, chunked
+
+    fused_full, fused_chunked = passes()
+    monkeypatch.setattr(F, "scaled_dot_product_attention", plain_attention)
+    plain_full, plain_chunked = passes()
+    torch.testing.assert_close(fused_full, plain_full, **TOLERANCE)
+    torch.testing.assert_close(fused_chunked, plain_chunked, **TOLERANCE)
+    torch.testing.assert_close(fused_chunked, fused_full, **TOLERANCE)
+
+
+def test_single_rank_linear_layers_compute_what_fairscale_computes():
+    """On one rank the layers skip fairscale's copy/gather/reduce steps (identities there) and give its result."""
+    model = random_model(small_args(), seed=10)
+    x = torch.randn(2, 5, model.params.dim)
+    h = torch.randn(2, 5, model.params.ffn_hidden_dim)
+    feed_forward = model.layers[0].feed_forward
+    with torch.no_grad():
+        for layer, fairscale_class, inputs in (
+            (feed_forward.w1, fairscale_layers.ColumnParallelLinear, x),
+            (model.output, fairscale_layers.ColumnParallelLinear, x),  # gathers its output across ranks
+            (feed_forward.w2, fairscale_layers.RowParallelLinear, h),
+        ):
+            assert isinstance(layer, fairscale_class)
+            torch.testing.assert_close(layer(inputs), fairscale_class.forward(layer, inputs), rtol=0, atol=0)
+
+
 # ---- caching ---------------------------------------------------------------------------------------------------
 
 
@@ -208,6 +255,19 @@ def test_chunked_prefill_with_start_pos_matches_full_forward():
         chunks = [(0, 6), (6, 7), (7, 15), (15, 20)]
         chunked = torch.cat([model(tokens[:, start:end], start) for start, end in chunks], dim=1)
     torch.testing.assert_close(chunked, full, **TOLERANCE)
+
+
+def test_last_only_gives_the_last_position_of_the_full_logits():
+    args = small_args()
+    model = random_model(args, seed=9)
+    tokens = torch.randint(0, args.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = model(tokens, 0)
+        prefill = model(tokens[:, :8], 0, last_only=True)
+        decode = model(tokens[:, 8:9], 8, last_only=True)
+        chunk = model(tokens[:, 9:12], 9, last_only=True)
+    assert prefill.shape == (2, 1, args.vocab_size)
+    torch.testing.assert_close(torch.cat([prefill, decode, chunk], dim=1), full[:, [7, 8, 11]], **TOLERANCE)
 
 
 def test_logits_at_a_position_do_not_depend_on_later_tokens():

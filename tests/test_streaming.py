@@ -17,7 +17,7 @@ class Scripted(torch.nn.Module):
         self.params = small_args(vocab_size=tokenizer.n_words, max_seq_len=max_seq_len, max_batch_size=4)
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # where the generator finds the device
 
-    def forward(self, tokens, start_pos=0):
+    def forward(self, tokens, start_pos=0, last_only=False):
         bsz, seqlen = tokens.shape
         logits = torch.zeros(bsz, seqlen, self.params.vocab_size)
         for row in range(bsz):
@@ -27,7 +27,7 @@ class Scripted(torch.nn.Module):
                 logits[row, column, sequence[position] if position < len(sequence) else self.eos_id] = 30.0
                 if self.nan_at == (row, position):
                     logits[row, column, 5] = float("nan")
-        return logits
+        return logits[:, -1:] if last_only else logits
 
 
 def scripted(tokenizer, prompts, continuations, **kwargs):
@@ -224,8 +224,8 @@ def test_minus_infinity_logits_only_rule_tokens_out(tokenizer):
             super().__init__()
             self.inner, self.params, self.allowed = model, model.params, allowed
 
-        def forward(self, tokens, start_pos=0):
-            logits = self.inner(tokens, start_pos)
+        def forward(self, tokens, start_pos=0, last_only=False):
+            logits = self.inner(tokens, start_pos, last_only)
             mask = torch.full_like(logits, float("-inf"))
             mask[..., self.allowed] = 0.0
             return logits + mask

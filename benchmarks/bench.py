@@ -1,0 +1,550 @@
+"""Benchmark this library against Hugging Face transformers' LlamaForCausalLM on the same weights, in one
+process run, and against this machine's memory bandwidth.
+
+    python benchmarks/bench.py --shape 110m --dtype float32
+    python benchmarks/bench.py --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model --dtype bfloat16
+
+What it measures (medians over --repeats after --warmup rounds; within a round ours and HF's run back to back,
+in alternating order, so that a load change on the machine affects both alike and the ratios stay meaningful):
+
+- time to first token: `generate` with one new token on a --prompt_len prompt at batch 1 (prefill plus one
+  greedy choice, through each library's generation API); prefill tokens/s is prompt_len / that time.
+- decode tokens/s at batch 1 and 8: greedy, --new_tokens new tokens after a --decode_prompt_len prompt, EOS
+  ignored by both; the time of one-token generation is subtracted, so the figure is the decoding steps alone.
+- the memory-bandwidth floor: a matrix-vector product over a 1 GiB float32 matrix gives the bytes per second
+  this machine can stream; decoding one token at batch 1 reads every weight once, so the fastest possible
+  decode is bandwidth / weight bytes. Ours is reported as a percentage of it, and as GB/s achieved.
+- load: the weights written as a Meta-layout checkpoint, then `Llama.build` timed in a fresh process, with the
+  peak resident memory above the process's baseline (file already in the page cache: a warm load).
+- that both libraries produce the same greedy tokens, so that they did the same work.
+
+A random model of a named --shape, or a checkpoint folder (--ckpt_dir, --tokenizer_path). --json writes the
+figures. --device cuda runs the same on a GPU (timings synchronised, peak GPU memory reported).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from llama import Llama, ModelArgs  # noqa: E402
+from llama.checkpoint import meta_device  # noqa: E402
+from llama.model import Transformer  # noqa: E402
+
+SHAPES = {
+    # llama2.c's smallest story model: a CI-sized smoke test.
+    "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32),
+    # llama2.c's stories110M shape (feed-forward width 2048), with a Llama 2 vocabulary and untied output.
+    "110m": ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32000, multiple_of=256),
+    "7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BATCH_SIZES = (1, 8)
+
+# ---- a random model written as a Meta-layout checkpoint ----------------------------------------------------
+
+
+def random_state_dict(args: ModelArgs, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Weights with unit-scale activations and logits: random, but with clear greedy choices, so that the two
+    libraries' float rounding differences do not flip near-ties."""
+    with meta_device():
+        shapes = {name: tensor.shape for name, tensor in Transformer(args).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            tensor = torch.ones(shape)
+        elif name == "tok_embeddings.weight":
+            tensor = torch.randn(shape, generator=generator)
+        else:
+            tensor = torch.randn(shape, generator=generator) * shape[1] ** -0.5
+        state[name] = tensor.to(dtype)
+    return state
+
+
+def _varint(value: int) -> bytes:
+    out = b""
+    while value > 0x7F:
+        out += bytes([(value & 0x7F) | 0x80])
+        value >>= 7
+    return out + bytes([value])
+
+
+def write_tokenizer(path: Path, vocab_size: int) -> Path:
+    """A SentencePiece model with exactly `vocab_size` pieces and Llama's special ids, for Llama.build to accept
+    a random model's vocabulary: a small BPE model trained here, padded with unused pieces. The benchmark feeds
+    token ids, so the text side does not matter. The padding is appended to the serialized ModelProto as
+    more `pieces` entries (field 1: piece = 1, score = 2, type = 3; type 5 is UNUSED): protobuf reads a
+    repeated field in the order its entries appear, wherever they are."""
+    import io
+
+    import sentencepiece as spm
+
+    text = "The quick brown fox jumps over the lazy dog. Once upon a time there was a little model.\n" * 50
+    trained_size = 300  # 3 special pieces, 256 byte pieces, and some merges
+    if vocab_size < trained_size:
+        raise ValueError(f"vocab_size must be at least {trained_size} for the benchmark's tokenizer, got {vocab_size}")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.splitlines()),
+        model_writer=model,
+        vocab_size=trained_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    data = model.getvalue()
+    for number in range(vocab_size - trained_size):
+        piece = f"<unused{number}>".encode()
+        entry = b"\x0a" + _varint(len(piece)) + piece + b"\x15" + struct.pack("<f", -1e9) + b"\x18\x05"
+        data += b"\x0a" + _varint(len(entry)) + entry
+    path.write_bytes(data)
+    return path
+
+
+def write_checkpoint(folder: Path, args: ModelArgs, state: dict[str, torch.Tensor]) -> Path:
+    """params.json and consolidated.00.pth, as Meta writes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    params = {
+        name: getattr(args, name)
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier")
+    }
+    params.update(norm_eps=args.norm_eps, rope_theta=args.rope_theta)
+    (folder / "params.json").write_text(json.dumps(params))
+    torch.save(state, folder / "consolidated.00.pth")
+    return folder
+
+
+# ---- the same weights in Hugging Face transformers -----------------------------------------------------------
+
+
+def to_hf_rotary_layout(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta rotates channel pairs (2i, 2i+1) of each head, HF rotates (i, i + head_dim/2): HF row
+    c * head_dim/2 + i of a head is Meta row 2i + c."""
+    rows, dim = weight.shape
+    head_dim = rows // n_heads
+    return weight.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def hf_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
+    """transformers' LlamaForCausalLM holding the weights of `state` (our names and rotary layout)."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.dim,
+        intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.kv_heads,
+        rms_norm_eps=args.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+        max_position_embeddings=args.max_seq_len,
+        tie_word_embeddings=False,
+    )
+    top_level = {"tok_embeddings.weight": "model.embed_tokens", "norm.weight": "model.norm", "output.weight": "lm_head"}
+    per_layer = {
+        "attention.wq": "self_attn.q_proj",
+        "attention.wk": "self_attn.k_proj",
+        "attention.wv": "self_attn.v_proj",
+        "attention.wo": "self_attn.o_proj",
+        "feed_forward.w1": "mlp.gate_proj",
+        "feed_forward.w2": "mlp.down_proj",
+        "feed_forward.w3": "mlp.up_proj",
+        "attention_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
+    hf_state = {}
+    for name, tensor in state.items():
+        if name.startswith("layers."):
+            _, layer, rest = name.split(".", 2)
+            module = rest.removesuffix(".weight")
+            if module == "attention.wq":
+                tensor = to_hf_rotary_layout(tensor, args.n_heads)
+            elif module == "attention.wk":
+                tensor = to_hf_rotary_layout(tensor, args.kv_heads)
+            hf_state[f"model.layers.{layer}.{per_layer[module]}.weight"] = tensor
+        elif name in top_level:
+            hf_state[f"{top_level[name]}.weight"] = tensor
+    with torch.device(device):  # initialised where it runs: a 7B model's random init is slow on the CPU
+        model = transformers.LlamaForCausalLM(config).to(dtype)
+    model.load_state_dict(hf_state, strict=True)
+    model.generation_config.eos_token_id = None  # EOS ignored, as on our side: both do every step
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+# ---- timing --------------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    synchronize(device)
+    start = time.perf_counter()
+    result = function()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+class BandwidthProbe:
+    """Bytes per second streamed by a float32 matrix-vector product over a 1 GiB matrix: far larger than any
+    cache, read once per product, as decoding reads the weights. Sampled between the timed rounds, so that
+    the floor is measured under the same conditions as the figures compared with it."""
+
+    def __init__(self, device: torch.device, gib: float = 1.0):
+        columns = 8192
+        self.device = device
+        self.matrix = torch.randn(int(gib * 2**30 / 4 / columns), columns, device=device)
+        self.vector = torch.randn(columns, device=device)
+        torch.mv(self.matrix, self.vector)  # warm-up: page faults, thread pool
+        self.samples: list[float] = []
+
+    def sample(self, count: int = 3) -> None:
+        for _ in range(count):
+            seconds, _ = timed(lambda: torch.mv(self.matrix, self.vector), self.device)
+            self.samples.append(self.matrix.numel() * self.matrix.element_size() / seconds)
+
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+# ---- load time and memory, in a fresh process ----------------------------------------------------------------
+
+_LOAD_PROBE = """
+import json, resource, sys, time
+import torch
+from llama import Llama
+from llama.checkpoint import meta_device
+from llama.distributed import setup_model_parallel
+
+ckpt_dir, tokenizer_path, dtype, device, max_seq_len, threads, prompt_len, new_tokens = sys.argv[1:]
+torch.set_num_threads(int(threads))
+# The baseline: imports, the process group, and the ~800 modules (70 MB) the first dispatch mode imports.
+setup_model_parallel(device=device)
+with meta_device():
+    torch.empty(1)
+def peak_rss():  # bytes: Linux's VmHWM, which clear_refs can reset; elsewhere ru_maxrss (in bytes on macOS)
+    try:
+        status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+        return int(status["VmHWM"].split()[0]) * 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:  # the imports peaked higher than where they settled: start the peak from the current size
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+except OSError:
+    pass
+baseline = peak_rss()
+if device.startswith("cuda"):
+    torch.cuda.synchronize()
+start = time.perf_counter()
+llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=int(max_seq_len), max_batch_size=1, device=device,
+                    dtype=dtype)
+if device.startswith("cuda"):
+    torch.cuda.synchronize()
+load_s = time.perf_counter() - start
+load_peak = peak_rss()
+llama.tokenizer.eos_id = -1
+prompt = [[1] + [3 + i % 200 for i in range(int(prompt_len) - 1)]]
+llama.generate(prompt, max_gen_len=int(new_tokens), temperature=0)
+print(json.dumps({"load_s": load_s, "load_peak_rss_above_baseline": load_peak - baseline,
+                  "baseline_rss": baseline, "peak_rss_build_and_generate": peak_rss(),
+                  "peak_rss_build_and_generate_above_baseline": peak_rss() - baseline,
+                  "cache_bytes": sum(b.numel() * b.element_size() for b in llama.model.buffers())}))
+"""
+
+
+def measure_load(ckpt_dir: Path, tokenizer_path: Path, options: argparse.Namespace, max_seq_len: int) -> dict:
+    arguments = [str(ckpt_dir), str(tokenizer_path), options.dtype, options.device, str(max_seq_len)]
+    arguments += [str(options.threads), str(options.prompt_len), str(options.new_tokens)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(
+        # cwd: `python -c` puts the current folder first on sys.path, and this repository's llama must win
+        [sys.executable, "-c", _LOAD_PROBE, *arguments],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the load probe failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---- the benchmark -------------------------------------------------------------------------------------------
+
+
+def random_prompts(batch: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """BOS, then random ids above the special ones (0, 1, 2)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, vocab_size, (length - 1,), generator=generator).tolist() for _ in range(batch)]
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="110m", help="a random model of this shape")
+    parser.add_argument("--ckpt_dir", help="a Meta-layout checkpoint folder instead of a random model")
+    parser.add_argument("--tokenizer_path", help="its tokenizer.model (with --ckpt_dir)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both libraries")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds; medians are reported")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--prompt_len", type=int, default=512, help="prompt tokens for prefill / first token")
+    parser.add_argument("--decode_prompt_len", type=int, default=16, help="prompt tokens before decoding")
+    parser.add_argument("--new_tokens", type=int, default=128, help="tokens decoded per sequence")
+    parser.add_argument("--no_hf", action="store_true", help="measure only this library")
+    parser.add_argument("--json", help="write the figures to this file")
+    options = parser.parse_args(argv)
+    if (options.ckpt_dir is None) != (options.tokenizer_path is None):
+        parser.error("--ckpt_dir and --tokenizer_path go together")
+    return options
+
+
+def run(options: argparse.Namespace, workdir: Path) -> dict:
+    # The machine's load before this run adds its own: other work on the cores makes every figure noisier.
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    device = torch.device(options.device)
+    dtype = DTYPES[options.dtype]
+    torch.set_num_threads(options.threads)
+    max_seq_len = max(options.prompt_len, options.decode_prompt_len) + options.new_tokens
+
+    if options.ckpt_dir:
+        ckpt_dir, tokenizer_path = Path(options.ckpt_dir), Path(options.tokenizer_path)
+    else:
+        args = SHAPES[options.shape]
+        state = random_state_dict(args, dtype)
+        ckpt_dir = write_checkpoint(workdir / "checkpoint", args, state)
+        tokenizer_path = write_tokenizer(workdir / "tokenizer.model", args.vocab_size)
+        del state
+    checkpoint_bytes = sum(path.stat().st_size for path in ckpt_dir.glob("consolidated.*.pth"))
+    load = measure_load(ckpt_dir, tokenizer_path, options, max_seq_len)
+
+    ours = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max(BATCH_SIZES), device=device, dtype=dtype)
+    ours.tokenizer.eos_id = -1  # EOS ignored: every run decodes all --new_tokens, like HF's below
+    args = ours.model.params
+    weights = sum(p.numel() * p.element_size() for p in ours.model.parameters())
+    # A decoding step reads one row of the embedding table, not all of it: the stricter floor counts that.
+    embedding = ours.model.tok_embeddings.weight
+    weights_read = weights - embedding.numel() * embedding.element_size() + args.dim * embedding.element_size()
+    theirs = None if options.no_hf else hf_model(args, ours.model.state_dict(), dtype, device)
+
+    def our_generate(prompts, new_tokens):
+        return ours.generate(prompts, max_gen_len=new_tokens, temperature=0)[0]
+
+    @torch.inference_mode()
+    def their_generate(prompts, new_tokens):
+        input_ids = torch.tensor(prompts, device=device)
+        output = theirs.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            use_cache=True,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+        )
+        return output[:, input_ids.shape[1] :].tolist()
+
+    implementations = {"ours": our_generate} if theirs is None else {"ours": our_generate, "hf": their_generate}
+    prefill_prompt = random_prompts(1, options.prompt_len, args.vocab_size, seed=1)
+    decode_prompts = {
+        batch: random_prompts(batch, options.decode_prompt_len, args.vocab_size, seed=2) for batch in BATCH_SIZES
+    }
+    # (name, prompts, new tokens): every figure comes from these timings.
+    jobs = [("first_token", prefill_prompt, 1)]
+    for batch in BATCH_SIZES:
+        jobs += [(f"one_token_b{batch}", decode_prompts[batch], 1), (f"decode_b{batch}", decode_prompts[batch], None)]
+
+    bandwidth = BandwidthProbe(device)
+    times = {name: {job: [] for job, _, _ in jobs} for name in implementations}
+    tokens = {name: {} for name in implementations}
+    for round_number in range(options.warmup + options.repeats):
+        order = list(implementations) if round_number % 2 == 0 else list(reversed(implementations))
+        for job, prompts, new_tokens in jobs:
+            for name in order:
+                seconds, out = timed(
+                    lambda: implementations[name](prompts, new_tokens or options.new_tokens),  # noqa: B023
+                    device,
+                )
+                if round_number >= options.warmup:
+                    times[name][job].append(seconds)
+                tokens[name][job] = out
+        if round_number >= options.warmup:
+            bandwidth.sample()
+    bytes_per_s = bandwidth.median()
+    del bandwidth  # 1 GiB
+    floor, floor_read = bytes_per_s / weights, bytes_per_s / weights_read
+
+    figures = {}
+    for name in implementations:
+        median = {job: statistics.median(values) for job, values in times[name].items()}
+        figures[name] = {
+            "time_to_first_token_s": median["first_token"],
+            "prefill_tokens_per_s": options.prompt_len / median["first_token"],
+        }
+        for batch in BATCH_SIZES:
+            steps_s = median[f"decode_b{batch}"] - median[f"one_token_b{batch}"]
+            figures[name][f"decode_tokens_per_s_b{batch}"] = batch * (options.new_tokens - 1) / steps_s
+        decode = figures[name]["decode_tokens_per_s_b1"]
+        figures[name]["decode_b1_percent_of_floor"] = 100 * decode / floor
+        figures[name]["decode_b1_percent_of_floor_weights_read"] = 100 * decode / floor_read
+        figures[name]["decode_b1_achieved_gb_per_s"] = decode * weights_read / 1e9
+        for job, prompts, new_tokens in jobs:
+            out = tokens[name][job]
+            if len(out) != len(prompts) or any(len(row) != (new_tokens or options.new_tokens) for row in out):
+                raise RuntimeError(f"{name}, {job}: a sequence stopped early, so the work was not the same")
+    figures["ours"].update(
+        load_s=load["load_s"],
+        load_peak_rss_above_baseline_bytes=load["load_peak_rss_above_baseline"],
+        load_peak_rss_over_checkpoint_bytes=load["load_peak_rss_above_baseline"] / checkpoint_bytes,
+        peak_rss_build_and_generate_bytes=load["peak_rss_build_and_generate"],
+        # Weights mapped from the file are read on first use: this is the load's cost once they all were.
+        peak_rss_after_generate_over_checkpoint_bytes=load["peak_rss_build_and_generate_above_baseline"]
+        / checkpoint_bytes,
+    )
+    result = {
+        "shape": None if options.ckpt_dir else options.shape,
+        "ckpt_dir": options.ckpt_dir,
+        "dtype": options.dtype,
+        "device": str(device),
+        "threads": options.threads,
+        "load_average_at_start": load_average,
+        "repeats": options.repeats,
+        "prompt_len": options.prompt_len,
+        "decode_prompt_len": options.decode_prompt_len,
+        "new_tokens": options.new_tokens,
+        "parameters": sum(p.numel() for p in ours.model.parameters()),
+        "weight_bytes": weights,
+        "checkpoint_bytes": checkpoint_bytes,
+        "memory_bandwidth_gb_per_s": bytes_per_s / 1e9,
+        "weight_bytes_read_per_token": weights_read,
+        "decode_floor_tokens_per_s": floor,
+        "decode_floor_weights_read_tokens_per_s": floor_read,
+        "ours": figures["ours"],
+        "peak_rss_bytes": _peak_rss(),
+    }
+    if device.type == "cuda":
+        result["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    if theirs is not None:
+        result["hf"] = figures["hf"]
+        result["hf_attention"] = theirs.config._attn_implementation
+        # Speed ratios: above 1, ours is faster (for a time, theirs / ours).
+        result["speedup_ours_over_hf"] = {
+            key: figures["ours"][key] / figures["hf"][key]
+            if "per_s" in key
+            else figures["hf"][key] / figures["ours"][key]
+            for key in (
+                "prefill_tokens_per_s",
+                "time_to_first_token_s",
+                "decode_tokens_per_s_b1",
+                "decode_tokens_per_s_b8",
+            )
+        }
+        result["greedy_tokens_agree"] = {job: tokens["ours"][job] == tokens["hf"][job] for job in tokens["ours"]}
+        # Where they differ (half precision rounds differently in the two), how far they went together.
+        result["greedy_tokens_common_prefix"] = {
+            job: min(_common_prefix(a, b) for a, b in zip(tokens["ours"][job], tokens["hf"][job]))
+            for job in tokens["ours"]
+        }
+    return result
+
+
+def _common_prefix(first: list[int], second: list[int]) -> int:
+    length = 0
+    while length < min(len(first), len(second)) and first[length] == second[length]:
+        length += 1
+    return length
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def format_table(result: dict) -> str:
+    """The figures as a plain-text table."""
+    ours, hf, speedup = result["ours"], result.get("hf", {}), result.get("speedup_ours_over_hf", {})
+    what = result["ckpt_dir"] or f"random {result['shape']}"
+    lines = [
+        f"model: {what}, {result['parameters'] / 1e6:.1f}M parameters, {result['dtype']}, {result['device']}, "
+        f"{result['threads']} threads, load average {result['load_average_at_start']} at the start",
+        f"medians of {result['repeats']} rounds; prompt {result['prompt_len']} tokens for prefill, "
+        f"{result['new_tokens']} tokens decoded after {result['decode_prompt_len']}",
+        "",
+        f"{'figure':<36}{'ours':>10}{'HF':>10}{'speedup':>10}",
+    ]
+    rows = [
+        ("prefill tokens/s", "prefill_tokens_per_s", 1),
+        ("time to first token (ms)", "time_to_first_token_s", 1000),
+        ("decode tokens/s, batch 1", "decode_tokens_per_s_b1", 1),
+        ("decode tokens/s, batch 8", "decode_tokens_per_s_b8", 1),
+        ("decode batch 1, % of floor", "decode_b1_percent_of_floor", 1),
+        ("  (floor of weights read)", "decode_b1_percent_of_floor_weights_read", 1),
+        ("decode batch 1, GB/s achieved", "decode_b1_achieved_gb_per_s", 1),
+    ]
+    for label, key, scale in rows:
+        theirs = f"{hf[key] * scale:.1f}" if key in hf else "-"
+        ratio = f"{speedup[key]:.2f}x" if key in speedup else ""
+        lines.append(f"{label:<36}{ours[key] * scale:>10.1f}{theirs:>10}{ratio:>10}")
+    mb = 1e6
+    lines += [
+        "",
+        f"memory bandwidth (1 GiB float32 matrix-vector product): {result['memory_bandwidth_gb_per_s']:.1f} GB/s",
+        f"decode floor, batch 1: {result['decode_floor_tokens_per_s']:.1f} tokens/s reading all "
+        f"{result['weight_bytes'] / mb:.0f} MB of weights per token; "
+        f"{result['decode_floor_weights_read_tokens_per_s']:.1f} tokens/s for the "
+        f"{result['weight_bytes_read_per_token'] / mb:.0f} MB actually read (one embedding row)",
+        f"load (Llama.build, file in the page cache): {ours['load_s']:.2f} s, peak RSS "
+        f"{ours['load_peak_rss_above_baseline_bytes'] / mb:.0f} MB above baseline = "
+        f"{ours['load_peak_rss_over_checkpoint_bytes']:.2f}x the checkpoint "
+        f"({result['checkpoint_bytes'] / mb:.0f} MB); after a first generation (every weight read): "
+        f"{ours['peak_rss_after_generate_over_checkpoint_bytes']:.2f}x",
+        f"peak RSS: ours alone (build, generate at batch 1) {ours['peak_rss_build_and_generate_bytes'] / mb:.0f} MB; "
+        f"this process (both models, batch 8, the 1 GiB probe matrix) {result['peak_rss_bytes'] / mb:.0f} MB",
+    ]
+    if "peak_gpu_memory_bytes" in result:
+        lines.append(f"peak GPU memory: {result['peak_gpu_memory_bytes'] / mb:.0f} MB")
+    if "greedy_tokens_agree" in result:
+        agree = result["greedy_tokens_agree"]
+        prefix = result["greedy_tokens_common_prefix"]
+        differing = ", ".join(f"{job} (after {prefix[job]} equal tokens)" for job, same in agree.items() if not same)
+        verdict = "yes, in every run" if not differing else f"NO, they differ in {differing}"
+        lines.append(f"same greedy tokens as HF ({result['hf_attention']} attention): {verdict}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Run the benchmark with command-line arguments `argv`; print the table, write --json, return the figures."""
+    options = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="llama-bench-") as workdir:
+        result = run(options, Path(workdir))
+    print(format_table(result))
+    if options.json:
+        Path(options.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The benchmark (benchmarks/bench.py) runs end to end on a tiny random model, writes every figure to JSON, and
+finds that this library and Hugging Face transformers produce the same greedy tokens (equal work). Timings are
+not checked: they depend on the machine."""
+
+import json
+
+import pytest
+
+from helpers import run_python
+
+pytest.importorskip("transformers")
+
+EXPECTED_FIGURES = {
+    "prefill_tokens_per_s",
+    "time_to_first_token_s",
+    "decode_tokens_per_s_b1",
+    "decode_tokens_per_s_b8",
+    "decode_b1_percent_of_floor",
+    "decode_b1_achieved_gb_per_s",
+}
+
+
+def test_benchmark_smoke_run_writes_all_figures_and_both_libraries_agree_on_greedy_tokens(tmp_path):
+    output = tmp_path / "figures.json"
+    arguments = ["--shape", "tiny", "--repeats", "1", "--new_tokens", "4", "--prompt_len", "16", "--threads", "1"]
+    done = run_python(["benchmarks/bench.py", *arguments, "--json", str(output)], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "same greedy tokens as HF" in done.stdout, done.stdout
+    figures = json.loads(output.read_text())
+    assert EXPECTED_FIGURES <= set(figures["ours"]) and EXPECTED_FIGURES <= set(figures["hf"])
+    assert {"load_s", "load_peak_rss_above_baseline_bytes", "peak_rss_build_and_generate_bytes"} <= set(figures["ours"])
+    for key in ("memory_bandwidth_gb_per_s", "decode_floor_tokens_per_s", "peak_rss_bytes", "speedup_ours_over_hf"):
+        assert key in figures, key
+    assert figures["greedy_tokens_agree"] and all(figures["greedy_tokens_agree"].values()), figures[
+        "greedy_tokens_agree"
+    ]
