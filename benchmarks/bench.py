@@ -487,9 +487,10 @@ def format_table(result: dict) -> str:
     """The figures as a plain-text table."""
     ours, hf, speedup = result["ours"], result.get("hf", {}), result.get("speedup_ours_over_hf", {})
     what = result["ckpt_dir"] or f"random {result['shape']}"
+    load = result["load_average_at_start"]
     lines = [
         f"model: {what}, {result['parameters'] / 1e6:.1f}M parameters, {result['dtype']}, {result['device']}, "
-        f"{result['threads']} threads, load average {result['load_average_at_start']} at the start",
+        f"{result['threads']} threads, load average {'-' if load is None else f'{load:.2f}'} at the start",
         f"medians of {result['repeats']} rounds; prompt {result['prompt_len']} tokens for prefill, "
         f"{result['new_tokens']} tokens decoded after {result['decode_prompt_len']}",
         "",
