@@ -194,11 +194,13 @@ def hf_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dtype
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (CUDA runs asynchronously); nothing to wait for on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def timed(function: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """Seconds that `function()` took, synchronised on both ends, and what it returned."""
     synchronize(device)
     start = time.perf_counter()
     result = function()
@@ -275,6 +277,8 @@ print(json.dumps({"load_s": load_s, "load_peak_rss_above_baseline": load_peak - 
 
 
 def measure_load(ckpt_dir: Path, tokenizer_path: Path, options: argparse.Namespace, max_seq_len: int) -> dict:
+    """Time Llama.build in a fresh process (batch 1) and read its peak resident memory above the process's
+    baseline, after the build and after a first generation. Raises RuntimeError with the probe's errors."""
     arguments = [str(ckpt_dir), str(tokenizer_path), options.dtype, options.device, str(max_seq_len)]
     arguments += [str(options.threads), str(options.prompt_len), str(options.new_tokens)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
@@ -302,6 +306,7 @@ def random_prompts(batch: int, length: int, vocab_size: int, seed: int) -> list[
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    """The command line; exits with a usage message for bad arguments."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="110m", help="a random model of this shape")
     parser.add_argument("--ckpt_dir", help="a Meta-layout checkpoint folder instead of a random model")
@@ -323,6 +328,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def run(options: argparse.Namespace, workdir: Path) -> dict:
+    """Run every measurement (temporary files in `workdir`) and return the figures as a JSON-ready dict."""
     # The machine's load before this run adds its own: other work on the cores makes every figure noisier.
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     device = torch.device(options.device)
@@ -487,9 +493,10 @@ def format_table(result: dict) -> str:
     """The figures as a plain-text table."""
     ours, hf, speedup = result["ours"], result.get("hf", {}), result.get("speedup_ours_over_hf", {})
     what = result["ckpt_dir"] or f"random {result['shape']}"
+    load = result["load_average_at_start"]
     lines = [
         f"model: {what}, {result['parameters'] / 1e6:.1f}M parameters, {result['dtype']}, {result['device']}, "
-        f"{result['threads']} threads, load average {result['load_average_at_start']} at the start",
+        f"{result['threads']} threads, load average {'-' if load is None else f'{load:.2f}'} at the start",
         f"medians of {result['repeats']} rounds; prompt {result['prompt_len']} tokens for prefill, "
         f"{result['new_tokens']} tokens decoded after {result['decode_prompt_len']}",
         "",
