@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from llama import Llama, ModelArgs  # noqa: E402
 from llama.checkpoint import meta_device  # noqa: E402
+from llama.hf import hf_config, meta_to_hf_state_dict  # noqa: E402
 from llama.model import Transformer  # noqa: E402
 
 SHAPES = {
@@ -134,54 +135,14 @@ def write_checkpoint(folder: Path, args: ModelArgs, state: dict[str, torch.Tenso
 # ---- the same weights in Hugging Face transformers -----------------------------------------------------------
 
 
-def to_hf_rotary_layout(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta rotates channel pairs (2i, 2i+1) of each head, HF rotates (i, i + head_dim/2): HF row
-    c * head_dim/2 + i of a head is Meta row 2i + c."""
-    rows, dim = weight.shape
-    head_dim = rows // n_heads
-    return weight.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
-
-
 def hf_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
-    """transformers' LlamaForCausalLM holding the weights of `state` (our names and rotary layout)."""
+    """transformers' LlamaForCausalLM holding the weights of `state` (our names and rotary layout), converted
+    as `python -m llama.checkpoint to_hf` converts them."""
     import transformers
 
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.dim,
-        intermediate_size=args.ffn_hidden_dim,
-        num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads,
-        num_key_value_heads=args.kv_heads,
-        rms_norm_eps=args.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
-        max_position_embeddings=args.max_seq_len,
-        tie_word_embeddings=False,
-    )
-    top_level = {"tok_embeddings.weight": "model.embed_tokens", "norm.weight": "model.norm", "output.weight": "lm_head"}
-    per_layer = {
-        "attention.wq": "self_attn.q_proj",
-        "attention.wk": "self_attn.k_proj",
-        "attention.wv": "self_attn.v_proj",
-        "attention.wo": "self_attn.o_proj",
-        "feed_forward.w1": "mlp.gate_proj",
-        "feed_forward.w2": "mlp.down_proj",
-        "feed_forward.w3": "mlp.up_proj",
-        "attention_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-    }
-    hf_state = {}
-    for name, tensor in state.items():
-        if name.startswith("layers."):
-            _, layer, rest = name.split(".", 2)
-            module = rest.removesuffix(".weight")
-            if module == "attention.wq":
-                tensor = to_hf_rotary_layout(tensor, args.n_heads)
-            elif module == "attention.wk":
-                tensor = to_hf_rotary_layout(tensor, args.kv_heads)
-            hf_state[f"model.layers.{layer}.{per_layer[module]}.weight"] = tensor
-        elif name in top_level:
-            hf_state[f"{top_level[name]}.weight"] = tensor
+    config = hf_config(args, dtype, bos_id=1, eos_id=2, max_position_embeddings=args.max_seq_len)
+    config = transformers.LlamaConfig(**{key: value for key, value in config.items() if key != "torch_dtype"})
+    hf_state = meta_to_hf_state_dict(state, args)
     with torch.device(device):  # initialised where it runs: a 7B model's random init is slow on the CPU
         model = transformers.LlamaForCausalLM(config).to(dtype)
     model.load_state_dict(hf_state, strict=True)
