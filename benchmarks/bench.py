@@ -43,6 +43,7 @@ from llama import Llama, ModelArgs  # noqa: E402
 from llama.checkpoint import meta_device  # noqa: E402
 from llama.hf import hf_config, meta_to_hf_state_dict  # noqa: E402
 from llama.model import Transformer  # noqa: E402
+from llama.train import train_tokenizer  # noqa: E402
 
 SHAPES = {
     # llama2.c's smallest story model: a CI-sized smoke test.
@@ -89,28 +90,11 @@ def write_tokenizer(path: Path, vocab_size: int) -> Path:
     token ids, so the text side does not matter. The padding is appended to the serialized ModelProto as
     more `pieces` entries (field 1: piece = 1, score = 2, type = 3; type 5 is UNUSED): protobuf reads a
     repeated field in the order its entries appear, wherever they are."""
-    import io
-
-    import sentencepiece as spm
-
     text = "The quick brown fox jumps over the lazy dog. Once upon a time there was a little model.\n" * 50
     trained_size = 300  # 3 special pieces, 256 byte pieces, and some merges
     if vocab_size < trained_size:
         raise ValueError(f"vocab_size must be at least {trained_size} for the benchmark's tokenizer, got {vocab_size}")
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text.splitlines()),
-        model_writer=model,
-        vocab_size=trained_size,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    data = model.getvalue()
+    data = train_tokenizer(text, trained_size)
     for number in range(vocab_size - trained_size):
         piece = f"<unused{number}>".encode()
         entry = b"\x0a" + _varint(len(piece)) + piece + b"\x15" + struct.pack("<f", -1e9) + b"\x18\x05"
