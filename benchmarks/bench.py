@@ -127,8 +127,10 @@ def hf_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dtype
     config = hf_config(args, dtype, bos_id=1, eos_id=2, max_position_embeddings=args.max_seq_len)
     config = transformers.LlamaConfig(**{key: value for key, value in config.items() if key != "torch_dtype"})
     hf_state = meta_to_hf_state_dict(state, args)
-    with torch.device(device):  # initialised where it runs: a 7B model's random init is slow on the CPU
-        model = transformers.LlamaForCausalLM(config).to(dtype)
+    # Initialised where it runs and in its dtype: a 7B model's random init is slow on the CPU, and in float32
+    # first it would need twice the GPU memory.
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM._from_config(config, dtype=dtype)
     model.load_state_dict(hf_state, strict=True)
     model.generation_config.eos_token_id = None  # EOS ignored, as on our side: both do every step
     model.generation_config.pad_token_id = 0
@@ -154,16 +156,17 @@ def timed(function: Callable[[], object], device: torch.device) -> tuple[float, 
 
 
 class BandwidthProbe:
-    """Bytes per second streamed by a float32 matrix-vector product over a 1 GiB matrix: far larger than any
-    cache, read once per product, as decoding reads the weights. Sampled between the timed rounds, so that
-    the floor is measured under the same conditions as the figures compared with it."""
+    """Bytes per second streamed by a float32 matrix-vector product over a large matrix (1 GiB on the CPU,
+    4 GiB on a GPU, whose product takes a millisecond): far larger than any cache, read once per product, as
+    decoding reads the weights. Sampled between the timed rounds, so that the floor is measured under the same
+    conditions as the figures compared with it."""
 
-    def __init__(self, device: torch.device, gib: float = 1.0):
-        columns = 8192
+    def __init__(self, device: torch.device):
+        gib, columns = (4.0 if device.type == "cuda" else 1.0), 8192
         self.device = device
         self.matrix = torch.randn(int(gib * 2**30 / 4 / columns), columns, device=device)
         self.vector = torch.randn(columns, device=device)
-        torch.mv(self.matrix, self.vector)  # warm-up: page faults, thread pool
+        torch.mv(self.matrix, self.vector)  # warm-up: page faults, thread pool, library handles
         self.samples: list[float] = []
 
     def sample(self, count: int = 3) -> None:
@@ -317,7 +320,17 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
         )
         return output[:, input_ids.shape[1] :].tolist()
 
-    implementations = {"ours": our_generate} if theirs is None else {"ours": our_generate, "hf": their_generate}
+    implementations = {"ours": our_generate}
+    if ours.decode_graphs is not None:
+        # The same model decoding without CUDA graphs: what the graphs buy, measured in the same run.
+        eager = Llama(ours.model, ours.tokenizer, cuda_graphs=False)
+
+        def our_eager_generate(prompts, new_tokens):
+            return eager.generate(prompts, max_gen_len=new_tokens, temperature=0)[0]
+
+        implementations["ours_eager"] = our_eager_generate
+    if theirs is not None:
+        implementations["hf"] = their_generate
     prefill_prompt = random_prompts(1, options.prompt_len, args.vocab_size, seed=1)
     decode_prompts = {
         batch: random_prompts(batch, options.decode_prompt_len, args.vocab_size, seed=2) for batch in BATCH_SIZES
@@ -344,7 +357,8 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
         if round_number >= options.warmup:
             bandwidth.sample()
     bytes_per_s = bandwidth.median()
-    del bandwidth  # 1 GiB
+    probe_bytes = bandwidth.matrix.numel() * bandwidth.matrix.element_size()
+    del bandwidth  # 1 or 4 GiB
     floor, floor_read = bytes_per_s / weights, bytes_per_s / weights_read
 
     figures = {}
@@ -389,6 +403,7 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
         "weight_bytes": weights,
         "checkpoint_bytes": checkpoint_bytes,
         "memory_bandwidth_gb_per_s": bytes_per_s / 1e9,
+        "bandwidth_probe_bytes": probe_bytes,
         "weight_bytes_read_per_token": weights_read,
         "decode_floor_tokens_per_s": floor,
         "decode_floor_weights_read_tokens_per_s": floor_read,
@@ -397,6 +412,16 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
     }
     if device.type == "cuda":
         result["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+        result["gpu"] = torch.cuda.get_device_name(device)
+    if "ours_eager" in figures:
+        result["ours_eager"] = figures["ours_eager"]
+        result["speedup_cuda_graphs_over_eager"] = {
+            key: figures["ours"][key] / figures["ours_eager"][key]
+            for key in ("decode_tokens_per_s_b1", "decode_tokens_per_s_b8")
+        }
+        result["cuda_graphs_tokens_agree_with_eager"] = all(
+            tokens["ours"][job] == tokens["ours_eager"][job] for job in tokens["ours"]
+        )
     if theirs is not None:
         result["hf"] = figures["hf"]
         result["hf_attention"] = theirs.config._attn_implementation
@@ -437,6 +462,7 @@ def _peak_rss() -> int:
 def format_table(result: dict) -> str:
     """The figures as a plain-text table."""
     ours, hf, speedup = result["ours"], result.get("hf", {}), result.get("speedup_ours_over_hf", {})
+    eager = result.get("ours_eager")
     what = result["ckpt_dir"] or f"random {result['shape']}"
     load = result["load_average_at_start"]
     lines = [
@@ -445,7 +471,7 @@ def format_table(result: dict) -> str:
         f"medians of {result['repeats']} rounds; prompt {result['prompt_len']} tokens for prefill, "
         f"{result['new_tokens']} tokens decoded after {result['decode_prompt_len']}",
         "",
-        f"{'figure':<36}{'ours':>10}{'HF':>10}{'speedup':>10}",
+        f"{'figure':<36}{'ours':>10}{'HF':>10}{'speedup':>10}" + (f"{'ours eager':>12}" if eager else ""),
     ]
     rows = [
         ("prefill tokens/s", "prefill_tokens_per_s", 1),
@@ -459,11 +485,13 @@ def format_table(result: dict) -> str:
     for label, key, scale in rows:
         theirs = f"{hf[key] * scale:.1f}" if key in hf else "-"
         ratio = f"{speedup[key]:.2f}x" if key in speedup else ""
-        lines.append(f"{label:<36}{ours[key] * scale:>10.1f}{theirs:>10}{ratio:>10}")
+        line = f"{label:<36}{ours[key] * scale:>10.1f}{theirs:>10}{ratio:>10}"
+        lines.append(line + (f"{eager[key] * scale:>12.1f}" if eager else ""))
     mb = 1e6
     lines += [
         "",
-        f"memory bandwidth (1 GiB float32 matrix-vector product): {result['memory_bandwidth_gb_per_s']:.1f} GB/s",
+        f"memory bandwidth (float32 matrix-vector product over {result['bandwidth_probe_bytes'] / 2**30:.0f} GiB): "
+        f"{result['memory_bandwidth_gb_per_s']:.1f} GB/s",
         f"decode floor, batch 1: {result['decode_floor_tokens_per_s']:.1f} tokens/s reading all "
         f"{result['weight_bytes'] / mb:.0f} MB of weights per token; "
         f"{result['decode_floor_weights_read_tokens_per_s']:.1f} tokens/s for the "
@@ -477,7 +505,13 @@ def format_table(result: dict) -> str:
         f"this process (both models, batch 8, the 1 GiB probe matrix) {result['peak_rss_bytes'] / mb:.0f} MB",
     ]
     if "peak_gpu_memory_bytes" in result:
-        lines.append(f"peak GPU memory: {result['peak_gpu_memory_bytes'] / mb:.0f} MB")
+        lines.append(f"GPU: {result['gpu']}; peak GPU memory: {result['peak_gpu_memory_bytes'] / mb:.0f} MB")
+    if eager:
+        lines.append(
+            "ours eager: the same model decoding without CUDA graphs; the graphs' decode speed-up: "
+            + ", ".join(f"{ratio:.2f}x ({key})" for key, ratio in result["speedup_cuda_graphs_over_eager"].items())
+            + f"; same greedy tokens as eager: {'yes' if result['cuda_graphs_tokens_agree_with_eager'] else 'NO'}"
+        )
     if "greedy_tokens_agree" in result:
         agree = result["greedy_tokens_agree"]
         prefix = result["greedy_tokens_common_prefix"]

@@ -28,6 +28,12 @@ def resolve_device(device: DeviceLike = None) -> torch.device:
             raise ValueError(f"device={str(device)!r} was asked for but torch sees no CUDA GPU: use device='cpu'")
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{device} was asked for (under torchrun, cuda:LOCAL_RANK) but this machine has "
+                f"{torch.cuda.device_count()} CUDA GPU(s): start at most that many processes per machine "
+                f"(torchrun --nproc_per_node), or compute on the CPU (device='cpu', --device cpu in the examples)"
+            )
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise ValueError(f"device {str(device)!r} is not supported: use 'cpu' or 'cuda'")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llama.checkpoint import load_model, read_model_args, resolve_dtype
+from llama.cuda_graphs import use_cuda_graphs
 from llama.distributed import is_main_process, setup_model_parallel
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer, check_unicode
@@ -256,6 +257,7 @@ class Llama:
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
         progress: Optional[bool] = None,
+        cuda_graphs: Optional[bool] = None,
     ) -> "Llama":
         """Load a Meta-layout checkpoint folder and its tokenizer, ready to generate.
 
@@ -265,7 +267,9 @@ class Llama:
         available, else the CPU; `dtype` to bfloat16 on GPUs that support it, float16 on other GPUs, float32 on
         the CPU. `seed` fixes sampling (the same on every rank, so the ranks agree on every token). `progress`
         reports loading and the batches of a long run on standard error (default: when it is a terminal, on rank
-        0). The caller's torch defaults are left alone, and build may be called again in the same process. Raises
+        0). `cuda_graphs` records each decoding step as a CUDA graph and replays it (see llama/cuda_graphs.py;
+        default: on a CUDA device with one process). The caller's torch defaults are left alone, and build may
+        be called again in the same process. Raises
         FileNotFoundError for a missing folder, params.json, shard or tokenizer, and ValueError for anything
         that does not fit: a malformed params.json, a model-parallel size that does not divide the model, a
         corrupt shard, shards that disagree, a tensor of the wrong shape, a tokenizer of another vocabulary
@@ -289,10 +293,18 @@ class Llama:
         if progress is None:
             progress = sys.stderr.isatty() and is_main_process()
         model = load_model(ckpt_dir, args, torch.distributed.get_rank(), device, dtype, progress=progress)
-        return Llama(model, tokenizer, seed, progress=progress)
+        return Llama(model, tokenizer, seed, progress=progress, cuda_graphs=cuda_graphs)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, progress: bool = False):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        seed: int = 1,
+        progress: bool = False,
+        cuda_graphs: Optional[bool] = None,
+    ):
         self.model = model
+        self.decode_graphs = use_cuda_graphs(model, cuda_graphs)
         self.tokenizer = tokenizer
         self.progress = progress
         self.device = next(model.parameters()).device
@@ -554,10 +566,17 @@ class Llama:
             # Nothing to generate (every prompt fills the context): score the prompts.
             record_logprobs(self.model.forward(tokens, 0)[:, :-1], 0)
 
+        graphs = self.decode_graphs
+        if graphs is not None:
+            graphs.refresh()
+        queued = None  # with CUDA graphs: the logits of the step for cur_pos, already queued on the GPU
         prev_pos = 0
         for cur_pos in range(min_prompt_len, total_len):
-            # (bs, cur_pos - prev_pos, vocab) for logprobs, else (bs, 1, vocab): the next token needs only the last
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
+            if queued is not None:
+                logits, queued = queued, None  # (bs, 1, vocab)
+            else:
+                # (bs, cur_pos - prev_pos, vocab) for logprobs, else (bs, 1, vocab): the next token needs the last
+                logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
             last = logits[:, -1]
             # -inf marks a token as impossible; NaN, +inf or nothing possible means the model broke. Such a row
             # is sampled from zeros so that the draw cannot crash, and reported below with where it happened.
@@ -572,8 +591,19 @@ class Llama:
                 record_logprobs(logits, prev_pos)
             prev_pos = cur_pos
 
-            # The one host synchronisation per step (EOS, stop sequences and streaming need the tokens on the host)
-            new_tokens, usable = torch.stack((next_token, usable.long())).tolist()
+            # The one host synchronisation per step: EOS, stop sequences and streaming need the tokens on the host.
+            on_host = torch.stack((next_token, usable.long()))
+            if graphs is not None and cur_pos + 1 < total_len:
+                # Queue the next step before waiting: the GPU computes it while the host reads this one (else it
+                # would idle for the host's bookkeeping and the graph's launch, about a tenth of a 7B step). The
+                # tokens come back through their own copy and event, which do not wait for the queued step. If
+                # every sequence stops here, that step is wasted: it wrote cache entries nothing reads.
+                on_host = on_host.to("cpu", non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record()
+                queued = graphs(tokens[:, cur_pos : cur_pos + 1], cur_pos)
+                copied.synchronize()
+            new_tokens, usable = on_host.tolist()
             pieces = [""] * bsz
             for row in range(bsz):
                 if done[row] or cur_pos < prompt_lens[row]:

@@ -9,7 +9,7 @@ feed-forward width, and the layers gather or sum the partial results themselves.
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -93,8 +93,11 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The mean of squares is taken in float32: in float16 it overflows, in bfloat16 it loses digits.
-        return self._norm(x.float()).type_as(x) * self.weight
+        # self._norm(x.float()).type_as(x) * self.weight, as Meta's reference writes it: normalised in float32
+        # (in float16 the mean of squares overflows, in bfloat16 it loses digits), rounded to x's dtype, then
+        # scaled in it. F.rms_norm computes the same in float32 for half-precision input, in one GPU kernel
+        # instead of seven (a decoding step of a 7B model runs 64 norms).
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
 
 
 def precompute_freqs_cis(
@@ -194,7 +197,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        start_pos: int,
+        start_pos: Union[int, torch.Tensor],
         freqs_cis: torch.Tensor,
         mask: Optional[torch.Tensor],
         use_cache: bool = True,
@@ -205,11 +208,20 @@ class Attention(nn.Module):
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
 
-        if use_cache:
+        if use_cache and isinstance(start_pos, int):
             self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
             self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
             xk = self.cache_k[:bsz, : start_pos + seqlen]  # (bs, context_len, kv_heads, head_dim)
             xv = self.cache_v[:bsz, : start_pos + seqlen]
+        elif use_cache:
+            # start_pos is a tensor on the device: a CUDA graph replays the same kernels with a new value in it,
+            # so the position cannot be baked into a slice. Write with index_copy_, read a fixed window (the
+            # mask's width) and let the mask hide the positions after each query's own.
+            positions = start_pos + torch.arange(seqlen, device=x.device)  # (seqlen,)
+            self.cache_k[:bsz].index_copy_(1, positions, xk)
+            self.cache_v[:bsz].index_copy_(1, positions, xv)
+            xk = self.cache_k[:bsz, : mask.shape[-1]]  # (bs, window, kv_heads, head_dim)
+            xv = self.cache_v[:bsz, : mask.shape[-1]]
         # Without the cache (training, scoring) the context is these tokens alone and the buffers are left
         # alone: writing them in place would overwrite tensors autograd keeps for the backward pass.
         keys = repeat_kv(xk, self.n_rep)  # (bs, context_len, heads, head_dim)
@@ -253,7 +265,7 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        start_pos: int,
+        start_pos: Union[int, torch.Tensor],
         freqs_cis: torch.Tensor,
         mask: Optional[torch.Tensor],
         use_cache: bool = True,
@@ -282,7 +294,12 @@ class Transformer(nn.Module):
         self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
 
     def forward(
-        self, tokens: torch.Tensor, start_pos: int = 0, use_cache: bool = True, last_only: bool = False
+        self,
+        tokens: torch.Tensor,
+        start_pos: Union[int, torch.Tensor] = 0,
+        use_cache: bool = True,
+        last_only: bool = False,
+        window: Optional[int] = None,
     ) -> torch.Tensor:
         """Logits (float32, shape (batch, seqlen, vocab)) for `tokens` (batch, seqlen) standing at positions
         start_pos .. start_pos + seqlen - 1, after the positions before start_pos already went through this
@@ -290,9 +307,21 @@ class Transformer(nn.Module):
         scoring whole sequences) the tokens attend causally to each other only, the cache is neither read nor
         written, autograd runs through, and the batch may be larger than max_batch_size. With `last_only`, only
         the last position's logits, shape (batch, 1, vocab): all that generation needs to pick the next token.
+
+        For CUDA graphs (see llama/cuda_graphs.py), `start_pos` may instead be a 0-d integer tensor on the
+        model's device, with `window` the number of cache positions attention reads (at least start_pos +
+        seqlen, at most max_seq_len; a fixed window lets one captured graph serve many positions). The position
+        is then not checked: it is on the device, and reading it would wait for the GPU.
         Raises ValueError when the tokens do not fit max_seq_len (or, with the cache, max_batch_size)."""
         bsz, seqlen = tokens.shape
-        if (use_cache and bsz > self.params.max_batch_size) or start_pos + seqlen > self.params.max_seq_len:
+        on_device = isinstance(start_pos, torch.Tensor)
+        if on_device:
+            self._check_window(start_pos, window, seqlen, use_cache)
+        elif window is not None:
+            raise ValueError("window goes with a tensor start_pos; with an integer start_pos, leave it out")
+        if (use_cache and bsz > self.params.max_batch_size) or (
+            not on_device and start_pos + seqlen > self.params.max_seq_len
+        ):
             raise ValueError(
                 f"batch of {bsz} at positions {start_pos}..{start_pos + seqlen - 1} does not fit the key/value cache "
                 f"(max_batch_size={self.params.max_batch_size}, max_seq_len={self.params.max_seq_len})"
@@ -302,10 +331,18 @@ class Transformer(nn.Module):
             self.freqs_cis = precompute_freqs_cis(
                 self.params.head_dim, self.params.max_seq_len * 2, self.params.rope_theta, h.device
             )
-        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
 
         mask = None
-        if seqlen > 1:
+        if on_device:
+            positions = start_pos + torch.arange(seqlen, device=h.device)  # (seqlen,)
+            freqs_cis = self.freqs_cis[positions]
+            # Row i reads the window's positions up to its own; the rest of the window is hidden (it holds
+            # stale or unwritten cache entries).
+            visible = torch.arange(window, device=h.device)[None, :] <= positions[:, None]  # (seqlen, window)
+            mask = torch.zeros(visible.shape, dtype=h.dtype, device=h.device).masked_fill(~visible, float("-inf"))
+        else:
+            freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
+        if not on_device and seqlen > 1:
             # Row i stands at position start_pos + i and may read context positions up to its own: with the
             # cache, the whole cached prefix and the new tokens up to itself (this is what makes chunked
             # prefill right); without it, the new tokens up to itself.
@@ -320,3 +357,20 @@ class Transformer(nn.Module):
             # four blocks): for a long prompt, skipping it at every position but the last saves much of the prefill.
             h = h[:, -1:]
         return self.output(self.norm(h)).float()  # (bs, seqlen, vocab), or (bs, 1, vocab)
+
+    def _check_window(self, start_pos: torch.Tensor, window: Optional[int], seqlen: int, use_cache: bool) -> None:
+        """ValueError unless a tensor start_pos comes with what the on-device path needs."""
+        if not use_cache:
+            raise ValueError("a tensor start_pos is for cached decoding (CUDA graphs); pass use_cache=True")
+        if start_pos.dim() != 0 or start_pos.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"a tensor start_pos must be a 0-d int32/int64 tensor, got shape {tuple(start_pos.shape)} "
+                f"and dtype {start_pos.dtype}"
+            )
+        if start_pos.device != self.output.weight.device:
+            raise ValueError(f"start_pos is on {start_pos.device} but the model is on {self.output.weight.device}")
+        if isinstance(window, bool) or not isinstance(window, int) or not seqlen <= window <= self.params.max_seq_len:
+            raise ValueError(
+                f"window must be an integer from seqlen={seqlen} to max_seq_len={self.params.max_seq_len} with a "
+                f"tensor start_pos, got {window!r}"
+            )

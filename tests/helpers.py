@@ -129,7 +129,9 @@ def write_checkpoint(
 
 def run_python(args: list[str], timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
     """Run `python ARGS...` from the repository root with this interpreter; output captured as text."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    # The repository first; an existing PYTHONPATH after it (where packages may be installed)
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=pythonpath, OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs
     )

@@ -141,7 +141,8 @@ def test_bundled_model_split_over_two_processes_prints_what_one_process_prints(t
     split = write_checkpoint(
         tmp_path / "two", read_model_args(ckpt_dir), load_shard(ckpt_dir / "consolidated.00.pth"), n_shards=2
     )
-    common = ["--tokenizer_path", str(tokenizer_path), "--temperature", "0", "--max_gen_len", "32"]
+    # On the CPU also where a GPU is present: two processes need two GPUs.
+    common = ["--tokenizer_path", str(tokenizer_path), "--temperature", "0", "--max_gen_len", "32", "--device", "cpu"]
     single = run_python(["example_text_completion.py", "--ckpt_dir", str(ckpt_dir), *common])
     double = run_torchrun(2, ["example_text_completion.py", "--ckpt_dir", str(split), *common])
     assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr

@@ -89,6 +89,17 @@ def test_rmsnorm_divides_by_the_root_mean_square_then_scales():
     torch.testing.assert_close(norm(x.float()).double(), expected, **TOLERANCE)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rmsnorm_kernel_equals_meta_formula_normalise_in_float32_round_then_scale(dtype):
+    """F.rms_norm stands in for Meta's `_norm(x.float()).type_as(x) * weight`: the same numbers, bit for bit."""
+    torch.manual_seed(0)
+    norm = RMSNorm(512, eps=1e-5).to(dtype)
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    x = (torch.randn(8, 3, 512) * 3).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(norm(x), norm._norm(x.float()).type_as(x) * norm.weight)
+
+
 def test_rmsnorm_in_float16_stays_finite_where_squares_overflow_float16():
     # 300**2 = 90000 > 65504, the largest float16: a float16 mean of squares would be inf and the output 0.
     x = torch.full((2, 8), 300.0, dtype=torch.float16)
@@ -255,6 +266,44 @@ def test_chunked_prefill_with_start_pos_matches_full_forward():
         chunks = [(0, 6), (6, 7), (7, 15), (15, 20)]
         chunked = torch.cat([model(tokens[:, start:end], start) for start, end in chunks], dim=1)
     torch.testing.assert_close(chunked, full, **TOLERANCE)
+
+
+def test_position_given_as_a_tensor_with_a_fixed_window_matches_full_forward():
+    """The CUDA-graph form of the step (position in a 0-d tensor, attention over a fixed cache window with the
+    later positions masked) gives the logits of the plain forward, for single tokens and chunks, after the
+    window has held stale entries from a longer earlier sequence."""
+    args = small_args(max_seq_len=32)
+    model = random_model(args, seed=12)
+    earlier = torch.randint(0, args.vocab_size, (2, 30))
+    tokens = torch.randint(0, args.vocab_size, (2, 20))
+    with torch.no_grad():
+        model(earlier, 0)  # fills cache positions 0..29 with another sequence's keys and values
+        full = model(tokens, 0)
+        pieces = [model(tokens[:, :5], torch.tensor(0), window=16)]
+        for pos in range(5, 12):
+            pieces.append(model(tokens[:, pos : pos + 1], torch.tensor(pos), window=16))
+        pieces.append(model(tokens[:, 12:15], torch.tensor(12, dtype=torch.int32), window=32))
+        for pos in range(15, 20):
+            pieces.append(model(tokens[:, pos : pos + 1], torch.tensor(pos), window=20))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, **TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "start_pos, kwargs, message",
+    [
+        (torch.tensor([3]), dict(window=8), "0-d int32/int64 tensor"),
+        (torch.tensor(3.0), dict(window=8), "0-d int32/int64 tensor"),
+        (torch.tensor(3), dict(), "window must be an integer"),
+        (torch.tensor(3), dict(window=0), "window must be an integer"),
+        (torch.tensor(3), dict(window=65), "max_seq_len=64"),
+        (torch.tensor(3), dict(window=8, use_cache=False), "pass use_cache=True"),
+        (3, dict(window=8), "window goes with a tensor start_pos"),
+    ],
+)
+def test_tensor_position_misuse_is_refused_with_the_fix(start_pos, kwargs, message):
+    model = random_model(small_args())
+    with pytest.raises(ValueError, match=message):
+        model(torch.zeros(1, 1, dtype=torch.long), start_pos, **kwargs)
 
 
 def test_last_only_gives_the_last_position_of_the_full_logits():
