@@ -502,7 +502,7 @@ def format_table(result: dict) -> str:
         f"({result['checkpoint_bytes'] / mb:.0f} MB); after a first generation (every weight read): "
         f"{ours['peak_rss_after_generate_over_checkpoint_bytes']:.2f}x",
         f"peak RSS: ours alone (build, generate at batch 1) {ours['peak_rss_build_and_generate_bytes'] / mb:.0f} MB; "
-        f"this process (both models, batch 8, the 1 GiB probe matrix) {result['peak_rss_bytes'] / mb:.0f} MB",
+        f"this process (both models, batch 8, the probe matrix on the CPU) {result['peak_rss_bytes'] / mb:.0f} MB",
     ]
     if "peak_gpu_memory_bytes" in result:
         lines.append(f"GPU: {result['gpu']}; peak GPU memory: {result['peak_gpu_memory_bytes'] / mb:.0f} MB")

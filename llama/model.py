@@ -96,7 +96,7 @@ class RMSNorm(nn.Module):
         # self._norm(x.float()).type_as(x) * self.weight, as Meta's reference writes it: normalised in float32
         # (in float16 the mean of squares overflows, in bfloat16 it loses digits), rounded to x's dtype, then
         # scaled in it. F.rms_norm computes the same in float32 for half-precision input, in one GPU kernel
-        # instead of seven (a decoding step of a 7B model runs 64 norms).
+        # instead of seven (a decoding step of a 7B model runs 65 norms).
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
 
 
