@@ -322,8 +322,9 @@ class Transformer(nn.Module):
         if (use_cache and bsz > self.params.max_batch_size) or (
             not on_device and start_pos + seqlen > self.params.max_seq_len
         ):
+            where = "a position on the device" if on_device else f"positions {start_pos}..{start_pos + seqlen - 1}"
             raise ValueError(
-                f"batch of {bsz} at positions {start_pos}..{start_pos + seqlen - 1} does not fit the key/value cache "
+                f"batch of {bsz} at {where} does not fit the key/value cache "
                 f"(max_batch_size={self.params.max_batch_size}, max_seq_len={self.params.max_seq_len})"
             )
         h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)

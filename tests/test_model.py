@@ -298,12 +298,15 @@ def test_position_given_as_a_tensor_with_a_fixed_window_matches_full_forward():
         (torch.tensor(3), dict(window=65), "max_seq_len=64"),
         (torch.tensor(3), dict(window=8, use_cache=False), "pass use_cache=True"),
         (3, dict(window=8), "window goes with a tensor start_pos"),
+        (torch.tensor(3), dict(window=8, tokens=torch.zeros(5, 1, dtype=torch.long)), "batch of 5 at a position on"),
     ],
 )
 def test_tensor_position_misuse_is_refused_with_the_fix(start_pos, kwargs, message):
     model = random_model(small_args())
+    kwargs = dict(kwargs)
+    tokens = kwargs.pop("tokens", torch.zeros(1, 1, dtype=torch.long))
     with pytest.raises(ValueError, match=message):
-        model(torch.zeros(1, 1, dtype=torch.long), start_pos, **kwargs)
+        model(tokens, start_pos, **kwargs)
 
 
 def test_last_only_gives_the_last_position_of_the_full_logits():
