@@ -1,6 +1,6 @@
 """The decoding step on a GPU, captured once as a CUDA graph and replayed for every new token.
 
-Why: a decoding step at batch 1 is about 40 small kernels per layer (1,300 for a 7B model), each of which
+Why: a decoding step at batch 1 is about 30 small kernels per layer (1,000 for a 7B model), each of which
 eager PyTorch launches from Python. For a large model on a fast GPU the launches take longer than the kernels:
 the GPU waits for the CPU. A CUDA graph records the kernels of one step once and replays them all with one
 launch, so the step takes as long as the GPU needs to read the weights.

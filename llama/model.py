@@ -214,12 +214,12 @@ class Attention(nn.Module):
             xk = self.cache_k[:bsz, : start_pos + seqlen]  # (bs, context_len, kv_heads, head_dim)
             xv = self.cache_v[:bsz, : start_pos + seqlen]
         elif use_cache:
-            # start_pos is a tensor on the device: a CUDA graph replays the same kernels with a new value in it,
-            # so the position cannot be baked into a slice. Write with index_copy_, read a fixed window (the
-            # mask's width) and let the mask hide the positions after each query's own.
-            positions = start_pos + torch.arange(seqlen, device=x.device)  # (seqlen,)
-            self.cache_k[:bsz].index_copy_(1, positions, xk)
-            self.cache_v[:bsz].index_copy_(1, positions, xv)
+            # start_pos is then the tensor of the tokens' positions (seqlen,), on the device: a CUDA graph replays
+            # the same kernels with new values in it, so the positions cannot be baked into a slice. Write with
+            # index_copy_, read a fixed window (the mask's width) and let the mask hide the positions after each
+            # query's own.
+            self.cache_k[:bsz].index_copy_(1, start_pos, xk)
+            self.cache_v[:bsz].index_copy_(1, start_pos, xv)
             xk = self.cache_k[:bsz, : mask.shape[-1]]  # (bs, window, kv_heads, head_dim)
             xv = self.cache_v[:bsz, : mask.shape[-1]]
         # Without the cache (training, scoring) the context is these tokens alone and the buffers are left
@@ -352,7 +352,8 @@ class Transformer(nn.Module):
             mask = torch.triu(mask, diagonal=context_len - seqlen + 1).type_as(h)  # (seqlen, context_len)
 
         for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask, use_cache)
+            # On the device the layers take the positions themselves, computed once here rather than per layer.
+            h = layer(h, positions if on_device else start_pos, freqs_cis, mask, use_cache)
         if last_only:
             # The output layer is a vocab x dim product per position (in a small model, as much as three or
             # four blocks): for a long prompt, skipping it at every position but the last saves much of the prefill.
