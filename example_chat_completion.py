@@ -8,16 +8,17 @@ shows the mechanics but is no chat model.
     torchrun --nproc_per_node 2 example_chat_completion.py --ckpt_dir llama-2-13b-chat/ --tokenizer_path tokenizer.model
 """
 
+import argparse
 import sys
 from collections.abc import Iterator
 from typing import Optional
 
-import fire
 import torch.distributed as dist
 
-from llama import Dialog, Llama, demo_checkpoint
+from llama import Dialog, Llama
+from llama.chat_format import trim_dialog
+from llama.cli import build_example, example_parser, normalize_arguments, readable_warnings
 from llama.distributed import is_main_process
-from llama.generation import has_special_tags, trim_dialog
 
 DIALOGS: list[Dialog] = [
     [{"role": "user", "content": "What should I pack for a weekend of hiking in the mountains?"}],
@@ -75,11 +76,12 @@ def chat(generator: Llama, system: Optional[str], temperature: float, top_p: flo
         if not line.strip():
             continue
         dialog = history + [{"role": "user", "content": line}]
-        if has_special_tags(dialog):
-            say("error: [INST], [/INST], <<SYS>> and <</SYS>> are not allowed in messages", file=sys.stderr)
+        refusal = generator.chat_format.refusal(dialog)
+        if refusal:
+            say(f"error: the chat format refuses this message: {refusal}", file=sys.stderr)
             continue
         try:
-            dialog, dropped = trim_dialog(generator.tokenizer, dialog, max_prompt_len)
+            dialog, dropped = trim_dialog(generator.chat_format, dialog, max_prompt_len)
         except ValueError as error:
             say(f"error: {error}", file=sys.stderr)
             continue
@@ -101,36 +103,39 @@ DEMO_NOTE = (
 )
 
 
-def main(
-    ckpt_dir: Optional[str] = None,
-    tokenizer_path: Optional[str] = None,
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    max_seq_len: int = 512,
-    max_gen_len: Optional[int] = None,
-    max_batch_size: int = 4,
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
-    interactive: bool = False,
-    system: Optional[str] = None,
-):
+def parse_args():
+    parser = example_parser(__doc__.split("\n\n")[0], max_seq_len=None, max_gen_len=None)
+    parser.set_defaults(interactive=False)
+    parser.add_argument(
+        "--interactive", action=argparse.BooleanOptionalAction,
+        help="chat from standard input, streaming each answer, instead of answering the built-in dialogs",
+    )  # fmt: skip
+    parser.add_argument("--system", help="a system prompt for the interactive chat")
+    parser.epilog = (
+        "--max-seq-len defaults to 512 (the demo model: 256); --max-gen-len to the rest of the context (the "
+        "demo model: 64 tokens; interactive: a quarter of the context)"
+    )
+    return parser.parse_args(normalize_arguments(sys.argv[1:], booleans=("--interactive",)))
+
+
+def main() -> None:
+    readable_warnings()
+    options = parse_args()
     try:
-        on_demo = ckpt_dir is None and tokenizer_path is None
+        generator, on_demo = build_example(options, default_max_seq_len=512)
+        max_gen_len = options.max_gen_len
         if on_demo:
-            ckpt_dir, tokenizer_path = demo_checkpoint()
-            # Its replies are no answers, and past its training context of 256 tokens they fall apart: a short
-            # sample shows the mechanics.
-            max_gen_len = max_gen_len or 64
-        elif ckpt_dir is None or tokenizer_path is None:
-            raise ValueError("give both --ckpt_dir and --tokenizer_path, or neither to run the bundled demo model")
-        generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype)
-        if on_demo:
+            # Its replies are no answers: a short sample shows the mechanics.
             say(DEMO_NOTE)
-        if interactive:
+            max_gen_len = max_gen_len or 64
+        if options.interactive:
             # Leave room for history: an answer gets at most a quarter of the context unless told otherwise.
-            chat(generator, system, temperature, top_p, max_gen_len or max_seq_len // 4)
+            max_seq_len = generator.model.params.max_seq_len
+            chat(generator, options.system, options.temperature, options.top_p, max_gen_len or max_seq_len // 4)
             return
-        results = generator.chat_completion(DIALOGS, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+        results = generator.chat_completion(
+            DIALOGS, temperature=options.temperature, top_p=options.top_p, max_gen_len=max_gen_len
+        )
     except (FileNotFoundError, ValueError, TypeError) as error:
         sys.exit(f"error: {error}")
     for dialog, result in zip(DIALOGS, results):
@@ -141,4 +146,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    main()

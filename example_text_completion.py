@@ -1,16 +1,16 @@
 """Complete a few text prompts with a Llama 2 checkpoint, or with the bundled demo model when none is given.
 
-python example_text_completion.py
-python example_text_completion.py --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model
-torchrun --nproc_per_node 2 example_text_completion.py --ckpt_dir llama-2-13b/ --tokenizer_path tokenizer.model
+    python example_text_completion.py
+    python example_text_completion.py --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model
+    torchrun --nproc_per_node 2 example_text_completion.py --ckpt_dir llama-2-13b/ --tokenizer_path tokenizer.model
+
+Each result is printed as one text, the prompt followed by the model's continuation (the prompt in bold on a
+terminal), then a rule.
 """
 
 import sys
-from typing import Optional
 
-import fire
-
-from llama import Llama, demo_checkpoint
+from llama.cli import build_example, example_parser, normalize_arguments, readable_warnings
 from llama.distributed import is_main_process
 
 PROMPTS = [
@@ -28,36 +28,27 @@ DEMO_PROMPTS = [
     "KING HENRY VI:\nO God,",
     "JULIET:\nO gentle night,",
 ]
+RULE = "-" * 72
 
 
-def main(
-    ckpt_dir: Optional[str] = None,
-    tokenizer_path: Optional[str] = None,
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    max_seq_len: int = 128,
-    max_gen_len: int = 64,
-    max_batch_size: int = 4,
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
-):
+def main() -> None:
+    readable_warnings()
+    parser = example_parser(__doc__.split("\n\n")[0], max_seq_len=128, max_gen_len=64)
+    options = parser.parse_args(normalize_arguments(sys.argv[1:]))
     try:
-        on_demo = ckpt_dir is None and tokenizer_path is None
-        if on_demo:
-            ckpt_dir, tokenizer_path = demo_checkpoint()
-        elif ckpt_dir is None or tokenizer_path is None:
-            raise ValueError("give both --ckpt_dir and --tokenizer_path, or neither to run the bundled demo model")
+        generator, on_demo = build_example(options, default_max_seq_len=128)
         prompts = DEMO_PROMPTS if on_demo else PROMPTS
-        generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype)
-        results = generator.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+        results = generator.text_completion(
+            prompts, temperature=options.temperature, top_p=options.top_p, max_gen_len=options.max_gen_len
+        )
     except (FileNotFoundError, ValueError, TypeError) as error:
         sys.exit(f"error: {error}")
-    if is_main_process():  # every rank computes the same text; one prints it
-        for prompt, result in zip(prompts, results):
-            print(prompt)
-            print(f"> {result['generation']}")
-            print("\n==================================\n")
+    if not is_main_process():  # every rank computes the same text; one prints it
+        return
+    bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    for prompt, result in zip(prompts, results):
+        print(f"{bold}{prompt}{plain}{result['generation']}\n{RULE}")
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    main()

@@ -14,8 +14,9 @@ in alternating order, so that a load change on the machine affects both alike an
 - the memory-bandwidth floor: a matrix-vector product over a 1 GiB float32 matrix gives the bytes per second
   this machine can stream; decoding one token at batch 1 reads every weight once, so the fastest possible
   decode is bandwidth / weight bytes. Ours is reported as a percentage of it, and as GB/s achieved.
-- load: the weights written as a Meta-layout checkpoint, then `Llama.build` timed in a fresh process, with the
-  peak resident memory above the process's baseline (file already in the page cache: a warm load).
+- load: the weights written as a Meta-layout checkpoint, then `Llama.build` timed in a fresh process
+  (benchmarks/load_probe.py), with the peak resident memory above the process's baseline (file already in the
+  page cache: a warm load).
 - that both libraries produce the same greedy tokens, so that they did the same work.
 
 A random model of a named --shape, or a checkpoint folder (--ckpt_dir, --tokenizer_path). --json writes the
@@ -31,19 +32,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from llama import Llama, ModelArgs  # noqa: E402
-from llama.checkpoint import meta_device  # noqa: E402
+from llama import Llama, ModelArgs, SamplingParams  # noqa: E402
+from llama.cuda_graphs import DecodeGraphs  # noqa: E402
+from llama.data import train_tokenizer  # noqa: E402
+from llama.decoding import completions  # noqa: E402
 from llama.hf import hf_config, meta_to_hf_state_dict  # noqa: E402
-from llama.model import Transformer  # noqa: E402
-from llama.train import train_tokenizer  # noqa: E402
+from llama.layout import expected_shapes, write_params  # noqa: E402
 
 SHAPES = {
     # llama2.c's smallest story model: a CI-sized smoke test.
@@ -54,6 +57,7 @@ SHAPES = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BATCH_SIZES = (1, 8)
+Generate = Callable[[list[list[int]], int], list[list[int]]]  # (prompts, new tokens) -> new tokens of each
 
 # ---- a random model written as a Meta-layout checkpoint ----------------------------------------------------
 
@@ -61,11 +65,9 @@ BATCH_SIZES = (1, 8)
 def random_state_dict(args: ModelArgs, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
     """Weights with unit-scale activations and logits: random, but with clear greedy choices, so that the two
     libraries' float rounding differences do not flip near-ties."""
-    with meta_device():
-        shapes = {name: tensor.shape for name, tensor in Transformer(args).state_dict().items()}
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for name, shape in shapes.items():
+    for name, shape in expected_shapes(args).items():
         if name.endswith("norm.weight"):
             tensor = torch.ones(shape)
         elif name == "tok_embeddings.weight":
@@ -106,22 +108,26 @@ def write_tokenizer(path: Path, vocab_size: int) -> Path:
 def write_checkpoint(folder: Path, args: ModelArgs, state: dict[str, torch.Tensor]) -> Path:
     """params.json and consolidated.00.pth, as Meta writes them."""
     folder.mkdir(parents=True, exist_ok=True)
-    params = {
-        name: getattr(args, name)
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier")
-    }
-    params.update(norm_eps=args.norm_eps, rope_theta=args.rope_theta)
-    (folder / "params.json").write_text(json.dumps(params))
+    write_params(folder, args)
     torch.save(state, folder / "consolidated.00.pth")
     return folder
 
 
-# ---- the same weights in Hugging Face transformers -----------------------------------------------------------
+def prepare_checkpoint(options: argparse.Namespace, workdir: Path) -> tuple[Path, Path]:
+    """(ckpt_dir, tokenizer_path): the given checkpoint, or a random model of --shape written into workdir."""
+    if options.ckpt_dir:
+        return Path(options.ckpt_dir), Path(options.tokenizer_path)
+    args = SHAPES[options.shape]
+    ckpt_dir = write_checkpoint(workdir / "checkpoint", args, random_state_dict(args, DTYPES[options.dtype]))
+    return ckpt_dir, write_tokenizer(workdir / "tokenizer.model", args.vocab_size)
+
+
+# ---- what is timed -------------------------------------------------------------------------------------------
 
 
 def hf_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
     """transformers' LlamaForCausalLM holding the weights of `state` (our names and rotary layout), converted
-    as `python -m llama.checkpoint to_hf` converts them."""
+    as `llama to-hf` converts them."""
     import transformers
 
     config = hf_config(args, dtype, bos_id=1, eos_id=2, max_position_embeddings=args.max_seq_len)
@@ -135,6 +141,62 @@ def hf_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dtype
     model.generation_config.eos_token_id = None  # EOS ignored, as on our side: both do every step
     model.generation_config.pad_token_id = 0
     return model.eval()
+
+
+def our_generate(llama: Llama) -> Generate:
+    """Greedy decoding through this library's generator, EOS ignored: every run decodes all its tokens."""
+
+    def generate(prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+        params = SamplingParams(temperature=0, max_gen_len=new_tokens, ignore_eos=True)
+        return [result.tokens for result in completions(llama.generate_steps(prompts, params))]
+
+    return generate
+
+
+def their_generate(model, device: torch.device) -> Generate:
+    """Greedy decoding through transformers' `generate`, with its KV cache, EOS ignored."""
+
+    @torch.inference_mode()
+    def generate(prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+        input_ids = torch.tensor(prompts, device=device)
+        output = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            use_cache=True,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+        )
+        return output[:, input_ids.shape[1] :].tolist()
+
+    return generate
+
+
+def implementations(ours: Llama, theirs, device: torch.device) -> dict[str, Generate]:
+    """What is timed: ours; on CUDA also the same model decoding without CUDA graphs (what the graphs buy,
+    measured in the same run); and Hugging Face's, unless left out."""
+    timed_ones = {"ours": our_generate(ours)}
+    if isinstance(ours.decode_step, DecodeGraphs):
+        timed_ones["ours_eager"] = our_generate(Llama(ours.model, ours.tokenizer, cuda_graphs=False))
+    if theirs is not None:
+        timed_ones["hf"] = their_generate(theirs, device)
+    return timed_ones
+
+
+def random_prompts(batch: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """BOS, then random ids above the special ones (0, 1, 2)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, vocab_size, (length - 1,), generator=generator).tolist() for _ in range(batch)]
+
+
+def jobs(options: argparse.Namespace, vocab_size: int) -> list[tuple[str, list[list[int]], int]]:
+    """(name, prompts, new tokens) of every timing: the first token after a long prompt, and for each batch
+    size one token and all --new_tokens after a short prompt."""
+    result = [("first_token", random_prompts(1, options.prompt_len, vocab_size, seed=1), 1)]
+    for batch in BATCH_SIZES:
+        prompts = random_prompts(batch, options.decode_prompt_len, vocab_size, seed=2)
+        result += [(f"one_token_b{batch}", prompts, 1), (f"decode_b{batch}", prompts, options.new_tokens)]
+    return result
 
 
 # ---- timing --------------------------------------------------------------------------------------------------
@@ -178,208 +240,76 @@ class BandwidthProbe:
         return statistics.median(self.samples)
 
 
+def time_rounds(
+    generators: dict[str, Generate], work: list, options: argparse.Namespace, device: torch.device, probe
+) -> tuple[dict, dict]:
+    """Run every job with every implementation, --warmup untimed rounds then --repeats timed ones, the
+    implementations back to back in alternating order; the bandwidth probe sampled after each timed round.
+    Returns the seconds per implementation and job, and the tokens each produced in the last round."""
+    times = {name: {job: [] for job, _, _ in work} for name in generators}
+    tokens = {name: {} for name in generators}
+    for round_number in range(options.warmup + options.repeats):
+        order = list(generators) if round_number % 2 == 0 else list(reversed(generators))
+        for job, prompts, new_tokens in work:
+            for name in order:
+                seconds, out = timed(lambda: generators[name](prompts, new_tokens), device)  # noqa: B023
+                if round_number >= options.warmup:
+                    times[name][job].append(seconds)
+                tokens[name][job] = out
+        if round_number >= options.warmup:
+            probe.sample()
+    return times, tokens
+
+
 # ---- load time and memory, in a fresh process ----------------------------------------------------------------
-
-_LOAD_PROBE = """
-import json, resource, sys, time
-import torch
-from llama import Llama
-from llama.checkpoint import meta_device
-from llama.distributed import setup_model_parallel
-
-ckpt_dir, tokenizer_path, dtype, device, max_seq_len, threads, prompt_len, new_tokens = sys.argv[1:]
-torch.set_num_threads(int(threads))
-# The baseline: imports, the process group, and the ~800 modules (70 MB) the first dispatch mode imports.
-setup_model_parallel(device=device)
-with meta_device():
-    torch.empty(1)
-def peak_rss():  # bytes: Linux's VmHWM, which clear_refs can reset; elsewhere ru_maxrss (in bytes on macOS)
-    try:
-        status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
-        return int(status["VmHWM"].split()[0]) * 1024
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-try:  # the imports peaked higher than where they settled: start the peak from the current size
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-except OSError:
-    pass
-baseline = peak_rss()
-if device.startswith("cuda"):
-    torch.cuda.synchronize()
-start = time.perf_counter()
-llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=int(max_seq_len), max_batch_size=1, device=device,
-                    dtype=dtype)
-if device.startswith("cuda"):
-    torch.cuda.synchronize()
-load_s = time.perf_counter() - start
-load_peak = peak_rss()
-llama.tokenizer.eos_id = -1
-prompt = [[1] + [3 + i % 200 for i in range(int(prompt_len) - 1)]]
-llama.generate(prompt, max_gen_len=int(new_tokens), temperature=0)
-print(json.dumps({"load_s": load_s, "load_peak_rss_above_baseline": load_peak - baseline,
-                  "baseline_rss": baseline, "peak_rss_build_and_generate": peak_rss(),
-                  "peak_rss_build_and_generate_above_baseline": peak_rss() - baseline,
-                  "cache_bytes": sum(b.numel() * b.element_size() for b in llama.model.buffers())}))
-"""
 
 
 def measure_load(ckpt_dir: Path, tokenizer_path: Path, options: argparse.Namespace, max_seq_len: int) -> dict:
-    """Time Llama.build in a fresh process (batch 1) and read its peak resident memory above the process's
-    baseline, after the build and after a first generation. Raises RuntimeError with the probe's errors."""
-    arguments = [str(ckpt_dir), str(tokenizer_path), options.dtype, options.device, str(max_seq_len)]
-    arguments += [str(options.threads), str(options.prompt_len), str(options.new_tokens)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run(
-        # cwd: `python -c` puts the current folder first on sys.path, and this repository's llama must win
-        [sys.executable, "-c", _LOAD_PROBE, *arguments],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO_ROOT,
-        check=False,
-    )
+    """Time Llama.build in a fresh process (benchmarks/load_probe.py, batch 1) and read its peak resident
+    memory above the process's baseline, after the build and after a first generation. Raises RuntimeError
+    with the probe's errors."""
+    arguments = [str(ckpt_dir), str(tokenizer_path), "--dtype", options.dtype, "--device", options.device]
+    arguments += ["--max-seq-len", str(max_seq_len), "--threads", str(options.threads)]
+    arguments += ["--prompt-len", str(options.prompt_len), "--new-tokens", str(options.new_tokens)]
+    probe = Path(__file__).resolve().parent / "load_probe.py"
+    done = subprocess.run([sys.executable, str(probe), *arguments], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the load probe failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# ---- the benchmark -------------------------------------------------------------------------------------------
+# ---- the figures ---------------------------------------------------------------------------------------------
 
 
-def random_prompts(batch: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
-    """BOS, then random ids above the special ones (0, 1, 2)."""
-    generator = torch.Generator().manual_seed(seed)
-    return [[1] + torch.randint(3, vocab_size, (length - 1,), generator=generator).tolist() for _ in range(batch)]
-
-
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    """The command line; exits with a usage message for bad arguments."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="110m", help="a random model of this shape")
-    parser.add_argument("--ckpt_dir", help="a Meta-layout checkpoint folder instead of a random model")
-    parser.add_argument("--tokenizer_path", help="its tokenizer.model (with --ckpt_dir)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both libraries")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds; medians are reported")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--prompt_len", type=int, default=512, help="prompt tokens for prefill / first token")
-    parser.add_argument("--decode_prompt_len", type=int, default=16, help="prompt tokens before decoding")
-    parser.add_argument("--new_tokens", type=int, default=128, help="tokens decoded per sequence")
-    parser.add_argument("--no_hf", action="store_true", help="measure only this library")
-    parser.add_argument("--json", help="write the figures to this file")
-    options = parser.parse_args(argv)
-    if (options.ckpt_dir is None) != (options.tokenizer_path is None):
-        parser.error("--ckpt_dir and --tokenizer_path go together")
-    return options
-
-
-def run(options: argparse.Namespace, workdir: Path) -> dict:
-    """Run every measurement (temporary files in `workdir`) and return the figures as a JSON-ready dict."""
-    # The machine's load before this run adds its own: other work on the cores makes every figure noisier.
-    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    device = torch.device(options.device)
-    dtype = DTYPES[options.dtype]
-    torch.set_num_threads(options.threads)
-    max_seq_len = max(options.prompt_len, options.decode_prompt_len) + options.new_tokens
-
-    if options.ckpt_dir:
-        ckpt_dir, tokenizer_path = Path(options.ckpt_dir), Path(options.tokenizer_path)
-    else:
-        args = SHAPES[options.shape]
-        state = random_state_dict(args, dtype)
-        ckpt_dir = write_checkpoint(workdir / "checkpoint", args, state)
-        tokenizer_path = write_tokenizer(workdir / "tokenizer.model", args.vocab_size)
-        del state
-    checkpoint_bytes = sum(path.stat().st_size for path in ckpt_dir.glob("consolidated.*.pth"))
-    load = measure_load(ckpt_dir, tokenizer_path, options, max_seq_len)
-
-    ours = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max(BATCH_SIZES), device=device, dtype=dtype)
-    ours.tokenizer.eos_id = -1  # EOS ignored: every run decodes all --new_tokens, like HF's below
-    args = ours.model.params
-    weights = sum(p.numel() * p.element_size() for p in ours.model.parameters())
-    # A decoding step reads one row of the embedding table, not all of it: the stricter floor counts that.
-    embedding = ours.model.tok_embeddings.weight
-    weights_read = weights - embedding.numel() * embedding.element_size() + args.dim * embedding.element_size()
-    theirs = None if options.no_hf else hf_model(args, ours.model.state_dict(), dtype, device)
-
-    def our_generate(prompts, new_tokens):
-        return ours.generate(prompts, max_gen_len=new_tokens, temperature=0)[0]
-
-    @torch.inference_mode()
-    def their_generate(prompts, new_tokens):
-        input_ids = torch.tensor(prompts, device=device)
-        output = theirs.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            do_sample=False,
-            use_cache=True,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-        )
-        return output[:, input_ids.shape[1] :].tolist()
-
-    implementations = {"ours": our_generate}
-    if ours.decode_graphs is not None:
-        # The same model decoding without CUDA graphs: what the graphs buy, measured in the same run.
-        eager = Llama(ours.model, ours.tokenizer, cuda_graphs=False)
-
-        def our_eager_generate(prompts, new_tokens):
-            return eager.generate(prompts, max_gen_len=new_tokens, temperature=0)[0]
-
-        implementations["ours_eager"] = our_eager_generate
-    if theirs is not None:
-        implementations["hf"] = their_generate
-    prefill_prompt = random_prompts(1, options.prompt_len, args.vocab_size, seed=1)
-    decode_prompts = {
-        batch: random_prompts(batch, options.decode_prompt_len, args.vocab_size, seed=2) for batch in BATCH_SIZES
+def speed_figures(times: dict, options: argparse.Namespace, floor: float, floor_read: float, bytes_read: int) -> dict:
+    """Medians turned into rates: prefill tokens/s, decode tokens/s per batch size (the one-token time
+    subtracted, leaving the decoding steps), and batch-1 decoding against the bandwidth floors."""
+    median = {job: statistics.median(values) for job, values in times.items()}
+    figures = {
+        "time_to_first_token_s": median["first_token"],
+        "prefill_tokens_per_s": options.prompt_len / median["first_token"],
     }
-    # (name, prompts, new tokens): every figure comes from these timings.
-    jobs = [("first_token", prefill_prompt, 1)]
     for batch in BATCH_SIZES:
-        jobs += [(f"one_token_b{batch}", decode_prompts[batch], 1), (f"decode_b{batch}", decode_prompts[batch], None)]
+        steps_s = median[f"decode_b{batch}"] - median[f"one_token_b{batch}"]
+        figures[f"decode_tokens_per_s_b{batch}"] = batch * (options.new_tokens - 1) / steps_s
+    decode = figures["decode_tokens_per_s_b1"]
+    figures["decode_b1_percent_of_floor"] = 100 * decode / floor
+    figures["decode_b1_percent_of_floor_weights_read"] = 100 * decode / floor_read
+    figures["decode_b1_achieved_gb_per_s"] = decode * bytes_read / 1e9
+    return figures
 
-    bandwidth = BandwidthProbe(device)
-    times = {name: {job: [] for job, _, _ in jobs} for name in implementations}
-    tokens = {name: {} for name in implementations}
-    for round_number in range(options.warmup + options.repeats):
-        order = list(implementations) if round_number % 2 == 0 else list(reversed(implementations))
-        for job, prompts, new_tokens in jobs:
-            for name in order:
-                seconds, out = timed(
-                    lambda: implementations[name](prompts, new_tokens or options.new_tokens),  # noqa: B023
-                    device,
-                )
-                if round_number >= options.warmup:
-                    times[name][job].append(seconds)
-                tokens[name][job] = out
-        if round_number >= options.warmup:
-            bandwidth.sample()
-    bytes_per_s = bandwidth.median()
-    probe_bytes = bandwidth.matrix.numel() * bandwidth.matrix.element_size()
-    del bandwidth  # 1 or 4 GiB
-    floor, floor_read = bytes_per_s / weights, bytes_per_s / weights_read
 
-    figures = {}
-    for name in implementations:
-        median = {job: statistics.median(values) for job, values in times[name].items()}
-        figures[name] = {
-            "time_to_first_token_s": median["first_token"],
-            "prefill_tokens_per_s": options.prompt_len / median["first_token"],
-        }
-        for batch in BATCH_SIZES:
-            steps_s = median[f"decode_b{batch}"] - median[f"one_token_b{batch}"]
-            figures[name][f"decode_tokens_per_s_b{batch}"] = batch * (options.new_tokens - 1) / steps_s
-        decode = figures[name]["decode_tokens_per_s_b1"]
-        figures[name]["decode_b1_percent_of_floor"] = 100 * decode / floor
-        figures[name]["decode_b1_percent_of_floor_weights_read"] = 100 * decode / floor_read
-        figures[name]["decode_b1_achieved_gb_per_s"] = decode * weights_read / 1e9
-        for job, prompts, new_tokens in jobs:
-            out = tokens[name][job]
-            if len(out) != len(prompts) or any(len(row) != (new_tokens or options.new_tokens) for row in out):
+def check_same_work(tokens: dict, work: list) -> None:
+    """RuntimeError unless every implementation produced every token asked of it."""
+    for name, outputs in tokens.items():
+        for job, prompts, new_tokens in work:
+            out = outputs[job]
+            if len(out) != len(prompts) or any(len(row) != new_tokens for row in out):
                 raise RuntimeError(f"{name}, {job}: a sequence stopped early, so the work was not the same")
-    figures["ours"].update(
+
+
+def load_figures(load: dict, checkpoint_bytes: int) -> dict:
+    return dict(
         load_s=load["load_s"],
         load_peak_rss_above_baseline_bytes=load["load_peak_rss_above_baseline"],
         load_peak_rss_over_checkpoint_bytes=load["load_peak_rss_above_baseline"] / checkpoint_bytes,
@@ -388,54 +318,27 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
         peak_rss_after_generate_over_checkpoint_bytes=load["peak_rss_build_and_generate_above_baseline"]
         / checkpoint_bytes,
     )
-    result = {
-        "shape": None if options.ckpt_dir else options.shape,
-        "ckpt_dir": options.ckpt_dir,
-        "dtype": options.dtype,
-        "device": str(device),
-        "threads": options.threads,
-        "load_average_at_start": load_average,
-        "repeats": options.repeats,
-        "prompt_len": options.prompt_len,
-        "decode_prompt_len": options.decode_prompt_len,
-        "new_tokens": options.new_tokens,
-        "parameters": sum(p.numel() for p in ours.model.parameters()),
-        "weight_bytes": weights,
-        "checkpoint_bytes": checkpoint_bytes,
-        "memory_bandwidth_gb_per_s": bytes_per_s / 1e9,
-        "bandwidth_probe_bytes": probe_bytes,
-        "weight_bytes_read_per_token": weights_read,
-        "decode_floor_tokens_per_s": floor,
-        "decode_floor_weights_read_tokens_per_s": floor_read,
-        "ours": figures["ours"],
-        "peak_rss_bytes": _peak_rss(),
-    }
-    if device.type == "cuda":
-        result["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-        result["gpu"] = torch.cuda.get_device_name(device)
+
+
+def comparisons(figures: dict, tokens: dict) -> dict:
+    """Ratios between the implementations timed, and whether they produced the same greedy tokens."""
+    result = {}
     if "ours_eager" in figures:
-        result["ours_eager"] = figures["ours_eager"]
+        keys = ("decode_tokens_per_s_b1", "decode_tokens_per_s_b8")
         result["speedup_cuda_graphs_over_eager"] = {
-            key: figures["ours"][key] / figures["ours_eager"][key]
-            for key in ("decode_tokens_per_s_b1", "decode_tokens_per_s_b8")
+            key: figures["ours"][key] / figures["ours_eager"][key] for key in keys
         }
         result["cuda_graphs_tokens_agree_with_eager"] = all(
             tokens["ours"][job] == tokens["ours_eager"][job] for job in tokens["ours"]
         )
-    if theirs is not None:
-        result["hf"] = figures["hf"]
-        result["hf_attention"] = theirs.config._attn_implementation
+    if "hf" in figures:
         # Speed ratios: above 1, ours is faster (for a time, theirs / ours).
+        keys = ("prefill_tokens_per_s", "time_to_first_token_s", "decode_tokens_per_s_b1", "decode_tokens_per_s_b8")
         result["speedup_ours_over_hf"] = {
             key: figures["ours"][key] / figures["hf"][key]
             if "per_s" in key
             else figures["hf"][key] / figures["ours"][key]
-            for key in (
-                "prefill_tokens_per_s",
-                "time_to_first_token_s",
-                "decode_tokens_per_s_b1",
-                "decode_tokens_per_s_b8",
-            )
+            for key in keys
         }
         result["greedy_tokens_agree"] = {job: tokens["ours"][job] == tokens["hf"][job] for job in tokens["ours"]}
         # Where they differ (half precision rounds differently in the two), how far they went together.
@@ -459,8 +362,81 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def format_table(result: dict) -> str:
-    """The figures as a plain-text table."""
+def run(options: argparse.Namespace, workdir: Path) -> dict:
+    """Run every measurement (temporary files in `workdir`) and return the figures as a JSON-ready dict."""
+    # The machine's load before this run adds its own: other work on the cores makes every figure noisier.
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    device, dtype = torch.device(options.device), DTYPES[options.dtype]
+    torch.set_num_threads(options.threads)
+    max_seq_len = max(options.prompt_len, options.decode_prompt_len) + options.new_tokens
+    ckpt_dir, tokenizer_path = prepare_checkpoint(options, workdir)
+    checkpoint_bytes = sum(path.stat().st_size for path in ckpt_dir.glob("consolidated.*.pth"))
+    load = measure_load(ckpt_dir, tokenizer_path, options, max_seq_len)
+
+    ours = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max(BATCH_SIZES), device=device, dtype=dtype)
+    args = ours.model.params
+    weights = sum(p.numel() * p.element_size() for p in ours.model.parameters())
+    # A decoding step reads one row of the embedding table, not all of it: the stricter floor counts that.
+    embedding = ours.model.tok_embeddings.weight
+    weights_read = weights - embedding.numel() * embedding.element_size() + args.dim * embedding.element_size()
+    theirs = None if options.no_hf else hf_model(args, ours.model.state_dict(), dtype, device)
+    generators = implementations(ours, theirs, device)
+    work = jobs(options, args.vocab_size)
+    probe = BandwidthProbe(device)
+    times, tokens = time_rounds(generators, work, options, device, probe)
+    check_same_work(tokens, work)
+    bytes_per_s, probe_bytes = probe.median(), probe.matrix.numel() * probe.matrix.element_size()
+    del probe  # 1 or 4 GiB
+    floor, floor_read = bytes_per_s / weights, bytes_per_s / weights_read
+    figures = {name: speed_figures(times[name], options, floor, floor_read, weights_read) for name in generators}
+    figures["ours"].update(load_figures(load, checkpoint_bytes))
+    result = {
+        "shape": None if options.ckpt_dir else options.shape,
+        "ckpt_dir": options.ckpt_dir,
+        "dtype": options.dtype,
+        "device": str(device),
+        "threads": options.threads,
+        "load_average_at_start": load_average,
+        "repeats": options.repeats,
+        "prompt_len": options.prompt_len,
+        "decode_prompt_len": options.decode_prompt_len,
+        "new_tokens": options.new_tokens,
+        "parameters": sum(p.numel() for p in ours.model.parameters()),
+        "weight_bytes": weights,
+        "checkpoint_bytes": checkpoint_bytes,
+        "memory_bandwidth_gb_per_s": bytes_per_s / 1e9,
+        "bandwidth_probe_bytes": probe_bytes,
+        "weight_bytes_read_per_token": weights_read,
+        "decode_floor_tokens_per_s": floor,
+        "decode_floor_weights_read_tokens_per_s": floor_read,
+        **figures,
+        "peak_rss_bytes": _peak_rss(),
+        **comparisons(figures, tokens),
+    }
+    if device.type == "cuda":
+        result.update(
+            peak_gpu_memory_bytes=torch.cuda.max_memory_allocated(device), gpu=torch.cuda.get_device_name(device)
+        )
+    if theirs is not None:
+        result["hf_attention"] = theirs.config._attn_implementation
+    return result
+
+
+# ---- output --------------------------------------------------------------------------------------------------
+
+TABLE_ROWS = [
+    ("prefill tokens/s", "prefill_tokens_per_s", 1),
+    ("time to first token (ms)", "time_to_first_token_s", 1000),
+    ("decode tokens/s, batch 1", "decode_tokens_per_s_b1", 1),
+    ("decode tokens/s, batch 8", "decode_tokens_per_s_b8", 1),
+    ("decode batch 1, % of floor", "decode_b1_percent_of_floor", 1),
+    ("  (floor of weights read)", "decode_b1_percent_of_floor_weights_read", 1),
+    ("decode batch 1, GB/s achieved", "decode_b1_achieved_gb_per_s", 1),
+]
+
+
+def speed_table(result: dict) -> list[str]:
+    """The header lines and one row per figure: ours, HF's, the ratio, and ours without CUDA graphs."""
     ours, hf, speedup = result["ours"], result.get("hf", {}), result.get("speedup_ours_over_hf", {})
     eager = result.get("ours_eager")
     what = result["ckpt_dir"] or f"random {result['shape']}"
@@ -473,23 +449,18 @@ def format_table(result: dict) -> str:
         "",
         f"{'figure':<36}{'ours':>10}{'HF':>10}{'speedup':>10}" + (f"{'ours eager':>12}" if eager else ""),
     ]
-    rows = [
-        ("prefill tokens/s", "prefill_tokens_per_s", 1),
-        ("time to first token (ms)", "time_to_first_token_s", 1000),
-        ("decode tokens/s, batch 1", "decode_tokens_per_s_b1", 1),
-        ("decode tokens/s, batch 8", "decode_tokens_per_s_b8", 1),
-        ("decode batch 1, % of floor", "decode_b1_percent_of_floor", 1),
-        ("  (floor of weights read)", "decode_b1_percent_of_floor_weights_read", 1),
-        ("decode batch 1, GB/s achieved", "decode_b1_achieved_gb_per_s", 1),
-    ]
-    for label, key, scale in rows:
+    for label, key, scale in TABLE_ROWS:
         theirs = f"{hf[key] * scale:.1f}" if key in hf else "-"
         ratio = f"{speedup[key]:.2f}x" if key in speedup else ""
         line = f"{label:<36}{ours[key] * scale:>10.1f}{theirs:>10}{ratio:>10}"
         lines.append(line + (f"{eager[key] * scale:>12.1f}" if eager else ""))
-    mb = 1e6
-    lines += [
-        "",
+    return lines
+
+
+def notes(result: dict) -> list[str]:
+    """The lines under the table: bandwidth and floors, load and memory, and whether the tokens agreed."""
+    ours, mb = result["ours"], 1e6
+    lines = [
         f"memory bandwidth (float32 matrix-vector product over {result['bandwidth_probe_bytes'] / 2**30:.0f} GiB): "
         f"{result['memory_bandwidth_gb_per_s']:.1f} GB/s",
         f"decode floor, batch 1: {result['decode_floor_tokens_per_s']:.1f} tokens/s reading all "
@@ -506,19 +477,49 @@ def format_table(result: dict) -> str:
     ]
     if "peak_gpu_memory_bytes" in result:
         lines.append(f"GPU: {result['gpu']}; peak GPU memory: {result['peak_gpu_memory_bytes'] / mb:.0f} MB")
-    if eager:
+    if "ours_eager" in result:
         lines.append(
             "ours eager: the same model decoding without CUDA graphs; the graphs' decode speed-up: "
             + ", ".join(f"{ratio:.2f}x ({key})" for key, ratio in result["speedup_cuda_graphs_over_eager"].items())
             + f"; same greedy tokens as eager: {'yes' if result['cuda_graphs_tokens_agree_with_eager'] else 'NO'}"
         )
     if "greedy_tokens_agree" in result:
-        agree = result["greedy_tokens_agree"]
         prefix = result["greedy_tokens_common_prefix"]
-        differing = ", ".join(f"{job} (after {prefix[job]} equal tokens)" for job, same in agree.items() if not same)
-        verdict = "yes, in every run" if not differing else f"NO, they differ in {differing}"
+        differing = [
+            f"{job} (after {prefix[job]} equal tokens)"
+            for job, same in result["greedy_tokens_agree"].items()
+            if not same
+        ]
+        verdict = f"NO, they differ in {', '.join(differing)}" if differing else "yes, in every run"
         lines.append(f"same greedy tokens as HF ({result['hf_attention']} attention): {verdict}")
-    return "\n".join(lines)
+    return lines
+
+
+def format_table(result: dict) -> str:
+    """The figures as plain text."""
+    return "\n".join(speed_table(result) + [""] + notes(result))
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    """The command line; exits with a usage message for bad arguments."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="110m", help="a random model of this shape")
+    parser.add_argument("--ckpt_dir", help="a Meta-layout checkpoint folder instead of a random model")
+    parser.add_argument("--tokenizer_path", help="its tokenizer.model (with --ckpt_dir)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both libraries")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds; medians are reported")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--prompt_len", type=int, default=512, help="prompt tokens for prefill / first token")
+    parser.add_argument("--decode_prompt_len", type=int, default=16, help="prompt tokens before decoding")
+    parser.add_argument("--new_tokens", type=int, default=128, help="tokens decoded per sequence")
+    parser.add_argument("--no_hf", action="store_true", help="measure only this library")
+    parser.add_argument("--json", help="write the figures to this file")
+    options = parser.parse_args(argv)
+    if (options.ckpt_dir is None) != (options.tokenizer_path is None):
+        parser.error("--ckpt_dir and --tokenizer_path go together")
+    return options
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

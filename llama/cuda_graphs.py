@@ -6,36 +6,41 @@ the GPU waits for the CPU. A CUDA graph records the kernels of one step once and
 launch, so the step takes as long as the GPU needs to read the weights.
 
 A graph replays exactly what it recorded: the same kernels on the same memory with the same shapes. So the
-position is a tensor on the GPU that is filled before each replay (`Transformer.forward` accepts one), and
+position is a tensor on the GPU that is filled before each replay (`Transformer.forward_at` takes one), and
 attention reads a fixed window of the cache. One graph serves every position of its window; the windows are
 powers of two from `min_window` up to max_seq_len, so a step reads at most twice the cache it needs (short
 contexts read a short window). A graph is recorded for each (batch size, window) the first time it is needed.
 """
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
+from llama.decoding import EagerStep
 from llama.model import Transformer
 
 
 class _Captured:
     """One recorded step: its graph and the static tensors it reads and writes."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, tokens: torch.Tensor, start_pos: torch.Tensor, logits):
+    def __init__(self, graph: torch.cuda.CUDAGraph, tokens: torch.Tensor, positions: torch.Tensor, logits):
         self.graph = graph
         self.tokens = tokens  # (bsz, 1) int64, filled before each replay
-        self.start_pos = start_pos  # () int64, filled before each replay
+        self.positions = positions  # (1,) int64, filled before each replay
         self.logits = logits  # (bsz, 1, vocab) float32, written by each replay
 
 
 class DecodeGraphs:
-    """Replays `model.forward(tokens, start_pos)` for one new token per sequence from recorded CUDA graphs.
+    """The decoding step (see llama.decoding.Step) from recorded CUDA graphs: one-token steps replay a graph,
+    longer ones (the prefill) run the model eagerly. `fetch` queues the next step's replay before it waits for
+    this step's tokens, so that the GPU computes it while the host does its bookkeeping (else the GPU would idle
+    for that and for the graph's launch, about a tenth of a 7B model's step). If every sequence stops, the queued
+    step is wasted: it wrote cache entries nothing reads.
 
     The results equal the eager forward's up to the summation order of a larger attention window (a masked
     position adds an exact zero). The graphs hold the addresses of the model's parameters and cache: if those
-    change (`model.to(...)`, replaced parameters), `refresh()` notices and records again. Weights changed in
-    place (`load_state_dict`, `copy_`) are seen by the next replay.
+    change (`model.to(...)`, replaced parameters), the next sequence notices and records them again. Weights
+    changed in place (`load_state_dict`, `copy_`) are seen by the next replay.
     """
 
     def __init__(self, model: Transformer, min_window: int = 256):
@@ -47,6 +52,30 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()  # shared: steps replay one at a time, never together
         self.addresses = self._addresses()
+        self.queued: Optional[tuple[int, torch.Tensor]] = None  # (position, logits) of a step already queued
+
+    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool) -> torch.Tensor:
+        if start_pos == 0:  # a new batch of sequences
+            self.refresh()
+            self.queued = None
+        if self.queued is not None and self.queued[0] == start_pos:
+            logits, self.queued = self.queued[1], None
+            return logits
+        if tokens.shape[1] == 1:
+            return self.replay(tokens, start_pos)
+        return self.model(tokens, start_pos, last_only=last_only)
+
+    def fetch(self, values: torch.Tensor, next_step: Optional[tuple[torch.Tensor, int]]) -> list:
+        if next_step is None:
+            return values.tolist()
+        # The values come back through their own copy and event, which do not wait for the queued step.
+        on_host = values.to("cpu", non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        tokens, start_pos = next_step
+        self.queued = (start_pos, self.replay(tokens, start_pos))
+        copied.synchronize()
+        return on_host.tolist()
 
     def _addresses(self) -> tuple[int, ...]:
         return tuple(tensor.data_ptr() for tensor in (*self.model.parameters(), *self.model.buffers()))
@@ -67,9 +96,9 @@ class DecodeGraphs:
             window *= 2
         return min(window, self.model.params.max_seq_len)
 
-    def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def replay(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Logits (bsz, 1, vocab) for `tokens` (bsz, 1) at position start_pos, as model.forward gives them.
-        The returned tensor is overwritten by the next call: use it (or copy it) before then."""
+        The returned tensor is overwritten by the next replay: use it (or copy it) before then."""
         bsz, seqlen = tokens.shape
         params = self.model.params
         if seqlen != 1 or not 0 <= start_pos < params.max_seq_len or not 1 <= bsz <= params.max_batch_size:
@@ -84,7 +113,7 @@ class DecodeGraphs:
             captured = self.graphs[key] = self._capture(tokens, start_pos, key[1])
         else:
             captured.tokens.copy_(tokens)
-            captured.start_pos.fill_(start_pos)
+            captured.positions.fill_(start_pos)
             captured.graph.replay()
         return captured.logits
 
@@ -93,10 +122,10 @@ class DecodeGraphs:
         keys and values written to the same cache positions), so recording in the middle of a generation
         leaves its cache as the eager step would, and the logits returned are the step's."""
         static_tokens = tokens.clone()
-        static_pos = torch.tensor(start_pos, dtype=torch.long, device=tokens.device)
+        static_positions = torch.tensor([start_pos], dtype=torch.long, device=tokens.device)
 
         def step() -> torch.Tensor:
-            return self.model.forward(static_tokens, static_pos, window=window)
+            return self.model.forward_at(static_tokens, static_positions, cache_len=window)
 
         # Recording must follow warm-up on a side stream: the first calls set up library handles and
         # workspaces that may not be created while recording.
@@ -110,17 +139,18 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             logits = step()
         graph.replay()  # recording ran nothing: this computes the step
-        return _Captured(graph, static_tokens, static_pos, logits)
+        return _Captured(graph, static_tokens, static_positions, logits)
 
 
-def use_cuda_graphs(model: Transformer, requested: Optional[bool]) -> Optional[DecodeGraphs]:
-    """DecodeGraphs for `model`, or None for eager decoding. requested=None: graphs for a Transformer on a CUDA
-    device with one model-parallel process (with several, each step's all-reduces would be recorded too, which
-    is not tested here); True: graphs, or ValueError where they cannot run; False: eager."""
+def decode_step(model: torch.nn.Module, cuda_graphs: Optional[bool]) -> Union[DecodeGraphs, EagerStep]:
+    """The decoding step for `model`: DecodeGraphs, or EagerStep for eager decoding. cuda_graphs=None: graphs
+    for a Transformer on a CUDA device with one model-parallel process (with several, each step's all-reduces
+    would be recorded too, which is not tested here); True: graphs, or ValueError where they cannot run; False:
+    eager."""
     on_cuda = next(model.parameters()).device.type == "cuda"
-    if requested is None:
+    if cuda_graphs is None:
         world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        requested = on_cuda and world_size == 1 and isinstance(model, Transformer)
-    elif requested and not on_cuda:
+        cuda_graphs = on_cuda and world_size == 1 and isinstance(model, Transformer)
+    elif cuda_graphs and not on_cuda:
         raise ValueError("cuda_graphs=True needs the model on a CUDA device; use cuda_graphs=False or None")
-    return DecodeGraphs(model) if requested else None
+    return DecodeGraphs(model) if cuda_graphs else EagerStep(model)

@@ -1,5 +1,6 @@
-"""Process and device setup: one job, getting a torch.distributed group and fairscale's model-parallel group
-ready, whether the program was started by `torchrun --nproc_per_node N` or as a plain `python script.py`."""
+"""Process and device setup: getting a torch.distributed group and fairscale's model-parallel group ready,
+whether the program was started by `torchrun --nproc_per_node N` or as a plain `python script.py`, and choosing
+the device and dtype to compute in."""
 
 import contextlib
 import io
@@ -94,3 +95,16 @@ def ensure_model_parallel() -> int:
 def is_main_process() -> bool:
     """True on the process that should print (rank 0, or the only process)."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    """The dtype to compute in: `dtype` if given (a torch.dtype or its name), else bfloat16 on GPUs that
+    support it, float16 on other GPUs, float32 on the CPU. Raises ValueError for anything else."""
+    if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    resolved = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if resolved not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return resolved

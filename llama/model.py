@@ -1,5 +1,5 @@
-"""The Llama 2 network, in the order a reader needs it: config, norm, rotary embeddings, attention,
-feed-forward, block, transformer.
+"""The Llama 2 network, in the order a reader needs it: config, norm, rotary embeddings, key/value cache,
+attention, feed-forward, block, transformer.
 
 Parameter names are the names in Meta's checkpoints (`wq`, `w1`, `attention_norm`, ...), so a state-dict key
 points straight at the line that uses it. The linear layers and the embedding are fairscale's model-parallel
@@ -7,9 +7,10 @@ layers, split the way Meta's shards are split: on N ranks, each rank holds 1/N o
 feed-forward width, and the layers gather or sum the partial results themselves.
 """
 
+import operator
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +143,31 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     )
 
 
+class KVCache(nn.Module):
+    """The keys and values of the positions a sequence has been through, kept so that each new token computes
+    only its own. One per attention layer, preallocated for max_batch_size sequences of max_seq_len tokens.
+
+    It holds only the key/value heads: grouping n_rep query heads per key/value head divides its size by
+    n_rep (8 for Llama 2 70B), which is what makes long contexts fit."""
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.register_buffer("keys", torch.zeros(shape), persistent=False)
+        self.register_buffer("values", torch.zeros(shape), persistent=False)
+
+    def update(
+        self, positions: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cache_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys and values xk, xv (bs, seqlen, kv_heads, head_dim) at `positions` (seqlen,) and
+        return the cached keys and values of positions 0 .. cache_len - 1, (bs, cache_len, kv_heads, head_dim)
+        each. The positions are a tensor, not a slice, so that one recorded CUDA graph serves every step."""
+        bsz = xk.shape[0]
+        self.keys[:bsz].index_copy_(1, positions, xk)
+        self.values[:bsz].index_copy_(1, positions, xv)
+        return self.keys[:bsz, :cache_len], self.values[:bsz, :cache_len]
+
+
 class ColumnParallelLinear(fairscale_layers.ColumnParallelLinear):
     """fairscale's column-parallel linear layer (each rank computes some of the output features). On a single
     rank its copy and gather steps are identities, yet each is a Python autograd call: the plain product
@@ -188,50 +214,34 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(
             args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_init_weight
         )
-        # The key/value cache holds only the key/value heads: grouping n_rep query heads per key/value head
-        # divides its size by n_rep (8 for Llama 2 70B), which is what makes long contexts fit.
-        cache_shape = (args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim)
-        self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
-        self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
+        self.kv_cache = KVCache(args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim)
 
     def forward(
         self,
         x: torch.Tensor,
-        start_pos: Union[int, torch.Tensor],
         freqs_cis: torch.Tensor,
-        mask: Optional[torch.Tensor],
-        use_cache: bool = True,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache_len: Optional[int] = None,
     ) -> torch.Tensor:
+        """x: (bs, seqlen, dim) standing at `positions` (seqlen,), rotated by freqs_cis (seqlen, head_dim/2).
+        With cache_len, the new keys and values go into the cache and the queries read cache positions
+        0 .. cache_len - 1, mask (seqlen, cache_len) hiding those after each query's own; without it (training,
+        scoring) the tokens attend to each other only, mask (seqlen, seqlen), and the cache is left alone:
+        writing it in place would overwrite tensors autograd keeps for the backward pass."""
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (bs, seqlen, heads, head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seqlen, kv_heads, head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        if cache_len is not None:
+            xk, xv = self.kv_cache.update(positions, xk, xv, cache_len)  # (bs, cache_len, kv_heads, head_dim)
 
-        if use_cache and isinstance(start_pos, int):
-            self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
-            self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
-            xk = self.cache_k[:bsz, : start_pos + seqlen]  # (bs, context_len, kv_heads, head_dim)
-            xv = self.cache_v[:bsz, : start_pos + seqlen]
-        elif use_cache:
-            # start_pos is then the tensor of the tokens' positions (seqlen,), on the device: a CUDA graph replays
-            # the same kernels with new values in it, so the positions cannot be baked into a slice. Write with
-            # index_copy_, read a fixed window (the mask's width) and let the mask hide the positions after each
-            # query's own.
-            self.cache_k[:bsz].index_copy_(1, start_pos, xk)
-            self.cache_v[:bsz].index_copy_(1, start_pos, xv)
-            xk = self.cache_k[:bsz, : mask.shape[-1]]  # (bs, window, kv_heads, head_dim)
-            xv = self.cache_v[:bsz, : mask.shape[-1]]
-        # Without the cache (training, scoring) the context is these tokens alone and the buffers are left
-        # alone: writing them in place would overwrite tensors autograd keeps for the backward pass.
-        keys = repeat_kv(xk, self.n_rep)  # (bs, context_len, heads, head_dim)
-        values = repeat_kv(xv, self.n_rep)
-
+        keys = repeat_kv(xk, self.n_rep).transpose(1, 2)  # (bs, heads, context_len, head_dim)
+        values = repeat_kv(xv, self.n_rep).transpose(1, 2)
         xq = xq.transpose(1, 2)  # (bs, heads, seqlen, head_dim)
-        keys = keys.transpose(1, 2)  # (bs, heads, context_len, head_dim)
-        values = values.transpose(1, 2)
         # softmax(xq @ keys^T / sqrt(head_dim) + mask) @ values, in one fused kernel that never materialises
-        # the (seqlen, cache_len) scores and accumulates half-precision inputs in float32 (in half precision
+        # the (seqlen, context_len) scores and accumulates half-precision inputs in float32 (in half precision
         # the small weights of a long context would round to zero). No activation follows: the output is a
         # weighted average of values, and the value path (wv, then wo) is linear. The non-linearities are the
         # softmax weights, SwiGLU and the norms.
@@ -265,14 +275,22 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        start_pos: Union[int, torch.Tensor],
         freqs_cis: torch.Tensor,
-        mask: Optional[torch.Tensor],
-        use_cache: bool = True,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache_len: Optional[int] = None,
     ) -> torch.Tensor:
         # Pre-norm: the residual stream itself is never normalised, only what each sublayer reads from it.
-        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, use_cache)
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, positions, cache_len)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+def attention_mask(positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask (len(positions), len(key_positions)): 0 where a query may read a key, the key standing at
+    or before the query's position, and -inf elsewhere (later positions, and cache entries not written yet or
+    left over from an earlier sequence)."""
+    visible = key_positions[None, :] <= positions[:, None]
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
 
 
 class Transformer(nn.Module):
@@ -294,12 +312,7 @@ class Transformer(nn.Module):
         self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
 
     def forward(
-        self,
-        tokens: torch.Tensor,
-        start_pos: Union[int, torch.Tensor] = 0,
-        use_cache: bool = True,
-        last_only: bool = False,
-        window: Optional[int] = None,
+        self, tokens: torch.Tensor, start_pos: int = 0, use_cache: bool = True, last_only: bool = False
     ) -> torch.Tensor:
         """Logits (float32, shape (batch, seqlen, vocab)) for `tokens` (batch, seqlen) standing at positions
         start_pos .. start_pos + seqlen - 1, after the positions before start_pos already went through this
@@ -307,72 +320,69 @@ class Transformer(nn.Module):
         scoring whole sequences) the tokens attend causally to each other only, the cache is neither read nor
         written, autograd runs through, and the batch may be larger than max_batch_size. With `last_only`, only
         the last position's logits, shape (batch, 1, vocab): all that generation needs to pick the next token.
-
-        For CUDA graphs (see llama/cuda_graphs.py), `start_pos` may instead be a 0-d integer tensor on the
-        model's device, with `window` the number of cache positions attention reads (at least start_pos +
-        seqlen, at most max_seq_len; a fixed window lets one captured graph serve many positions). The position
-        is then not checked: it is on the device, and reading it would wait for the GPU.
         Raises ValueError when the tokens do not fit max_seq_len (or, with the cache, max_batch_size)."""
         bsz, seqlen = tokens.shape
-        on_device = isinstance(start_pos, torch.Tensor)
-        if on_device:
-            self._check_window(start_pos, window, seqlen, use_cache)
-        elif window is not None:
-            raise ValueError("window goes with a tensor start_pos; with an integer start_pos, leave it out")
-        if (use_cache and bsz > self.params.max_batch_size) or (
-            not on_device and start_pos + seqlen > self.params.max_seq_len
-        ):
-            where = "a position on the device" if on_device else f"positions {start_pos}..{start_pos + seqlen - 1}"
+        try:
+            start_pos = operator.index(start_pos)
+        except TypeError:
+            raise ValueError(f"start_pos must be an integer, got {start_pos!r}") from None
+        if (use_cache and bsz > self.params.max_batch_size) or not 0 <= start_pos <= self.params.max_seq_len - seqlen:
             raise ValueError(
-                f"batch of {bsz} at {where} does not fit the key/value cache "
+                f"batch of {bsz} at positions {start_pos}..{start_pos + seqlen - 1} does not fit the key/value cache "
                 f"(max_batch_size={self.params.max_batch_size}, max_seq_len={self.params.max_seq_len})"
             )
+        positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)  # (seqlen,)
+        return self.forward_at(tokens, positions, start_pos + seqlen if use_cache else None, last_only)
+
+    def forward_at(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache_len: Optional[int], last_only: bool = False
+    ) -> torch.Tensor:
+        """`forward` with the positions given as a tensor: tokens (batch, seqlen) at positions (seqlen,), an
+        int64 tensor on the model's device, which is not read on the host (on a GPU that would wait for it).
+        With the cache, attention reads cache positions 0 .. cache_len - 1, each query those up to its own; a
+        CUDA graph records this with a fixed cache_len and new positions at every replay. cache_len=None: no
+        cache, as forward's use_cache=False. Raises ValueError for tensors of the wrong kind or a cache_len
+        outside seqlen .. max_seq_len; the positions themselves are the caller's to keep below cache_len."""
+        self._check_positions(tokens, positions, cache_len)
         h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
         if self.freqs_cis.device != h.device:
             self.freqs_cis = precompute_freqs_cis(
                 self.params.head_dim, self.params.max_seq_len * 2, self.params.rope_theta, h.device
             )
-
-        mask = None
-        if on_device:
-            positions = start_pos + torch.arange(seqlen, device=h.device)  # (seqlen,)
-            freqs_cis = self.freqs_cis[positions]
-            # Row i reads the window's positions up to its own; the rest of the window is hidden (it holds
-            # stale or unwritten cache entries).
-            visible = torch.arange(window, device=h.device)[None, :] <= positions[:, None]  # (seqlen, window)
-            mask = torch.zeros(visible.shape, dtype=h.dtype, device=h.device).masked_fill(~visible, float("-inf"))
-        else:
-            freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
-        if not on_device and seqlen > 1:
-            # Row i stands at position start_pos + i and may read context positions up to its own: with the
-            # cache, the whole cached prefix and the new tokens up to itself (this is what makes chunked
-            # prefill right); without it, the new tokens up to itself.
-            context_len = start_pos + seqlen if use_cache else seqlen
-            mask = torch.full((seqlen, context_len), float("-inf"), device=tokens.device)
-            mask = torch.triu(mask, diagonal=context_len - seqlen + 1).type_as(h)  # (seqlen, context_len)
-
+        freqs_cis = self.freqs_cis[positions]  # (seqlen, head_dim/2)
+        # With the cache, row i may read the cached prefix and the new tokens up to itself (this is what makes
+        # chunked prefill right); without it, the new tokens up to itself.
+        key_positions = positions if cache_len is None else torch.arange(cache_len, device=h.device)
+        mask = attention_mask(positions, key_positions, h.dtype)  # (seqlen, context_len)
         for layer in self.layers:
-            # On the device the layers take the positions themselves, computed once here rather than per layer.
-            h = layer(h, positions if on_device else start_pos, freqs_cis, mask, use_cache)
+            h = layer(h, freqs_cis, mask, positions, cache_len)
         if last_only:
             # The output layer is a vocab x dim product per position (in a small model, as much as three or
             # four blocks): for a long prompt, skipping it at every position but the last saves much of the prefill.
             h = h[:, -1:]
         return self.output(self.norm(h)).float()  # (bs, seqlen, vocab), or (bs, 1, vocab)
 
-    def _check_window(self, start_pos: torch.Tensor, window: Optional[int], seqlen: int, use_cache: bool) -> None:
-        """ValueError unless a tensor start_pos comes with what the on-device path needs."""
-        if not use_cache:
-            raise ValueError("a tensor start_pos is for cached decoding (CUDA graphs); pass use_cache=True")
-        if start_pos.dim() != 0 or start_pos.dtype not in (torch.int32, torch.int64):
+    def _check_positions(self, tokens: torch.Tensor, positions: torch.Tensor, cache_len: Optional[int]) -> None:
+        bsz, seqlen = tokens.shape
+        if positions.shape != (seqlen,) or positions.dtype != torch.long:
             raise ValueError(
-                f"a tensor start_pos must be a 0-d int32/int64 tensor, got shape {tuple(start_pos.shape)} "
-                f"and dtype {start_pos.dtype}"
+                f"positions must be an int64 tensor of shape ({seqlen},), one per token; got shape "
+                f"{tuple(positions.shape)} and dtype {positions.dtype}"
             )
-        if start_pos.device != self.output.weight.device:
-            raise ValueError(f"start_pos is on {start_pos.device} but the model is on {self.output.weight.device}")
-        if isinstance(window, bool) or not isinstance(window, int) or not seqlen <= window <= self.params.max_seq_len:
+        if positions.device != self.output.weight.device:
+            raise ValueError(f"positions are on {positions.device} but the model is on {self.output.weight.device}")
+        if cache_len is None:
+            return
+        if (
+            isinstance(cache_len, bool)
+            or not isinstance(cache_len, int)
+            or not seqlen <= cache_len <= self.params.max_seq_len
+        ):
             raise ValueError(
-                f"window must be an integer from seqlen={seqlen} to max_seq_len={self.params.max_seq_len} with a "
-                f"tensor start_pos, got {window!r}"
+                f"cache_len must be an integer from seqlen={seqlen} to max_seq_len={self.params.max_seq_len}, "
+                f"got {cache_len!r}"
+            )
+        if bsz > self.params.max_batch_size:
+            raise ValueError(
+                f"batch of {bsz} does not fit the key/value cache (max_batch_size={self.params.max_batch_size})"
             )

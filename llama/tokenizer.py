@@ -27,6 +27,7 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"tokenizer file {model_path!r} does not exist: pass the tokenizer.model that came with the checkpoint"
             )
+        self.path = model_path
         self.sp_model = SentencePieceProcessor()
         try:
             self.sp_model.Load(model_path)

@@ -1,77 +1,120 @@
 """Train a small Llama-2-style model on a text file and write it in Meta's checkpoint layout.
 
-    python -m llama.train --text_path input.txt --out_dir my-model
+    python -m llama train --text-path input.txt --out-dir my-model
 
-The end of the text (`--val_fraction`, cut at a line break) is held out for validation. A SentencePiece
+The end of the text (`val_fraction`, cut at a line break) is held out for validation. A SentencePiece
 tokenizer (BPE, byte fallback, Llama's special ids) is trained on the rest, then this library's Transformer
 learns next-token prediction on random windows of it: AdamW, linear warm-up then cosine decay, gradient
 clipping, a fixed seed. The folder written (`params.json`, `consolidated.00.pth`, `tokenizer.model`, and
 `metrics.json` with the validation loss next to a unigram baseline) loads with `Llama.build` unchanged.
+
+Each phase is a function of its own (`prepare_data` in llama.data, `build_model`, `make_optimizer`,
+`train_steps`, `final_metrics`, `write_checkpoint`), for experiments that change one of them.
 """
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
-import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-import fire
-import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from llama.checkpoint import resolve_dtype, staged_folder
-from llama.distributed import setup_model_parallel
+from llama.atomic import staged_folder
+from llama.data import TrainingData, prepare_data, read_text
+from llama.distributed import resolve_dtype, setup_model_parallel
+from llama.layout import TOKENIZER_FILE, write_params
 from llama.model import ModelArgs, Transformer
 
-# params.json holds the architecture only, under Meta's names; batch and sequence sizes are chosen at load time.
-META_PARAM_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "norm_eps", "rope_theta")
+
+def _setting(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
-def split_text(text: str, val_fraction: float) -> tuple[str, str]:
-    """The text cut in two at the line break nearest before the last `val_fraction` of its characters:
-    (training text, validation text). Cutting at a line break keeps both halves tokenized as in the whole."""
-    cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1
-    return text[:cut], text[cut:]
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the model a training run makes (recorded in metrics.json); the defaults are the
+    bundled demo model's. Raises ValueError for a value out of range."""
 
+    vocab_size: int = _setting(2000, "pieces in the tokenizer trained on the text")
+    dim: int = _setting(192, "model width")
+    n_layers: int = _setting(6, "transformer blocks")
+    n_heads: int = _setting(8, "query heads")
+    n_kv_heads: int = _setting(4, "key/value heads (grouped-query attention when fewer than the query heads)")
+    multiple_of: int = _setting(64, "the feed-forward width is rounded up to a multiple of this")
+    max_seq_len: int = _setting(256, "tokens per training window: the context the model learns")
+    batch_size: int = _setting(8, "windows per step")
+    steps: int = _setting(1200, "optimizer steps")
+    learning_rate: float = _setting(2e-3, "peak learning rate")
+    min_lr_ratio: float = _setting(0.1, "the cosine decay ends at learning_rate times this")
+    warmup_steps: int = _setting(100, "steps of linear warm-up")
+    weight_decay: float = _setting(0.1, "AdamW weight decay of the matrices (never of the norm weights)")
+    grad_clip: float = _setting(1.0, "largest global gradient norm")
+    val_fraction: float = _setting(0.1, "share of the text, at its end, held out for validation")
+    eval_every: int = _setting(200, "steps between validation losses")
+    eval_windows: int = _setting(32, "validation windows scored during training (the final loss scores all)")
+    log_every: int = _setting(10, "steps between lines of training loss and speed")
+    seed: int = _setting(1337, "seed of the initial weights and of the windows drawn")
+    dtype: str = _setting("bfloat16", "dtype of the weights written: bfloat16, float16 or float32")
 
-def train_tokenizer(text: str, vocab_size: int) -> bytes:
-    """A serialized SentencePiece BPE model trained on the lines of `text`, with Llama's conventions: byte
-    fallback (any text encodes, a newline is the byte piece <0x0A>), unk 0, bos 1, eos 2, no pad piece.
-    Unlike Llama's, it adds no dummy space in front of the text: a prompt starts where a line of the corpus
-    starts, without a space. Raises ValueError when the text is too small for `vocab_size` pieces."""
-    model = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter([line for line in text.split("\n") if line]),
-            model_writer=model,
-            vocab_size=vocab_size,
-            model_type="bpe",
-            byte_fallback=True,
-            character_coverage=1.0,
-            split_digits=True,
-            # Keep the text as it is (spaces, case, newlines), so that decoding gives back exactly the text.
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            num_threads=2,
-            minloglevel=2,
+    def __post_init__(self):
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            minimum = 0 if item.name in ("warmup_steps", "seed") else 1
+            if item.type is int and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                what = "a positive whole number" if minimum else "a whole number >= 0"
+                raise ValueError(f"{item.name} must be {what}, got {value!r}")
+        for name in ("learning_rate", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name, low, high in (("val_fraction", 0.0, 0.5), ("min_lr_ratio", 0.0, 1.0), ("weight_decay", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"{name} must be a number from {low} to {high}, got {value!r}")
+        if self.val_fraction == 0:
+            raise ValueError("val_fraction must be above 0: the validation loss needs held-out text")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps must be from 0 to steps - 1 = {self.steps - 1}, got {self.warmup_steps}")
+        resolve_dtype(self.dtype, torch.device("cpu"))
+        self.model_args().validate()
+
+    def model_args(self) -> ModelArgs:
+        """The architecture, with a cache for one batch of training windows."""
+        return ModelArgs(
+            dim=self.dim,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            vocab_size=self.vocab_size,
+            multiple_of=self.multiple_of,
+            max_batch_size=self.batch_size,
+            max_seq_len=self.max_seq_len,
         )
-    except RuntimeError as error:
-        raise ValueError(
-            f"cannot train a tokenizer of vocab_size={vocab_size} on this text ({error}): the vocabulary holds "
-            "3 special and 256 byte pieces, a piece for every distinct character, and merges that the text must be "
-            "long enough to provide; choose another --vocab_size or give a longer text"
-        ) from error
-    return model.getvalue()
+
+
+def build_model(config: TrainConfig, device: torch.device) -> Transformer:
+    """A fresh model, its initial weights drawn from `config.seed` without touching the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return Transformer(config.model_args()).to(device)
+
+
+def make_optimizer(model: Transformer, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW. Weight decay pulls matrices towards small norms; the norms' weights are scales, where it would
+    only hurt, so they have none."""
+    matrices = [param for param in model.parameters() if param.dim() >= 2]
+    gains = [param for param in model.parameters() if param.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": config.weight_decay}, {"params": gains, "weight_decay": 0.0}],
+        lr=config.learning_rate,
+        betas=(0.9, 0.95),
+    )
 
 
 def learning_rate_at(step: int, steps: int, warmup_steps: int, learning_rate: float, min_lr_ratio: float) -> float:
@@ -133,222 +176,151 @@ def unigram_nll(train_tokens: torch.Tensor, val_tokens: torch.Tensor, vocab_size
     return -log_probs[val_tokens].sum().item()
 
 
-_INTEGER_OPTIONS = (
-    "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len", "batch_size",
-    "steps", "eval_every", "eval_windows", "log_every",
-)  # fmt: skip
-_SETTINGS_RECORDED = _INTEGER_OPTIONS + (
-    "learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "val_fraction", "seed", "dtype",
-)  # fmt: skip
-
-
-def _check_settings(settings: dict) -> None:
-    for name in _INTEGER_OPTIONS:
-        value = settings[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{name} must be a positive whole number, got {value!r}")
-    for name in ("learning_rate", "grad_clip"):
-        value = settings[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"--{name} must be a positive number, got {value!r}")
-    for name, low, high in (("val_fraction", 0.0, 0.5), ("min_lr_ratio", 0.0, 1.0), ("weight_decay", 0.0, 1.0)):
-        value = settings[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-            raise ValueError(f"--{name} must be a number from {low} to {high}, got {value!r}")
-    if settings["val_fraction"] == 0:
-        raise ValueError("--val_fraction must be above 0: the validation loss needs held-out text")
-    warmup_steps, steps = settings["warmup_steps"], settings["steps"]
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps < steps:
-        raise ValueError(
-            f"--warmup_steps must be a whole number from 0 to --steps - 1 = {steps - 1}, got {warmup_steps!r}"
-        )
-
-
-def train(
-    text_path: Union[str, Path],
-    out_dir: Union[str, Path],
-    vocab_size: int = 2000,
-    dim: int = 192,
-    n_layers: int = 6,
-    n_heads: int = 8,
-    n_kv_heads: int = 4,
-    multiple_of: int = 64,
-    max_seq_len: int = 256,
-    batch_size: int = 8,
-    steps: int = 1200,
-    learning_rate: float = 2e-3,
-    min_lr_ratio: float = 0.1,
-    warmup_steps: int = 100,
-    weight_decay: float = 0.1,
-    grad_clip: float = 1.0,
-    val_fraction: float = 0.1,
-    eval_every: int = 200,
-    eval_windows: int = 32,
-    log_every: int = 10,
-    seed: int = 1337,
-    dtype: str = "bfloat16",
-    device: Optional[str] = None,
-    overwrite: bool = False,
-) -> dict:
-    """Train a tokenizer and a model on the UTF-8 text at `text_path` and write the checkpoint folder
-    `out_dir` (see the module docstring); returns the metrics also written to out_dir/metrics.json.
-
-    Progress goes to stdout: the training loss and tokens/s every `log_every` steps, the validation loss on
-    the first `eval_windows` validation windows every `eval_every` steps (and before the first step), the
-    full validation loss and the unigram baseline at the end. Weights are stored in `dtype` (bfloat16,
-    float16 or float32). Raises FileNotFoundError for a missing text file, FileExistsError when out_dir
-    exists and `overwrite` is not set, and ValueError for bad settings or a text too short for them.
-    """
-    settings = {name: value for name, value in locals().items() if name in _SETTINGS_RECORDED}
-    _check_settings(settings)
-    save_dtype = resolve_dtype(dtype, torch.device("cpu"))
-    args = ModelArgs(
-        dim=dim,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        vocab_size=vocab_size,
-        multiple_of=multiple_of,
-        max_batch_size=batch_size,
-        max_seq_len=max_seq_len,
-    )
-    args.validate()
-    text_path, out_dir = Path(text_path), Path(out_dir)
-    if not text_path.is_file():
-        raise FileNotFoundError(f"text file {str(text_path)!r} does not exist: pass --text_path a UTF-8 text file")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{str(out_dir)!r} already exists: choose another --out_dir or pass --overwrite")
-    try:
-        text = text_path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{str(text_path)!r} is not UTF-8 text ({error})") from error
-
-    train_text, val_text = split_text(text, val_fraction)
-    if not train_text.strip() or not val_text.strip():
-        raise ValueError(
-            f"{str(text_path)!r} ({len(text)} characters) is too short to hold out {val_fraction:.0%} of its lines "
-            "for validation: give a longer text"
-        )
-    tokenizer_model = train_tokenizer(train_text, vocab_size)
-    tokenizer = spm.SentencePieceProcessor(model_proto=tokenizer_model)
-    train_tokens = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
-    val_tokens = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
-    if len(train_tokens) < max_seq_len + 1:
-        raise ValueError(
-            f"the training text is {len(train_tokens)} tokens, fewer than max_seq_len + 1 = {max_seq_len + 1}: "
-            "give a longer text or a smaller --max_seq_len"
-        )
-    print(
-        f"text: {len(train_text):,} characters ({len(train_tokens):,} tokens) to train on, "
-        f"{len(val_text):,} ({len(val_tokens):,} tokens) to validate on",
-        flush=True,
-    )
-
-    device = setup_model_parallel(device=device)
-    with torch.random.fork_rng(devices=[]):  # seed the initial weights without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = Transformer(args).to(device)
-    n_params = sum(param.numel() for param in model.parameters())
-    print(f"model: {n_params:,} parameters, {dataclasses.asdict(args)}", flush=True)
-    # Weight decay pulls matrices towards small norms; the norms' gains are scales, where it would only hurt.
-    matrices = [param for param in model.parameters() if param.dim() >= 2]
-    gains = [param for param in model.parameters() if param.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": weight_decay}, {"params": gains, "weight_decay": 0.0}],
-        lr=learning_rate,
-        betas=(0.9, 0.95),
-    )
-    batches = torch.Generator().manual_seed(seed)
+def train_steps(
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    data: TrainingData,
+    config: TrainConfig,
+    log: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> list[tuple[int, float]]:
+    """Run the training loop; returns the validation losses as (step, nats per token), the first before any
+    step. Logs the training loss and tokens/s every log_every steps and the validation loss every eval_every."""
+    device = next(model.parameters()).device
+    batches = torch.Generator().manual_seed(config.seed)
 
     def validation_loss() -> float:
         model.eval()
-        total, count = evaluate(model, val_tokens, tokenizer.bos_id(), max_seq_len, batch_size, eval_windows)
+        total, count = evaluate(
+            model, data.val_tokens, data.bos_id, config.max_seq_len, config.batch_size, config.eval_windows
+        )
         model.train()
         return total / count
 
     history = [(0, validation_loss())]
-    print(f"step 0: validation loss {history[-1][1]:.4f} nats/token", flush=True)
+    log(f"step 0: validation loss {history[-1][1]:.4f} nats/token")
     started = last_log = time.perf_counter()
     recent_losses = []
-    for step in range(steps):
-        lr = learning_rate_at(step, steps, warmup_steps, learning_rate, min_lr_ratio)
+    for step in range(config.steps):
+        lr = learning_rate_at(step, config.steps, config.warmup_steps, config.learning_rate, config.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        inputs, targets = sample_batch(train_tokens, batch_size, max_seq_len, tokenizer.bos_id(), batches)
+        inputs, targets = sample_batch(data.train_tokens, config.batch_size, config.max_seq_len, data.bos_id, batches)
         logits = model(inputs.to(device), use_cache=False)  # (batch, seq_len, vocab)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # Clipping the global norm keeps one unlucky batch from undoing what warm-up protected.
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         recent_losses.append(loss.item())
         done = step + 1
-        if done % log_every == 0 or done == steps:
+        if done % config.log_every == 0 or done == config.steps:
             now = time.perf_counter()
-            tokens_per_second = len(recent_losses) * batch_size * max_seq_len / (now - last_log)
-            print(
-                f"step {done}/{steps} | loss {sum(recent_losses) / len(recent_losses):.4f} | lr {lr:.2e} | "
-                f"{tokens_per_second:,.0f} tokens/s | {now - started:,.0f} s",
-                flush=True,
+            tokens_per_second = len(recent_losses) * config.batch_size * config.max_seq_len / (now - last_log)
+            log(
+                f"step {done}/{config.steps} | loss {sum(recent_losses) / len(recent_losses):.4f} | lr {lr:.2e} | "
+                f"{tokens_per_second:,.0f} tokens/s | {now - started:,.0f} s"
             )
             recent_losses, last_log = [], now
-        if done % eval_every == 0 or done == steps:
+        if done % config.eval_every == 0 or done == config.steps:
             history.append((done, validation_loss()))
-            print(f"step {done}: validation loss {history[-1][1]:.4f} nats/token", flush=True)
+            log(f"step {done}: validation loss {history[-1][1]:.4f} nats/token")
             last_log = time.perf_counter()  # evaluation time is not training throughput
-    train_seconds = time.perf_counter() - started
+    return history
 
+
+def final_metrics(model: Transformer, data: TrainingData, config: TrainConfig, history: list) -> dict:
+    """The validation loss of the weights as they will be stored (rounded to config.dtype: the model is
+    changed in place), every validation token scored once, next to the unigram baseline; with the run's
+    settings and the text's checksum, as metrics.json records them."""
     model.eval()
-    with torch.no_grad():  # the metrics describe the weights as stored, rounded to the checkpoint's dtype
+    with torch.no_grad():
         for param in model.parameters():
-            param.copy_(param.to(save_dtype))
-    val_nll, val_count = evaluate(model, val_tokens, tokenizer.bos_id(), max_seq_len, batch_size)
-    baseline_nll = unigram_nll(train_tokens, val_tokens, vocab_size)
-    metrics = {
-        "parameters": n_params,
-        "train_tokens": len(train_tokens),
+            param.copy_(param.to(resolve_dtype(config.dtype, param.device)))
+    val_nll, val_count = evaluate(model, data.val_tokens, data.bos_id, config.max_seq_len, config.batch_size)
+    baseline_nll = unigram_nll(data.train_tokens, data.val_tokens, config.vocab_size)
+    return {
+        "parameters": sum(param.numel() for param in model.parameters()),
+        "train_tokens": len(data.train_tokens),
         "val_tokens": val_count,
-        "val_chars": len(val_text),
+        "val_chars": data.val_chars,
         "val_nats_per_token": val_nll / val_count,
-        "val_nats_per_char": val_nll / len(val_text),
-        "val_bits_per_char": val_nll / len(val_text) / math.log(2),
+        "val_nats_per_char": val_nll / data.val_chars,
+        "val_bits_per_char": val_nll / data.val_chars / math.log(2),
         "unigram_nats_per_token": baseline_nll / val_count,
-        "unigram_nats_per_char": baseline_nll / len(val_text),
-        "unigram_bits_per_char": baseline_nll / len(val_text) / math.log(2),
+        "unigram_nats_per_char": baseline_nll / data.val_chars,
+        "unigram_bits_per_char": baseline_nll / data.val_chars / math.log(2),
         "val_history": history,
-        "train_seconds": round(train_seconds, 1),
-        "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        "settings": settings,
+        "text_sha256": hashlib.sha256(data.text.encode("utf-8")).hexdigest(),
+        "settings": dataclasses.asdict(config),
     }
-    print(
+
+
+def write_checkpoint(
+    out_dir: Union[str, Path],
+    model: Transformer,
+    config: TrainConfig,
+    tokenizer_model: bytes,
+    metrics: dict,
+    overwrite: bool = False,
+) -> None:
+    """Write the Meta-layout folder: params.json, consolidated.00.pth in config.dtype, tokenizer.model and
+    metrics.json. Written under a temporary name and renamed into place: a reader sees the old folder or the
+    whole new one, never a half-written one, and a failure leaves nothing behind."""
+    dtype = resolve_dtype(config.dtype, torch.device("cpu"))
+    with staged_folder(out_dir, overwrite=overwrite) as folder:
+        write_params(folder, config.model_args())
+        state = {name: tensor.detach().to("cpu", dtype).clone() for name, tensor in model.state_dict().items()}
+        torch.save(state, folder / "consolidated.00.pth")
+        (folder / TOKENIZER_FILE).write_bytes(tokenizer_model)
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def train(
+    text_path: Union[str, Path],
+    out_dir: Union[str, Path],
+    config: TrainConfig = TrainConfig(),
+    device: Optional[str] = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> dict:
+    """Train a tokenizer and a model on the UTF-8 text at `text_path` and write the checkpoint folder
+    `out_dir` (see the module docstring); returns the metrics also written to out_dir/metrics.json. Progress
+    goes to `log`. Raises FileNotFoundError for a missing text file, FileExistsError when out_dir exists and
+    `overwrite` is not set, and ValueError for a text too short for the settings."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{str(out_dir)!r} already exists: choose another folder or pass --overwrite")
+    data = prepare_data(read_text(text_path), config.val_fraction, config.vocab_size, config.max_seq_len)
+    log(
+        f"text: {len(data.train_tokens):,} tokens to train on, {len(data.val_tokens):,} tokens "
+        f"({data.val_chars:,} characters) to validate on"
+    )
+    model = build_model(config, setup_model_parallel(device=device))
+    log(f"model: {sum(param.numel() for param in model.parameters()):,} parameters, {config.model_args()}")
+    started = time.perf_counter()
+    history = train_steps(model, make_optimizer(model, config), data, config, log)
+    train_seconds = round(time.perf_counter() - started, 1)
+    metrics = final_metrics(model, data, config, history) | {"train_seconds": train_seconds}
+    log(
         f"validation: {metrics['val_nats_per_token']:.4f} nats/token, {metrics['val_nats_per_char']:.4f} nats/char "
         f"({metrics['val_bits_per_char']:.4f} bits/char); unigram baseline: "
         f"{metrics['unigram_nats_per_token']:.4f} nats/token, {metrics['unigram_nats_per_char']:.4f} nats/char "
-        f"({metrics['unigram_bits_per_char']:.4f} bits/char)",
-        flush=True,
+        f"({metrics['unigram_bits_per_char']:.4f} bits/char)"
     )
-
-    # Written under a temporary name and renamed into place: a reader sees the old folder or the whole new
-    # one, never a half-written one, and a failure leaves nothing behind.
-    with staged_folder(out_dir, overwrite=overwrite) as folder:
-        params = {name: value for name, value in dataclasses.asdict(args).items() if name in META_PARAM_KEYS}
-        (folder / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-        state = {name: tensor.detach().to("cpu", save_dtype).clone() for name, tensor in model.state_dict().items()}
-        torch.save(state, folder / "consolidated.00.pth")
-        (folder / "tokenizer.model").write_bytes(tokenizer_model)
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"wrote {out_dir}", flush=True)
+    write_checkpoint(out_dir, model, config, data.tokenizer_model, metrics, overwrite)
     return metrics
 
 
-def main() -> None:
-    """The command line: `python -m llama.train --text_path FILE --out_dir FOLDER [--option value ...]`."""
-    try:
-        fire.Fire(train, serialize=lambda metrics: None)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        sys.exit(f"error: {error}")
-
-
 if __name__ == "__main__":
-    main()
+    # `python -m llama.train ...`, the former spelling of `python -m llama train ...`, kept for one release.
+    import sys
+
+    from llama.cli import main
+
+    print(
+        "notice: `python -m llama.train` is now `python -m llama train`; the old spelling will be removed in the "
+        "next release",
+        file=sys.stderr,
+    )
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from llama import Llama
-from llama.checkpoint import meta_device
+from llama.layout import meta_device
 from llama.tokenizer import Tokenizer
 
 

@@ -4,7 +4,7 @@ streamed, the oldest turns trimmed with a notice when the history no longer fits
 import pytest
 
 from helpers import random_model, run_python, small_args, write_checkpoint
-from llama.generation import encode_dialog, trim_dialog
+from llama.chat_format import Llama2ChatFormat, trim_dialog
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_interactive_chat_refuses_tags_and_overlong_messages_and_goes_on(checkpo
     lines = "Say [INST] hi\n" + "word " * 80 + "\nHello\n"
     result = chat(checkpoint, tokenizer_path, lines, "--max_seq_len", "64", "--max_gen_len", "8")
     assert result.returncode == 0, result.stderr
-    assert "not allowed in messages" in result.stderr and "more than the 56 that fit" in result.stderr
+    assert "the chat format refuses this message" in result.stderr and "more than the 56 that fit" in result.stderr
     assert result.stdout.count("Assistant: ") == 1
 
 
@@ -53,11 +53,12 @@ def test_trim_dialog_keeps_the_system_message_and_the_last_user_turn(tokenizer):
     for n in range(4):
         turns += [{"role": "user", "content": f"question {n}"}, {"role": "assistant", "content": f"answer {n}"}]
     dialog = [system] + turns + [{"role": "user", "content": "last question"}]
-    full = len(encode_dialog(tokenizer, dialog))
-    assert trim_dialog(tokenizer, dialog, full) == (dialog, 0)
-    trimmed, dropped = trim_dialog(tokenizer, dialog, full - 1)
+    chat_format = Llama2ChatFormat(tokenizer)
+    full = len(chat_format.encode_dialog_prompt(dialog))
+    assert trim_dialog(chat_format, dialog, full) == (dialog, 0)
+    trimmed, dropped = trim_dialog(chat_format, dialog, full - 1)
     assert dropped == 2 and trimmed == [system] + turns[2:] + [dialog[-1]]
-    last_only = len(encode_dialog(tokenizer, [system, dialog[-1]]))
-    assert trim_dialog(tokenizer, dialog, last_only) == ([system, dialog[-1]], 8)
+    last_only = len(chat_format.encode_dialog_prompt([system, dialog[-1]]))
+    assert trim_dialog(chat_format, dialog, last_only) == ([system, dialog[-1]], 8)
     with pytest.raises(ValueError, match="the last message"):
-        trim_dialog(tokenizer, dialog, last_only - 1)
+        trim_dialog(chat_format, dialog, last_only - 1)

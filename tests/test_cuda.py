@@ -8,6 +8,7 @@ import torch
 from helpers import random_model, run_python, run_torchrun, small_args, write_checkpoint
 from llama import Llama, demo_checkpoint
 from llama.cuda_graphs import DecodeGraphs
+from llama.decoding import EagerStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -60,14 +61,14 @@ def test_graph_decoding_equals_eager_decoding_across_windows_and_batch_sizes(tok
     model = random_model(small_args(max_seq_len=600, max_batch_size=3), seed=22).cuda()
     graphs = Llama(model, tokenizer, cuda_graphs=True)
     eager = Llama(model, tokenizer, cuda_graphs=False)
-    assert isinstance(graphs.decode_graphs, DecodeGraphs) and eager.decode_graphs is None
+    assert isinstance(graphs.decode_step, DecodeGraphs) and isinstance(eager.decode_step, EagerStep)
     for prompts in (PROMPTS, PROMPTS[:1]):
         fast, fast_logprobs = graphs.generate(prompts, max_gen_len=300, temperature=0, logprobs=True)
         slow, slow_logprobs = eager.generate(prompts, max_gen_len=300, temperature=0, logprobs=True)
         assert fast == slow
         for first, second in zip(fast_logprobs, slow_logprobs):
             torch.testing.assert_close(torch.tensor(first), torch.tensor(second), **TOLERANCE)
-    assert {key for key in graphs.decode_graphs.graphs} >= {(3, 256), (3, 512), (1, 256), (1, 512)}
+    assert {key for key in graphs.decode_step.graphs} >= {(3, 256), (3, 512), (1, 256), (1, 512)}
     assert max(len(row) for row in fast) > 256  # the 512 window was really used
 
 
@@ -87,7 +88,7 @@ def test_graphs_are_recorded_again_when_the_model_moves(tokenizer):
     after, _ = llama.generate(PROMPTS, max_gen_len=20, temperature=0)
     eager, _ = Llama(model, tokenizer, cuda_graphs=False).generate(PROMPTS, max_gen_len=20, temperature=0)
     assert after == eager
-    assert all(captured.logits.device.type == "cuda" for captured in llama.decode_graphs.graphs.values())
+    assert all(captured.logits.device.type == "cuda" for captured in llama.decode_step.graphs.values())
 
 
 def test_cuda_graphs_on_the_cpu_are_refused(tokenizer):
@@ -100,7 +101,7 @@ def test_build_on_the_gpu_defaults_to_bfloat16_with_graphs_and_gives_the_cpu_tex
     prompts = ["ROMEO:\n", "JULIET:\nO gentle night,"]
     default = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=128, max_batch_size=2, device="cuda")
     assert next(default.model.parameters()).dtype == torch.bfloat16
-    assert default.decode_graphs is not None
+    assert isinstance(default.decode_step, DecodeGraphs)
     texts = {}
     for device, dtype in (("cpu", "float32"), ("cuda", "float32")):
         llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=128, max_batch_size=2, device=device, dtype=dtype)

@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import llama.checkpoint
+import llama.loading
 from helpers import REPO_ROOT, run_python, run_torchrun, write_checkpoint
 from llama import Llama, demo_checkpoint
-from llama.checkpoint import load_shard, read_model_args
-from llama.train import META_PARAM_KEYS
+from llama.layout import PARAM_KEYS, read_model_args
+from llama.shards import load_shard
 
 DEMO_FILES = ["consolidated.00.pth", "metrics.json", "params.json", "tokenizer.model"]
 
@@ -80,7 +80,7 @@ def test_bundled_checkpoint_is_meta_layout_in_bfloat16_under_10_mb_with_grouped_
     size = sum(path.stat().st_size for path in ckpt_dir.iterdir())
     assert size <= 10_000_000, f"the demo model takes {size:,} bytes, more than 10 MB"
     params = json.loads((ckpt_dir / "params.json").read_text())
-    assert set(params) <= set(META_PARAM_KEYS), f"params.json holds keys Meta's do not: {params}"
+    assert set(params) <= set(PARAM_KEYS), f"params.json holds keys Meta's do not: {params}"
     assert params["n_heads"] == 2 * params["n_kv_heads"]
     state = load_shard(ckpt_dir / "consolidated.00.pth")
     assert {tensor.dtype for tensor in state.values()} == {torch.bfloat16}
@@ -90,7 +90,7 @@ def test_bundled_checkpoint_is_meta_layout_in_bfloat16_under_10_mb_with_grouped_
 
 
 def test_demo_checkpoint_names_a_missing_file_and_the_fix(monkeypatch, tmp_path):
-    monkeypatch.setattr(llama.checkpoint, "DEMO_DIR", tmp_path)
+    monkeypatch.setattr(llama.loading, "DEMO_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="params.json.*pip install"):
         demo_checkpoint()
 
@@ -132,7 +132,9 @@ def test_example_text_completion_without_arguments_prints_play_like_text_from_th
     result = run_python(["example_text_completion.py", "--temperature", "0", "--max_gen_len", "48"])
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ROMEO:\n")
-    assert result.stdout.count("\n> ") == 4
+    texts = result.stdout.split("-" * 72 + "\n")
+    assert len(texts) == 5 and texts[-1] == "", "four texts, each followed by a rule"
+    assert texts[3].startswith("JULIET:\nO gentle night, "), "the continuation follows the prompt on its line"
 
 
 def test_bundled_model_split_over_two_processes_prints_what_one_process_prints(tmp_path):

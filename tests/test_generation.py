@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import random_model, small_args
-from llama.generation import UNSAFE_REQUEST_ERROR, Llama, encode_dialog, sample_top_p
+from llama.chat_format import UNSAFE_REQUEST_ERROR, Llama2ChatFormat
+from llama.generation import Llama
+from llama.sampling import sample_top_p
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,7 @@ class EosAt(torch.nn.Module):
 
     def forward(self, tokens, start_pos=0, last_only=False):
         self.calls += 1
-        logits = self.inner(tokens, start_pos, last_only)
+        logits = self.inner(tokens, start_pos, last_only=last_only)
         if self.forbid:
             logits[..., self.eos_id] = float("-inf")
         first = start_pos + tokens.shape[1] - logits.shape[1]  # the position of logits[:, 0]
@@ -192,7 +194,8 @@ def test_chat_prompt_is_the_llama_2_chat_format_token_for_token(generator, token
         + [eos, bos]
         + sp.encode("[INST] And 3 plus 3? [/INST]")
     )
-    assert encode_dialog(generator.tokenizer, dialog) == expected
+    assert Llama2ChatFormat(generator.tokenizer).encode_dialog_prompt(dialog) == expected
+    assert generator.chat_format.encode_dialog_prompt(dialog) == expected
     # chat_completion answers exactly what text generation gives for those tokens.
     answer = generator.chat_completion([dialog], temperature=0, max_gen_len=6)[0]["generation"]
     tokens, _ = generator.generate([expected], max_gen_len=6, temperature=0)

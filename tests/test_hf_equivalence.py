@@ -7,8 +7,9 @@ import torch
 
 from helpers import random_model, small_args
 from llama import Llama
-from llama.checkpoint import load_shard, read_model_args
 from llama.hf import hf_to_meta_state_dict, meta_to_hf_state_dict
+from llama.layout import read_model_args
+from llama.shards import load_shard
 
 transformers = pytest.importorskip("transformers")
 

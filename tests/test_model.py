@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fairscale_layers
 
 from helpers import random_model, small_args
-from llama.checkpoint import meta_device
+from llama.layout import meta_device
 from llama.model import (
     Attention,
     FeedForward,
+    KVCache,
     ModelArgs,
     RMSNorm,
     Transformer,
@@ -43,9 +44,11 @@ def test_every_module_returns_the_documented_shape():
     rq, rk = apply_rotary_emb(xq, xk, freqs_cis)
     assert rq.shape == xq.shape and rk.shape == xk.shape
     assert repeat_kv(xk, 2).shape == (bs, seqlen, args.n_heads, head_dim)
-    assert Attention(args)(x, 0, freqs_cis, causal_mask(seqlen)).shape == (bs, seqlen, args.dim)
+    positions = torch.arange(seqlen)
+    assert Attention(args)(x, freqs_cis, causal_mask(seqlen), positions).shape == (bs, seqlen, args.dim)
     assert FeedForward(args.dim, args.ffn_hidden_dim)(x).shape == (bs, seqlen, args.dim)
-    assert TransformerBlock(0, args)(x, 0, freqs_cis, causal_mask(seqlen)).shape == (bs, seqlen, args.dim)
+    block = TransformerBlock(0, args)
+    assert block(x, freqs_cis, causal_mask(seqlen), positions, cache_len=seqlen).shape == (bs, seqlen, args.dim)
     logits = Transformer(args)(torch.randint(0, args.vocab_size, (bs, seqlen)))
     assert logits.shape == (bs, seqlen, args.vocab_size) and logits.dtype == torch.float32
 
@@ -167,7 +170,7 @@ def test_grouped_query_attention_equals_multi_head_attention_with_repeated_key_v
     with torch.no_grad():
         torch.testing.assert_close(gqa(tokens), mha(tokens), **TOLERANCE)
     # ... while its key/value cache is n_heads / n_kv_heads = 4 times smaller.
-    assert mha.layers[0].attention.cache_k.numel() == n_rep * gqa.layers[0].attention.cache_k.numel()
+    assert mha.layers[0].attention.kv_cache.keys.numel() == n_rep * gqa.layers[0].attention.kv_cache.keys.numel()
 
 
 def test_value_path_is_linear_each_head_acts_through_one_dim_by_dim_matrix():
@@ -180,7 +183,7 @@ def test_value_path_is_linear_each_head_acts_through_one_dim_by_dim_matrix():
     x = torch.randn(2, seqlen, args.dim)
     freqs_cis = precompute_freqs_cis(head_dim, seqlen)
     with torch.no_grad():
-        output = attention(x, 0, freqs_cis, causal_mask(seqlen))
+        output = attention(x, freqs_cis, causal_mask(seqlen), torch.arange(seqlen))
         xq = attention.wq(x).view(2, seqlen, args.n_heads, head_dim)
         xk = attention.wk(x).view(2, seqlen, args.n_kv_heads, head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
@@ -268,10 +271,19 @@ def test_chunked_prefill_with_start_pos_matches_full_forward():
     torch.testing.assert_close(chunked, full, **TOLERANCE)
 
 
-def test_position_given_as_a_tensor_with_a_fixed_window_matches_full_forward():
-    """The CUDA-graph form of the step (position in a 0-d tensor, attention over a fixed cache window with the
-    later positions masked) gives the logits of the plain forward, for single tokens and chunks, after the
-    window has held stale entries from a longer earlier sequence."""
+def test_kv_cache_update_writes_at_the_positions_and_returns_the_first_cache_len_entries():
+    cache = KVCache(max_batch_size=3, max_seq_len=8, n_kv_heads=2, head_dim=4)
+    xk, xv = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4)
+    keys, values = cache.update(torch.tensor([4, 5, 6]), xk, xv, cache_len=7)
+    assert keys.shape == values.shape == (2, 7, 2, 4)
+    assert torch.equal(keys[:, 4:7], xk) and torch.equal(values[:, 4:7], xv)
+    assert not keys[:, :4].any() and not cache.keys[2:].any(), "only the batch rows and positions given are written"
+
+
+def test_positions_given_as_a_tensor_with_a_fixed_cache_len_match_full_forward():
+    """The form a CUDA graph records (positions in a tensor on the device, attention over a fixed number of
+    cache positions with the later ones masked) gives the logits of the plain forward, for single tokens and
+    chunks, after those cache positions have held stale entries from a longer earlier sequence."""
     args = small_args(max_seq_len=32)
     model = random_model(args, seed=12)
     earlier = torch.randint(0, args.vocab_size, (2, 30))
@@ -279,34 +291,41 @@ def test_position_given_as_a_tensor_with_a_fixed_window_matches_full_forward():
     with torch.no_grad():
         model(earlier, 0)  # fills cache positions 0..29 with another sequence's keys and values
         full = model(tokens, 0)
-        pieces = [model(tokens[:, :5], torch.tensor(0), window=16)]
+        pieces = [model.forward_at(tokens[:, :5], torch.arange(0, 5), cache_len=16)]
         for pos in range(5, 12):
-            pieces.append(model(tokens[:, pos : pos + 1], torch.tensor(pos), window=16))
-        pieces.append(model(tokens[:, 12:15], torch.tensor(12, dtype=torch.int32), window=32))
+            pieces.append(model.forward_at(tokens[:, pos : pos + 1], torch.tensor([pos]), cache_len=16))
+        pieces.append(model.forward_at(tokens[:, 12:15], torch.arange(12, 15), cache_len=32))
         for pos in range(15, 20):
-            pieces.append(model(tokens[:, pos : pos + 1], torch.tensor(pos), window=20))
+            pieces.append(model.forward_at(tokens[:, pos : pos + 1], torch.tensor([pos]), cache_len=20))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, **TOLERANCE)
 
 
 @pytest.mark.parametrize(
-    "start_pos, kwargs, message",
+    "positions, kwargs, message",
     [
-        (torch.tensor([3]), dict(window=8), "0-d int32/int64 tensor"),
-        (torch.tensor(3.0), dict(window=8), "0-d int32/int64 tensor"),
-        (torch.tensor(3), dict(), "window must be an integer"),
-        (torch.tensor(3), dict(window=0), "window must be an integer"),
-        (torch.tensor(3), dict(window=65), "max_seq_len=64"),
-        (torch.tensor(3), dict(window=8, use_cache=False), "pass use_cache=True"),
-        (3, dict(window=8), "window goes with a tensor start_pos"),
-        (torch.tensor(3), dict(window=8, tokens=torch.zeros(5, 1, dtype=torch.long)), "batch of 5 at a position on"),
+        (torch.tensor(3), dict(cache_len=8), r"int64 tensor of shape \(1,\)"),
+        (torch.tensor([3, 4]), dict(cache_len=8), r"int64 tensor of shape \(1,\)"),
+        (torch.tensor([3.0]), dict(cache_len=8), r"int64 tensor of shape \(1,\)"),
+        (torch.tensor([3], dtype=torch.int32), dict(cache_len=8), r"int64 tensor of shape \(1,\)"),
+        (torch.tensor([3]), dict(cache_len=0), "cache_len must be an integer from seqlen=1"),
+        (torch.tensor([3]), dict(cache_len=65), "max_seq_len=64"),
+        (torch.tensor([3]), dict(cache_len=8.0), "cache_len must be an integer"),
+        (torch.tensor([3]), dict(cache_len=8, tokens=torch.zeros(5, 1, dtype=torch.long)), "batch of 5 does not fit"),
+        (torch.tensor([3], device="meta"), dict(cache_len=8), "positions are on meta but the model is on cpu"),
     ],
 )
-def test_tensor_position_misuse_is_refused_with_the_fix(start_pos, kwargs, message):
+def test_tensor_position_misuse_is_refused_with_the_fix(positions, kwargs, message):
     model = random_model(small_args())
     kwargs = dict(kwargs)
     tokens = kwargs.pop("tokens", torch.zeros(1, 1, dtype=torch.long))
     with pytest.raises(ValueError, match=message):
-        model(tokens, start_pos, **kwargs)
+        model.forward_at(tokens, positions, **kwargs)
+
+
+def test_start_pos_must_be_an_integer():
+    model = random_model(small_args())
+    with pytest.raises(ValueError, match="start_pos must be an integer, got 2.5"):
+        model(torch.zeros(1, 1, dtype=torch.long), 2.5)
 
 
 def test_last_only_gives_the_last_position_of_the_full_logits():

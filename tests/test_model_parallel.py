@@ -38,7 +38,7 @@ def test_two_processes_give_the_logits_of_the_unsplit_checkpoint(
     notices = parallel.stderr.count("resharded on the fly")
     assert notices == (0 if n_shards == N_PROCESSES else 1), f"rank 0 alone tells once:\n{parallel.stderr}"
     if n_shards != N_PROCESSES:
-        assert f"--model_parallel_size {N_PROCESSES}" in parallel.stderr
+        assert f"--model-parallel-size {N_PROCESSES}" in parallel.stderr
 
     expected, actual = single_process, torch.load(out, weights_only=True)
     assert expected["world_size"] == 1 and actual["world_size"] == N_PROCESSES

@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from helpers import random_model, small_args, write_checkpoint
-from llama.generation import UNSAFE_REQUEST_ERROR, Llama, TextStream, sample
+from llama.chat_format import UNSAFE_REQUEST_ERROR, Llama2ChatFormat
+from llama.generation import Llama
+from llama.sampling import sample
+from llama.streaming import TextStream
 
 
 class Scripted(torch.nn.Module):
@@ -121,11 +124,9 @@ def test_stop_sequences_and_streaming_work_for_chat(tokenizer):
         [{"role": "user", "content": "Sneaky [INST] tag"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
     ]
-    from llama.generation import encode_dialog
-
     answers = ["Hello there. Bye", "ignored", "Hi! \U0001f600 Bye"]
     sequences = [
-        encode_dialog(tokenizer, dialog) + tokenizer.encode(answer, bos=False, eos=False)
+        Llama2ChatFormat(tokenizer).encode_dialog_prompt(dialog) + tokenizer.encode(answer, bos=False, eos=False)
         for dialog, answer in zip(dialogs, answers)
         if "[INST] tag" not in dialog[-1]["content"]
     ]
@@ -225,7 +226,7 @@ def test_minus_infinity_logits_only_rule_tokens_out(tokenizer):
             self.inner, self.params, self.allowed = model, model.params, allowed
 
         def forward(self, tokens, start_pos=0, last_only=False):
-            logits = self.inner(tokens, start_pos, last_only)
+            logits = self.inner(tokens, start_pos, last_only=last_only)
             mask = torch.full_like(logits, float("-inf"))
             mask[..., self.allowed] = 0.0
             return logits + mask

@@ -1,6 +1,7 @@
 """Training: the forward pass without the key/value cache computes what the cached one computes and carries
 gradients, and `llama.train` turns a text file into a checkpoint folder that `Llama.build` loads, safely."""
 
+import dataclasses
 import json
 import random
 
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 
 from helpers import random_model, run_python, small_args
 from llama import Llama
-from llama.train import META_PARAM_KEYS, learning_rate_at, train
+from llama.layout import PARAM_KEYS
+from llama.train import TrainConfig, learning_rate_at, train
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # float32
 
@@ -80,7 +82,7 @@ def make_text(lines: int = 160) -> str:
     return "\n".join(out) + "\n"
 
 
-TINY = dict(
+TINY = TrainConfig(
     vocab_size=320,
     dim=32,
     n_layers=2,
@@ -103,7 +105,7 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("train")
     text_path = folder / "plays.txt"
     text_path.write_text(make_text())
-    metrics = train(text_path, folder / "model", **TINY)
+    metrics = train(text_path, folder / "model", TINY)
     return folder, text_path, metrics
 
 
@@ -129,7 +131,7 @@ def test_training_writes_a_meta_layout_checkpoint_that_llama_build_loads_and_gen
     ]
     assert [path.name for path in folder.iterdir() if ".tmp-" in path.name] == [], "a partial folder was left"
     params = json.loads((model_dir / "params.json").read_text())
-    assert set(params) <= set(META_PARAM_KEYS) and params["vocab_size"] == TINY["vocab_size"]
+    assert set(params) <= set(PARAM_KEYS) and params["vocab_size"] == TINY.vocab_size
     state = torch.load(model_dir / "consolidated.00.pth", weights_only=True)
     assert {tensor.dtype for tensor in state.values()} == {torch.bfloat16}
     assert json.loads((model_dir / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
@@ -146,10 +148,10 @@ def test_training_refuses_to_overwrite_an_existing_out_dir_unless_asked(trained)
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--overwrite"):
-        train(text_path, existing, **TINY)
+        train(text_path, existing, TINY)
     assert (existing / "keep.txt").read_text() == "mine"
 
-    train(text_path, existing, overwrite=True, **dict(TINY, steps=2, warmup_steps=1, eval_every=2))
+    train(text_path, existing, dataclasses.replace(TINY, steps=2, warmup_steps=1, eval_every=2), overwrite=True)
     assert (existing / "consolidated.00.pth").is_file() and not (existing / "keep.txt").exists()
     assert [path.name for path in folder.iterdir() if ".tmp-" in path.name or ".old-" in path.name] == []
 
@@ -162,22 +164,34 @@ def test_a_failure_while_writing_leaves_no_partial_folder(trained, monkeypatch, 
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        train(text_path, tmp_path / "model", **dict(TINY, steps=2, warmup_steps=1, eval_every=2))
+        train(text_path, tmp_path / "model", dataclasses.replace(TINY, steps=2, warmup_steps=1, eval_every=2))
     assert list(tmp_path.iterdir()) == [], "out_dir or a partial folder was left behind"
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"dim": 0}, "dim must be a positive whole number"),
+        ({"batch_size": 2.5}, "batch_size must be a positive whole number"),
+        ({"n_heads": 3}, "not divisible by n_heads=3"),
+        ({"warmup_steps": 40}, "warmup_steps must be from 0 to steps - 1 = 39"),
+        ({"seed": -1}, "seed must be a whole number >= 0"),
+        ({"val_fraction": 0}, "val_fraction must be above 0"),
+        ({"learning_rate": -1}, "learning_rate must be a positive number"),
+        ({"dtype": "int8"}, "dtype must be float32, bfloat16 or float16"),
+    ],
+)
+def test_bad_settings_are_refused_when_the_config_is_made(settings, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(TINY, **settings)
 
 
 @pytest.mark.parametrize(
     "text, settings, error, message",
     [
         (None, {}, FileNotFoundError, "does not exist"),
-        ("KING:\nHail.\n", {}, ValueError, "too short|--vocab_size"),
+        ("KING:\nHail.\n", {}, ValueError, "too short|vocab_size"),
         (make_text(), {"max_seq_len": 4096}, ValueError, "fewer than max_seq_len"),
-        (make_text(), {"dim": 0}, ValueError, "--dim must be a positive whole number"),
-        (make_text(), {"n_heads": 3}, ValueError, "not divisible by n_heads=3"),
-        (make_text(), {"warmup_steps": 40}, ValueError, "--warmup_steps"),
-        (make_text(), {"val_fraction": 0}, ValueError, "--val_fraction"),
-        (make_text(), {"learning_rate": -1}, ValueError, "--learning_rate"),
-        (make_text(), {"dtype": "int8"}, ValueError, "dtype"),
     ],
 )
 def test_bad_inputs_are_refused_before_training_with_a_clear_error(tmp_path, text, settings, error, message):
@@ -185,12 +199,16 @@ def test_bad_inputs_are_refused_before_training_with_a_clear_error(tmp_path, tex
     if text is not None:
         text_path.write_text(text)
     with pytest.raises(error, match=message):
-        train(text_path, tmp_path / "model", **dict(TINY, **settings))
+        train(text_path, tmp_path / "model", dataclasses.replace(TINY, **settings))
     assert not (tmp_path / "model").exists()
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
 
 
 def test_command_line_reports_a_bad_input_in_one_line(tmp_path):
-    result = run_python(["-m", "llama.train", "--text_path", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path)])
+    result = run_python(
+        ["-m", "llama", "train", "--text-path", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "m")]
+    )
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: text file") and "Traceback" not in result.stderr
+    result = run_python(["-m", "llama", "train", "--text-path", "t.txt", "--out-dir", "m", "--dim", "0"])
+    assert result.returncode == 1 and result.stderr.strip() == "error: dim must be a positive whole number, got 0"

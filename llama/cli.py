@@ -1,0 +1,285 @@
+"""The `llama` command line (also `python -m llama`): one command per job on checkpoints and training.
+
+    llama reshard SRC DST --model-parallel-size N
+    llama fold-norms SRC DST
+    llama to-hf SRC DST
+    llama from-hf SRC DST
+    llama train --text-path FILE --out-dir DST
+
+Every command writes a new folder and never changes its source, refuses an existing destination unless given
+--overwrite, prints one line naming what it wrote, and reports a mistake in one line on standard error (exit
+status 1; 2 for a malformed command line). Options may also be spelled with underscores (--model_parallel_size).
+"""
+
+import argparse
+import dataclasses
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn, Optional
+
+from llama.convert import fold_norms, reshard
+from llama.distributed import is_main_process
+from llama.generation import Llama
+from llama.hf import from_hf, to_hf
+from llama.loading import DEMO_CONTEXT_LEN, demo_checkpoint
+from llama.train import TrainConfig, train
+
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def parse_bool(value: str) -> bool:
+    """True or False from a clear spelling (true/false, yes/no, 1/0, any case); ValueError for anything else."""
+    word = value.strip().lower()
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise ValueError(f"{value!r} is not a clear yes or no: write true or false")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with mistakes reported in one line that points to --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's sentence, then its default where it has one; descriptions as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if (
+            action.default is None
+            or action.default is argparse.SUPPRESS
+            or action.required
+            or not action.option_strings
+        ):
+            return action.help
+        return f"{action.help} (default: {action.default})"
+
+
+def _source_and_destination(parser: argparse.ArgumentParser, source: str) -> None:
+    parser.add_argument("src", help=f"the {source} folder to read (never changed)")
+    parser.add_argument("dst", help="the folder to write; it appears only once complete")
+
+
+def _overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="replace an existing destination (only once the new folder is complete)",
+    )
+
+
+def _add_reshard(parser: argparse.ArgumentParser) -> None:
+    _source_and_destination(parser, "Meta-layout checkpoint")
+    parser.add_argument(
+        "--model-parallel-size", type=int, required=True, metavar="N",
+        help="the number of shards to write: one per process that will load it (it must divide the heads, "
+        "key/value heads, FFN width, dim and vocabulary)",
+    )  # fmt: skip
+    _overwrite(parser)
+
+
+def _add_fold_norms(parser: argparse.ArgumentParser) -> None:
+    _source_and_destination(parser, "Meta-layout checkpoint")
+    _overwrite(parser)
+
+
+def _add_to_hf(parser: argparse.ArgumentParser) -> None:
+    _source_and_destination(parser, "Meta-layout checkpoint")
+    parser.add_argument(
+        "--tokenizer-path", metavar="FILE", help="the checkpoint's tokenizer.model (default: SRC/tokenizer.model)"
+    )
+    parser.add_argument(
+        "--max-position-embeddings", type=int, default=4096, metavar="N",
+        help="the context length config.json announces (Llama 2 was trained on 4096)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-file-bytes", type=int, default=5_000_000_000, metavar="N",
+        help="the largest safetensors file; larger models are split over several, with an index",
+    )  # fmt: skip
+    _overwrite(parser)
+
+
+def _add_from_hf(parser: argparse.ArgumentParser) -> None:
+    _source_and_destination(parser, "Hugging Face Llama model")
+    _overwrite(parser)
+
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text-path", required=True, metavar="FILE", help="the UTF-8 text file to train on")
+    parser.add_argument("--out-dir", required=True, metavar="DIR", help="the checkpoint folder to write")
+    metavars = {int: "N", float: "X", str: "NAME"}
+    for item in dataclasses.fields(TrainConfig):
+        parser.add_argument(f"--{item.name.replace('_', '-')}", type=item.type, default=item.default,
+                            metavar=metavars[item.type], help=item.metadata["help"])  # fmt: skip
+    parser.add_argument("--device", metavar="NAME", help="cpu or cuda (default: CUDA when available)")
+    _overwrite(parser)
+
+
+def _run_train(options: argparse.Namespace) -> Path:
+    settings = {item.name: getattr(options, item.name) for item in dataclasses.fields(TrainConfig)}
+    train(options.text_path, options.out_dir, TrainConfig(**settings), options.device, options.overwrite)
+    return Path(options.out_dir)
+
+
+def _run(function: Callable, *names: str) -> Callable[[argparse.Namespace], Path]:
+    """A command that calls `function(src, dst, <names>..., overwrite=...)` and wrote `dst`."""
+
+    def run(options: argparse.Namespace) -> Path:
+        function(options.src, options.dst, *(getattr(options, name) for name in names), overwrite=options.overwrite)
+        return Path(options.dst)
+
+    return run
+
+
+# name: (summary, add the options, run it and return the folder written)
+COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], Path]]] = {
+    "reshard": (
+        "write a checkpoint with another number of shards",
+        _add_reshard, _run(reshard, "model_parallel_size"),
+    ),
+    "fold-norms": (
+        "fold the RMSNorm weights into the layers they feed",
+        _add_fold_norms, _run(fold_norms),
+    ),
+    "to-hf": (
+        "convert a checkpoint to Hugging Face's Llama layout",
+        _add_to_hf, _run(to_hf, "tokenizer_path", "max_position_embeddings", "max_file_bytes"),
+    ),
+    "from-hf": (
+        "convert a Hugging Face Llama model to Meta's layout",
+        _add_from_hf, _run(from_hf),
+    ),
+    "train": (
+        "train a small model and its tokenizer on a text file",
+        _add_train, _run_train,
+    ),
+}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command, each with its options' help and defaults."""
+    listing = "\n".join(f"  {name:<12}{summary}" for name, (summary, _, _) in COMMANDS.items())
+    parser = _Parser(
+        prog="llama",
+        usage="llama [-h] COMMAND ...",
+        description=__doc__.split("\n\n")[0],
+        epilog=f"commands:\n{listing}\n\n`llama COMMAND --help` explains a command's options.",
+        formatter_class=_HelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS, parser_class=_Parser)
+    for name, (summary, add_options, _) in COMMANDS.items():
+        command = commands.add_parser(
+            name, description=summary[0].upper() + summary[1:] + ".", formatter_class=_HelpFormatter
+        )
+        add_options(command)
+    return parser
+
+
+def normalize_arguments(argv: Sequence[str], booleans: Sequence[str] = ("--overwrite",)) -> list[str]:
+    """Options spelled with underscores take dashes (--model_parallel_size -> --model-parallel-size), and a
+    yes/no option (one of `booleans`) given a value (--overwrite=false, --overwrite no) becomes --overwrite or
+    --no-overwrite. Raises ValueError for a value that is not a clear yes or no."""
+    result: list[str] = []
+    words = list(argv)
+    while words:
+        word = words.pop(0)
+        if not word.startswith("--"):
+            result.append(word)
+            continue
+        name, equals, value = word.partition("=")
+        name = name.replace("_", "-")
+        if name in booleans:
+            if not equals and words and words[0].lower() in TRUE_WORDS + FALSE_WORDS:
+                value, equals = words.pop(0), "="
+            if equals:
+                name = name if parse_bool(value) else "--no-" + name[2:]
+                equals, value = "", ""
+        result.append(name + equals + value)
+    return result
+
+
+def readable_warnings() -> None:
+    """Print warnings as one line, `warning: ...`, instead of Python's file, line number and source."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"warning: {message}", file=sys.stderr if file is None else file, flush=True)
+
+    warnings.showwarning = show
+
+
+def example_parser(description: str, max_seq_len: Optional[int], max_gen_len: Optional[int]) -> argparse.ArgumentParser:
+    """The options the example scripts share: the checkpoint (none: the bundled demo model), sampling, context
+    and batch sizes, device and dtype. Parse with `normalize_arguments` first, so that Meta's spellings
+    (--ckpt_dir) work too."""
+    parser = _Parser(description=description, formatter_class=_HelpFormatter)
+    parser.add_argument("--ckpt-dir", help="a Meta-layout checkpoint folder (default: the bundled demo model)")
+    parser.add_argument("--tokenizer-path", help="its tokenizer.model (give both, or neither for the demo model)")
+    parser.add_argument("--temperature", type=float, default=0.6, help="randomness of the sampling; 0 is greedy")
+    parser.add_argument(
+        "--top-p", type=float, default=0.9,
+        help="sample from the smallest set of most likely tokens whose probabilities add up to this",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-seq-len", type=int, default=max_seq_len,
+        help=f"the context in tokens, prompt and generation together (the demo model's is at most {DEMO_CONTEXT_LEN})",
+    )  # fmt: skip
+    parser.add_argument("--max-gen-len", type=int, default=max_gen_len, help="the most tokens generated per answer")
+    parser.add_argument("--max-batch-size", type=int, default=4, help="prompts decoded together")
+    parser.add_argument("--device", help="cpu or cuda (default: CUDA when available)")
+    parser.add_argument(
+        "--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPUs that support it, float16 on other "
+        "GPUs, float32 on the CPU)",
+    )  # fmt: skip
+    return parser
+
+
+def build_example(options: argparse.Namespace, default_max_seq_len: int) -> tuple[Llama, bool]:
+    """`Llama.build` from the example options, and whether it runs the bundled demo model: the demo model when
+    neither --ckpt-dir nor --tokenizer-path is given, with a context of at most the 256 tokens it was trained on
+    (saying so on standard error when more was asked for). Raises ValueError for one without the other, and as
+    `Llama.build` does."""
+    on_demo = options.ckpt_dir is None and options.tokenizer_path is None
+    max_seq_len = options.max_seq_len or default_max_seq_len
+    if on_demo:
+        ckpt_dir, tokenizer_path = demo_checkpoint()
+        if options.max_seq_len is not None and options.max_seq_len > DEMO_CONTEXT_LEN and is_main_process():
+            print(f"note: the demo model was trained on {DEMO_CONTEXT_LEN}-token windows: --max-seq-len "
+                  f"{options.max_seq_len} lowered to {DEMO_CONTEXT_LEN}", file=sys.stderr)  # fmt: skip
+        max_seq_len = min(max_seq_len, DEMO_CONTEXT_LEN)
+    elif options.ckpt_dir is None or options.tokenizer_path is None:
+        raise ValueError("give both --ckpt-dir and --tokenizer-path, or neither to run the bundled demo model")
+    else:
+        ckpt_dir, tokenizer_path = options.ckpt_dir, options.tokenizer_path
+    generator = Llama.build(
+        ckpt_dir, tokenizer_path, max_seq_len, options.max_batch_size, device=options.device, dtype=options.dtype
+    )
+    return generator, on_demo
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run `llama COMMAND ...` with `argv` (default: the program's arguments); returns the exit status."""
+    readable_warnings()
+    parser = build_parser()
+    try:
+        options = parser.parse_args(normalize_arguments(sys.argv[1:] if argv is None else argv))
+    except ValueError as error:
+        parser.error(str(error))
+    if options.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        written = COMMANDS[options.command][2](options)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    files = sorted(path.name for path in written.iterdir())
+    listed = ", ".join(files[:6]) + (f" and {len(files) - 6} more files" if len(files) > 6 else "")
+    print(f"wrote {written}: {listed}")
+    return 0

@@ -1,0 +1,81 @@
+"""Rewriting a Meta-layout checkpoint as another one: for another number of model-parallel ranks (`reshard`), or
+with the RMSNorm weights folded into the layers they feed (`fold_norms`). Each reads its source through
+`ShardedCheckpoint`, transforms state dicts, and writes a new folder through `staged_folder`; neither changes
+its source."""
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from llama.atomic import staged_folder
+from llama.layout import PARAMS_FILE, TOKENIZER_FILE, PathLike
+from llama.shards import open_checkpoint, save_shard
+
+
+def fold_norm_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict (whole or one Meta shard) with every RMSNorm weight multiplied into the input columns of
+    the linear layers that read the norm's output, and the norm weights set to 1: attention_norm into wq, wk,
+    wv; ffn_norm into w1, w3; the final norm into output. The model computes the same function (RMSNorm's weight
+    scales channel j of its output, which every following layer reads through its column j). Products are taken
+    in float32 and stored in each tensor's dtype. Raises ValueError if a norm or a layer it feeds is missing."""
+    folded = dict(state)
+    feeds = {"norm.weight": ["output.weight"]}
+    for name in state:
+        if name.endswith(".attention_norm.weight"):
+            prefix = name.removesuffix("attention_norm.weight")
+            feeds[name] = [f"{prefix}attention.{linear}.weight" for linear in ("wq", "wk", "wv")]
+        elif name.endswith(".ffn_norm.weight"):
+            prefix = name.removesuffix("ffn_norm.weight")
+            feeds[name] = [f"{prefix}feed_forward.{linear}.weight" for linear in ("w1", "w3")]
+    for norm, linears in feeds.items():
+        missing = [name for name in [norm, *linears] if name not in state]
+        if missing:
+            raise ValueError(f"cannot fold {norm}: the checkpoint has no {', '.join(missing)}")
+        scale = state[norm].float()  # (dim,)
+        for linear in linears:
+            weight = state[linear]  # (out_features, dim): column j reads channel j of the norm's output
+            folded[linear] = (weight.float() * scale).to(weight.dtype)
+        folded[norm] = torch.ones_like(state[norm])
+    return folded
+
+
+def reshard(src: PathLike, dst: PathLike, model_parallel_size: int, overwrite: bool = False) -> None:
+    """Write the Meta-layout checkpoint `src` (any number of shards) to the new folder `dst` with
+    `model_parallel_size` shards, one output shard at a time from the memory-mapped source shards, so that only
+    one output shard is in memory. params.json and tokenizer.model are copied unchanged, and the shards keep
+    their format (.pth or .safetensors). `dst` appears only when complete (see `staged_folder`); `src` is never
+    changed. Raises ValueError for a size that does not divide the heads, key/value heads, FFN
+    width, dim or vocabulary (naming which), and as `open_checkpoint` and `staged_folder` do.
+    """
+    if isinstance(model_parallel_size, bool) or not isinstance(model_parallel_size, int) or model_parallel_size < 1:
+        raise ValueError(f"--model-parallel-size must be a positive integer, got {model_parallel_size!r}")
+    src = Path(src)
+    args, checkpoint = open_checkpoint(src)
+    args.validate(model_parallel_size)
+    suffix = checkpoint.paths[0].suffix
+    with staged_folder(dst, overwrite, source=src) as staging:
+        for rank in range(model_parallel_size):
+            save_shard(checkpoint.state_dict(rank, model_parallel_size), staging / f"consolidated.{rank:02d}{suffix}")
+            checkpoint.release_all()  # the next output shard reads its pages again, from the page cache
+        _copy_companions(src, staging)
+
+
+def fold_norms(src: PathLike, dst: PathLike, overwrite: bool = False) -> None:
+    """Write the Meta-layout checkpoint `src` to the new folder `dst` with its RMSNorm weights folded into the
+    linear layers (see `fold_norm_weights`): same shard count and format, params.json and tokenizer.model
+    copied. For inference the result gives the same logits (up to rounding). `dst` appears only when complete;
+    `src` is never changed. Raises as `open_checkpoint` and `staged_folder` do."""
+    src = Path(src)
+    _, checkpoint = open_checkpoint(src)
+    with staged_folder(dst, overwrite, source=src) as staging:
+        for path, shard in zip(checkpoint.paths, checkpoint.shards):
+            save_shard(fold_norm_weights(shard), staging / path.name)
+        _copy_companions(src, staging)
+
+
+def _copy_companions(source: Path, destination: Path) -> None:
+    """params.json and tokenizer.model go unchanged into every rewritten copy."""
+    for name in (PARAMS_FILE, TOKENIZER_FILE):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, destination / name)

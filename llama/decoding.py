@@ -1,0 +1,177 @@
+"""The decoding loop: a batch of prompts advanced one position per step, each step a forward pass, a draw and
+the bookkeeping of every sequence (its end at EOS or a stop sequence, its text, its logprobs).
+
+The forward pass is a `Step`: `EagerStep` runs the model as it is asked; `llama.cuda_graphs.DecodeGraphs`
+replays a recorded CUDA graph and queues the next step while the host reads this one's tokens. The loop is
+the same for both.
+"""
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from llama.sampling import SamplingParams, sample_usable
+from llama.streaming import TextStream
+from llama.tokenizer import Tokenizer
+
+
+class Step(Protocol):
+    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool) -> torch.Tensor:
+        """Logits for `tokens` (bsz, seqlen) at positions start_pos.., as `Transformer.forward` gives them."""
+
+    def fetch(self, values: torch.Tensor, next_step: Optional[tuple[torch.Tensor, int]]) -> list:
+        """`values.tolist()`. `next_step` (tokens (bsz, 1), start_pos) is the step that comes next unless every
+        sequence ends here: a step may start computing it before it waits for the values."""
+
+
+class EagerStep:
+    """Runs the model for each step when asked: nothing is queued ahead, nothing computed in vain."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool) -> torch.Tensor:
+        return self.model(tokens, start_pos, last_only=last_only)
+
+    def fetch(self, values: torch.Tensor, next_step: Optional[tuple[torch.Tensor, int]]) -> list:
+        return values.tolist()
+
+
+class Completion(NamedTuple):
+    """One sequence's result: its tokens (with the prompt's if echoed; without EOS or a stop sequence's),
+    their logprobs (with logprobs=True), and their text when it was followed (else None: decode(tokens))."""
+
+    tokens: list[int]
+    logprobs: Optional[list[float]]
+    text: Optional[str]
+
+
+@dataclass
+class StepResult:
+    """What one decoding step produced: `pieces`, the text each sequence gained ("" where none, or where text
+    is not followed), and `finished`, the (index, Completion) of each sequence that ended with this step."""
+
+    pieces: list[str]
+    finished: list[tuple[int, Completion]] = field(default_factory=list)
+
+
+def completions(steps: Iterator[StepResult]) -> list[Completion]:
+    """Run the steps to the end; every sequence's Completion, in input order."""
+    finished = dict(pair for step in steps for pair in step.finished)
+    return [finished[index] for index in range(len(finished))]
+
+
+class Batch:
+    """The sequences decoded together: left-aligned in one (bsz, total_len) tensor of tokens, the whole batch
+    advancing one position per step from the end of the shortest prompt on (position t of a shorter prompt is
+    generated while a longer one is still being read). Keeps each sequence's tokens on the host as well, its
+    end, and its text stream when text is followed."""
+
+    def __init__(
+        self,
+        prompts: Sequence[list[int]],
+        params: SamplingParams,
+        max_seq_len: int,
+        device: torch.device,
+        text_of: Optional[Tokenizer] = None,
+    ):
+        """`text_of`: follow each sequence's text, as this tokenizer decodes it (with params.stop applied)."""
+        self.params = params
+        self.streams = None
+        if text_of is not None:
+            self.streams = [TextStream(text_of, prompt if params.echo else (), params.stop) for prompt in prompts]
+        self.prompt_lens = [len(prompt) for prompt in prompts]
+        self.min_prompt_len = min(self.prompt_lens)
+        max_gen_len = params.max_gen_len or max_seq_len - 1
+        self.total_len = min(max_seq_len, max_gen_len + max(self.prompt_lens))
+        pad_id = -1  # never fed to the model: every position before the one being decoded is filled
+        self.tokens = torch.full((len(prompts), self.total_len), pad_id, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            self.tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+        self.is_prompt = self.tokens != pad_id
+        self.host = [list(prompt) for prompt in prompts]
+        self.logprobs = torch.zeros(self.tokens.shape, device=device) if params.logprobs else None
+        # end[row]: one past the row's last returned token; it shrinks when the row stops early.
+        self.end = [min(length + max_gen_len, self.total_len) for length in self.prompt_lens]
+        self.done = [length >= end for length, end in zip(self.prompt_lens, self.end)]
+
+    def place(self, position: int, sampled: torch.Tensor) -> torch.Tensor:
+        """Write the tokens of `position` (bsz,): the sampled ones, except where a prompt still has its own."""
+        column = torch.where(self.is_prompt[:, position], self.tokens[:, position], sampled)
+        self.tokens[:, position] = column
+        return column
+
+    def record_logprobs(self, logits: torch.Tensor, start: int) -> None:
+        """Log-probabilities of the tokens that logits (bsz, n, vocab) predict: logits[:, i] predicts the token
+        at position start + 1 + i."""
+        targets = self.tokens[:, start + 1 : start + 1 + logits.shape[1]]
+        picked = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        self.logprobs[:, start + 1 : start + 1 + logits.shape[1]] = picked
+
+    def advance(self, position: int, new_tokens: list[int], usable: list[bool], eos_id: int) -> list[str]:
+        """The host's part of a step, given the tokens now at `position`: end sequences at EOS, at a stop
+        sequence or at their length, and return each sequence's new text. Raises FloatingPointError for a
+        sequence whose logits were unusable."""
+        pieces = [""] * len(new_tokens)
+        for row, token in enumerate(new_tokens):
+            if self.done[row] or position < self.prompt_lens[row]:
+                continue
+            if not usable[row]:
+                raise FloatingPointError(
+                    f"the model's logits for sequence {row} at generation step {position - self.prompt_lens[row]} "
+                    f"(position {position}) hold NaN or +inf, or rule out every token: the weights hold "
+                    f"inf/nan or the dtype overflowed (float16 overflows most easily; try bfloat16 or float32)"
+                )
+            self.host[row].append(token)
+            if token == eos_id and not self.params.ignore_eos:
+                self.end[row], self.done[row] = position, True
+                continue
+            if self.streams is not None:
+                pieces[row] = self.streams[row].push(token)
+                if self.streams[row].stopped:
+                    self.end[row], self.done[row] = self.prompt_lens[row] + self.streams[row].tokens_needed(), True
+            if position + 1 >= self.end[row]:
+                self.done[row] = True
+        return pieces
+
+    def finish(self) -> StepResult:
+        """The text not handed out yet, and every sequence's Completion."""
+        pieces = [""] * len(self.host) if self.streams is None else [stream.finish() for stream in self.streams]
+        logprobs = self.logprobs.tolist() if self.logprobs is not None else None
+        finished = []
+        for row, length in enumerate(self.prompt_lens):
+            start = 0 if self.params.echo else length
+            completion = Completion(
+                tokens=self.host[row][start : self.end[row]],
+                logprobs=logprobs[row][start : self.end[row]] if logprobs is not None else None,
+                text=None if self.streams is None else self.streams[row].text,
+            )
+            finished.append((row, completion))
+        return StepResult(pieces, finished)
+
+
+def decode(step: Step, batch: Batch, eos_id: int, generator: Optional[torch.Generator] = None) -> Iterator[StepResult]:
+    """Decode `batch` to the end, one StepResult per position; the last also holds every sequence's Completion."""
+    params = batch.params
+    if batch.min_prompt_len == batch.total_len and params.logprobs:
+        # Nothing to generate (every prompt fills the context): score the prompts.
+        batch.record_logprobs(step.forward(batch.tokens, 0, last_only=False)[:, :-1], 0)
+    previous = 0
+    for position in range(batch.min_prompt_len, batch.total_len):
+        # (bs, position - previous, vocab) for logprobs, else (bs, 1, vocab): the next token needs the last
+        logits = step.forward(batch.tokens[:, previous:position], previous, last_only=not params.logprobs)
+        sampled, usable = sample_usable(logits[:, -1], params, generator)
+        column = batch.place(position, sampled)
+        if params.logprobs:
+            batch.record_logprobs(logits, previous)
+        previous = position
+        # The one host synchronisation per step: EOS, stop sequences and streaming need the tokens on the host.
+        following = (batch.tokens[:, position : position + 1], position) if position + 1 < batch.total_len else None
+        new_tokens, usable = step.fetch(torch.stack((column, usable.long())), following)
+        yield StepResult(batch.advance(position, new_tokens, usable, eos_id))
+        if all(batch.done):
+            break
+    yield batch.finish()

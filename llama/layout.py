@@ -1,0 +1,153 @@
+"""Meta's checkpoint layout, stated once: what a checkpoint folder holds, the settings in its `params.json`, and
+the tensors of its state dict (their names, unsplit shapes, and the dimension along which model-parallel shards
+split each). Loading, resharding, training and every converter read and write checkpoints through this module.
+
+A folder holds `params.json`, `tokenizer.model` and one shard per model-parallel rank, `consolidated.NN.pth`
+(or `consolidated.NN.safetensors`), each with the rank's slice of every split tensor and a whole copy of the
+others.
+"""
+
+import dataclasses
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from llama.model import ModelArgs, Transformer
+
+PathLike = Union[str, Path]
+
+PARAMS_FILE = "params.json"
+TOKENIZER_FILE = "tokenizer.model"
+SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.(pth|safetensors)")
+
+# The settings params.json holds, under Meta's names: the architecture only. Batch and sequence sizes are chosen
+# when a model is loaded.
+PARAM_KEYS = (
+    "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps",
+    "rope_theta",
+)  # fmt: skip
+
+# Keys Meta's checkpoints may hold that are not weights of the model: the 7B shards carry the rotary table
+# (`rope.freqs`), which the model computes itself.
+IGNORED_KEYS = frozenset({"rope.freqs"})
+
+
+def read_model_args(ckpt_dir: PathLike, **overrides) -> ModelArgs:
+    """ModelArgs from `ckpt_dir/params.json`, with `overrides` (for example max_seq_len) applied on top.
+
+    Keys ModelArgs does not know are skipped with one warning that lists them. Raises FileNotFoundError if
+    the folder or params.json is missing, ValueError if params.json is not a JSON object of settings.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {str(ckpt_dir)!r} does not exist")
+    params_path = ckpt_dir / PARAMS_FILE
+    if not params_path.is_file():
+        raise FileNotFoundError(
+            f"{str(params_path)!r} is missing: a Meta-layout checkpoint folder holds params.json "
+            "and consolidated.NN.pth files"
+        )
+    try:
+        params = json.loads(params_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(params_path)!r} is not valid JSON: {error}") from error
+    if not isinstance(params, dict):
+        raise ValueError(f"{str(params_path)!r} must hold a JSON object of model settings, got {type(params).__name__}")
+
+    known = {field.name for field in dataclasses.fields(ModelArgs)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        warnings.warn(
+            f"{params_path}: ignoring settings this library does not know: {', '.join(unknown)}", stacklevel=2
+        )
+    settings = {name: value for name, value in params.items() if name in known}
+    settings.update(overrides)
+    for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+        value = settings.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{str(params_path)!r}: {name} must be a number, got {value!r}")
+    return ModelArgs(**settings)
+
+
+def write_params(folder: PathLike, args: ModelArgs) -> None:
+    """Write `folder/params.json` for `args` as Meta writes it: the architecture under PARAM_KEYS, leaving out
+    settings that are None (no key/value grouping, no FFN multiplier)."""
+    params = {name: getattr(args, name) for name in PARAM_KEYS if getattr(args, name) is not None}
+    (Path(folder) / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
+
+
+def split_dim(name: str) -> Optional[int]:
+    """The dimension along which Meta's model-parallel shards split tensor `name`: 0 for the column-parallel
+    layers (each rank holds some output rows: wq, wk, wv, w1, w3, output), 1 for the row-parallel layers and the
+    embedding (each rank holds some input columns: wo, w2, tok_embeddings), None for tensors every rank holds
+    whole (the norms, rope.freqs)."""
+    if name == "output.weight" or name.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight")):
+        return 0
+    if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")):
+        return 1
+    return None
+
+
+def unsplit_shape(name: str, local_shape: torch.Size, model_parallel_size: int) -> torch.Size:
+    """The whole tensor's shape, from the shape of one rank's slice of it when split over that many ranks."""
+    dim = split_dim(name)
+    if dim is None:
+        return local_shape
+    return local_shape[:dim] + (local_shape[dim] * model_parallel_size,) + local_shape[dim + 1 :]
+
+
+class meta_device(TorchDispatchMode):
+    """Inside `with meta_device():` every new tensor lives on the meta device: shapes only, no memory, no
+    initialisation. `with torch.device("meta")` is not enough: fairscale's layers create their weights with
+    the legacy `torch.Tensor(rows, cols)` constructor, which ignores it, so this intercepts allocations where
+    every constructor ends up, in the dispatcher."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = torch.device("meta")
+        return func(*args, **kwargs)
+
+
+def expected_shapes(args: ModelArgs, model: Optional[Transformer] = None) -> dict[str, torch.Size]:
+    """The unsplit shape of every tensor of a checkpoint of `args`, read off the model itself: `model` if given
+    (a Transformer of `args` on any device), else one built on the meta device (in no memory at all). The state
+    dict's names are the model's parameter names."""
+    if model is None:
+        with meta_device():
+            model = Transformer(args)
+    model_parallel_size = fs_init.get_model_parallel_world_size()
+    return {name: unsplit_shape(name, tensor.shape, model_parallel_size) for name, tensor in model.state_dict().items()}
+
+
+def check_shapes(
+    shapes: dict[str, torch.Size],
+    expected: dict[str, torch.Size],
+    source: str,
+    config: str = PARAMS_FILE,
+    ignored: Callable[[str], bool] = IGNORED_KEYS.__contains__,
+) -> None:
+    """Raise ValueError naming every missing or unexpected tensor of `shapes` (name -> shape), or the first
+    tensor whose shape differs from `expected` (with both shapes). `source` names the checkpoint and `config` the
+    file the expected shapes come from, for the message; names for which `ignored` is true may be present."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(name for name in set(shapes) - set(expected) if not ignored(name))
+    if missing or unexpected:
+        problems = [f"missing {', '.join(missing)}"] if missing else []
+        problems += [f"unexpected {', '.join(unexpected)}"] if unexpected else []
+        raise ValueError(f"{source} does not match the model built from {config}: {'; '.join(problems)}")
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != tuple(shape):
+            hint = ""
+            if name in ("tok_embeddings.weight", "output.weight") and shapes[name][0] != shape[0]:
+                hint = " (the vocabulary size differs: use the tokenizer.model that came with this checkpoint)"
+            raise ValueError(
+                f"{source}: tensor {name} has shape {tuple(shapes[name])} but the model built from {config} "
+                f"expects {tuple(shape)}{hint}"
+            )

@@ -1,0 +1,125 @@
+"""Loading a Meta-layout checkpoint into a Transformer, on any number of model-parallel ranks, holding the weights
+about once in host memory; and the small model bundled with the package."""
+
+import shlex
+import sys
+import warnings
+from pathlib import Path
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+
+from llama.layout import (
+    PARAMS_FILE,
+    TOKENIZER_FILE,
+    PathLike,
+    check_shapes,
+    expected_shapes,
+    meta_device,
+    read_model_args,
+    split_dim,
+)
+from llama.model import ModelArgs, Transformer
+from llama.shards import ShardedCheckpoint
+from llama.tokenizer import Tokenizer
+
+# The small model that ships inside the package (trained by `python -m llama train` on Shakespeare's plays),
+# and the length of the windows it was trained on: past that many positions its text falls apart.
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_CONTEXT_LEN = 256
+
+
+def demo_checkpoint() -> tuple[Path, Path]:
+    """The bundled demo model, a few million parameters trained on Shakespeare's plays: (ckpt_dir,
+    tokenizer_path), ready for `Llama.build`. Raises FileNotFoundError if the package was installed without
+    its data files."""
+    tokenizer_path = DEMO_DIR / TOKENIZER_FILE
+    for path in (DEMO_DIR / PARAMS_FILE, DEMO_DIR / "consolidated.00.pth", tokenizer_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"the bundled demo model file {str(path)!r} is missing: reinstall the package with `pip install .`"
+            )
+    return DEMO_DIR, tokenizer_path
+
+
+def reshard_command(ckpt_dir: PathLike, model_parallel_size: int) -> str:
+    """The command line that writes a copy of `ckpt_dir` with `model_parallel_size` shards into the current
+    folder (never beside the source, which may be read-only or inside the installed package)."""
+    folder = Path(ckpt_dir)
+    destination = f"{folder.resolve().name}-mp{model_parallel_size}"
+    return (
+        f"python -m llama reshard {shlex.quote(str(folder))} {shlex.quote(destination)} "
+        f"--model-parallel-size {model_parallel_size}"
+    )
+
+
+def model_args_for(ckpt_dir: PathLike, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int) -> ModelArgs:
+    """The settings of `ckpt_dir` for a model that holds max_batch_size sequences of max_seq_len tokens in its
+    cache, split over the processes started: a vocab_size of -1 is taken from the tokenizer. Raises as
+    `read_model_args` does, and ValueError for a tokenizer of another vocabulary or settings that do not
+    divide by the number of processes."""
+    args = read_model_args(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    if args.vocab_size == -1:
+        args.vocab_size = tokenizer.n_words
+    if args.vocab_size != tokenizer.n_words:
+        raise ValueError(
+            f"the tokenizer {str(tokenizer.path)!r} has {tokenizer.n_words} pieces but params.json says "
+            f"vocab_size={args.vocab_size}: use the tokenizer.model that came with this checkpoint"
+        )
+    args.validate(fs_init.get_model_parallel_world_size())
+    return args
+
+
+def load_model(
+    ckpt_dir: PathLike, args: ModelArgs, rank: int, device: torch.device, dtype: torch.dtype, progress: bool = False
+) -> Transformer:
+    """The Transformer for model-parallel `rank`, with its slice of the checkpoint's weights, on `device` in
+    `dtype`, whatever the number of shards: each rank reads only the slices it needs from the shards that hold
+    them, and rank 0 warns once when the shard count differs from the model-parallel size (with the `reshard`
+    command that makes a matching copy).
+
+    The model is built on the meta device and its parameters allocated once, uninitialised; each slice is
+    copied into place from the memory-mapped shards, whose pages are released as soon as they are copied, so
+    host memory holds the weights about once while loading. (The parameters are copies, not the mapped file
+    itself: a model that used the file's pages would crash with a bus error if the file were rewritten in
+    place.) With progress=True, a line on standard error shows the shard being read and the share of tensors
+    copied. Raises ValueError for a corrupt shard, shards that disagree, or missing, unexpected or mis-shaped
+    tensors.
+    """
+    world_size = fs_init.get_model_parallel_world_size()
+    with meta_device():
+        model = Transformer(args)
+    checkpoint = ShardedCheckpoint(ckpt_dir)
+    check_shapes(checkpoint.shapes, expected_shapes(args, model), f"checkpoint {str(ckpt_dir)!r}")
+    if len(checkpoint.paths) != world_size and rank == 0:
+        warnings.warn(
+            f"{str(ckpt_dir)!r} has {len(checkpoint.paths)} shard(s) and this run has model-parallel size "
+            f"{world_size}: resharded on the fly (each process read its slices from the shards that hold them). "
+            f"To load without reslicing, make a matching copy once: {reshard_command(ckpt_dir, world_size)}",
+            stacklevel=3,
+        )
+    model = model.to(dtype=dtype).to_empty(device=device)
+    _copy_weights(model, checkpoint, rank, world_size, progress)
+    for buffer in model.buffers():  # the key/value caches
+        buffer.zero_()
+    return model
+
+
+@torch.no_grad()
+def _copy_weights(
+    model: Transformer, checkpoint: ShardedCheckpoint, rank: int, world_size: int, progress: bool
+) -> None:
+    parameters = list(model.named_parameters())
+    for index, (name, parameter) in enumerate(parameters, 1):
+        dim, start = split_dim(name) or 0, 0
+        # Each piece goes straight to its place in the parameter (no joined copy in between), and its file
+        # pages are let go as soon as it is copied.
+        for number, view in checkpoint.pieces(name, rank, world_size):
+            parameter.narrow(dim, start, view.shape[dim]).copy_(view)
+            start += view.shape[dim]
+            checkpoint.release(name, number)
+            if progress:
+                shard = checkpoint.paths[number].name
+                print(f"\rloading {shard}: {index}/{len(parameters)} tensors", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)

@@ -1,0 +1,114 @@
+"""How the next token is chosen: the settings of a generation (`SamplingParams`, checked once where they enter)
+and the draw itself (greedy, temperature, top-k, top-p)."""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """The settings of one generation call, checked when made.
+
+    temperature: 0 is greedy; higher flattens the distribution. top_p: draw from the smallest set of most
+    likely tokens whose probabilities add up to at least top_p. top_k: draw from the top_k most likely tokens
+    only (0: no limit). max_gen_len: the most tokens to generate per sequence (None: until the context is
+    full). stop: strings that end a sequence's text (the text ends before them). logprobs: return the
+    log-probability of every returned token. echo: return the prompt before the generation. ignore_eos: keep
+    generating after EOS (benchmarks, which need every sequence to run its full length).
+
+    Raises ValueError for a value out of range, TypeError for `stop` that is not a list of non-empty strings
+    or a flag that is not a bool.
+    """
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0
+    max_gen_len: Optional[int] = None
+    stop: Sequence[str] = ()
+    logprobs: bool = False
+    echo: bool = False
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_whole(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 means no limit), got {self.top_k!r}")
+        if self.max_gen_len is not None and (not _is_whole(self.max_gen_len) or self.max_gen_len < 1):
+            raise ValueError(f"max_gen_len must be a positive integer or None, got {self.max_gen_len!r}")
+        for name in ("logprobs", "echo", "ignore_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        object.__setattr__(self, "stop", _checked_stop(self.stop))
+
+
+def _checked_stop(stop: Optional[Sequence[str]]) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str) or not isinstance(stop, Sequence):
+        raise TypeError(f"stop must be a list of strings (for example stop=['\\n\\n']), got {stop!r}")
+    for sequence in stop:
+        if not isinstance(sequence, str) or not sequence:
+            raise TypeError(f"stop must be a list of non-empty strings, got {stop!r}")
+    return tuple(stop)
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Nucleus sampling: draw from the smallest set of most likely tokens whose probabilities add up to at
+    least p, renormalised. probs: (batch, vocab); returns token ids (batch, 1)."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_before = torch.cumsum(probs_sort, dim=-1) - probs_sort  # mass of the tokens more likely than this one
+    probs_sort[probs_before > p] = 0.0  # the most likely token always stays: its mass before is 0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+def sample(
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """The next token of each row of `logits` (batch, vocab): argmax at temperature 0; otherwise a draw from
+    softmax(logits / temperature), restricted to the top_k most likely tokens (0: no limit) and then to the
+    top-p nucleus. Returns (batch,) token ids."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    if top_k > 0:
+        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    # Softmax in float32: in half precision the small probabilities that top-p keeps would round to zero.
+    # Shift by the maximum first, and keep the temperature a normal float32: a tiny temperature then sends the
+    # others to -inf (greedy in the limit) instead of overflowing to inf, and neither extreme gives 0/0 or inf/inf.
+    logits = logits.float()
+    float32 = torch.finfo(torch.float32)
+    temperature = min(max(temperature, float32.tiny), float32.max)
+    probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temperature, dim=-1)
+    return sample_top_p(probs, top_p, generator).reshape(-1)
+
+
+def sample_usable(
+    logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample` for each row of logits (batch, vocab), and whether the row could be used: (tokens (batch,),
+    usable (batch,) bool). -inf marks a token as impossible; NaN, +inf or no possible token at all means the
+    model broke, and such a row is drawn from zeros instead, so that the draw cannot crash, for the caller to
+    report. One reduction finds them all: the row maximum is NaN if any logit is, +inf if any is, and -inf only
+    if every one is."""
+    usable = torch.isfinite(logits.amax(dim=-1))
+    tokens = sample(
+        torch.where(usable[:, None], logits, 0.0), params.temperature, params.top_p, params.top_k, generator
+    )
+    return tokens, usable

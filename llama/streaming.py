@@ -1,0 +1,102 @@
+"""Incremental detokenization: the text of a sequence handed out piece by piece as its tokens arrive, the pieces
+adding up exactly to the text of all the tokens, cut before the first stop sequence."""
+
+from collections.abc import Sequence
+
+from llama.tokenizer import Tokenizer
+
+REPLACEMENT = "\ufffd"  # what a byte-fallback character decodes to while some of its bytes are still to come
+
+
+class TextStream:
+    """Turns the tokens of one sequence, arriving one at a time, into text pieces whose concatenation is
+    exactly the final text: decode(all tokens), cut before the first stop sequence.
+
+    Each `push` hands out only what can no longer change: a character whose bytes have not all arrived (it
+    decodes as U+FFFD) is held back, and so is an ending that could be the start of a stop sequence; `finish`
+    hands out the rest. `prefix` (an echoed prompt) is part of the text; stop sequences are only looked for
+    after it. The work per token does not grow with the length of the sequence: each push decodes only the
+    tokens since the text last settled, read after the one token before them (SentencePiece drops the leading
+    space of the first piece it decodes, so a piece's text depends on whether anything comes before it).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prefix: Sequence[int] = (), stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids = list(prefix)
+        self.generated = 0  # tokens pushed
+        self.settled = len(self.ids)  # ids[:settled] decode to text that later tokens cannot change
+        prefix_text = tokenizer.decode(self.ids)
+        self.settled_length = len(prefix_text)
+        self.context_text = self._decode_from(self.settled - 1) if self.settled else ""
+        self.parts: list[str] = []  # the pieces handed out
+        self.emitted = 0  # their total length
+        self.held = prefix_text  # settled text not handed out yet
+        self.tail = ""  # the text of ids[settled:], which may still change
+        self.generated_from = len(prefix_text)  # where the generated text starts
+        self.lengths = [len(prefix_text)]  # lengths[n]: the length of the text after n generated tokens
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """The text so far (after `finish`, the final text)."""
+        return "".join(self.parts) + self.held + ("" if self.stopped else self.tail)
+
+    def push(self, token: int) -> str:
+        """Add a generated token; return the new text that is certain. Sets `stopped` when the text now
+        contains a stop sequence (the text is then cut before it); after that, tokens change nothing."""
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        self.generated += 1
+        context_start = max(self.settled - 1, 0)
+        self.tail = self._decode_from(context_start)[len(self.context_text) :]
+        self.lengths.append(self.settled_length + len(self.tail))
+        if self._find_stop():
+            return self.finish()
+        if self.tail.endswith(REPLACEMENT):
+            return ""  # the tail is one unfinished run of byte pieces: nothing new is certain
+        self.held += self.tail
+        self.settled, self.settled_length, self.tail = len(self.ids), self.lengths[-1], ""
+        self.context_text = self._decode_from(self.settled - 1)
+        return self._emit(len(self.held) - self._stop_prefix_length())
+
+    def finish(self) -> str:
+        """The text not handed out yet (nothing more will arrive)."""
+        rest = self.held + ("" if self.stopped else self.tail)
+        self.held, self.tail = "", ""
+        self.parts.append(rest)
+        self.emitted += len(rest)
+        return rest
+
+    def tokens_needed(self) -> int:
+        """How many generated tokens the (stop-cut) text needs: those after it are dropped from the result."""
+        length = len(self.text)
+        return next(count for count, after in enumerate(self.lengths) if after >= length or count == self.generated)
+
+    def _decode_from(self, start: int) -> str:
+        return self.tokenizer.decode(self.ids[start:])
+
+    def _find_stop(self) -> bool:
+        """Cut the text before the first stop sequence in it, if any. Only the text not handed out can hold one:
+        any start of a stop sequence is held back until it is known not to be one."""
+        pending = self.held + self.tail
+        search_from = max(self.generated_from - self.emitted, 0)
+        found = [index for index in (pending.find(stop, search_from) for stop in self.stop) if index >= 0]
+        if found:
+            self.held, self.tail, self.stopped = pending[: min(found)], "", True
+        return bool(found)
+
+    def _stop_prefix_length(self) -> int:
+        """The length of the longest ending of the held generated text that is the start of a stop sequence."""
+        room = len(self.held) - max(self.generated_from - self.emitted, 0)
+        return max(
+            (n for stop in self.stop for n in range(1, min(len(stop), room + 1)) if self.held.endswith(stop[:n])),
+            default=0,
+        )
+
+    def _emit(self, length: int) -> str:
+        piece, self.held = self.held[:length], self.held[length:]
+        self.parts.append(piece)
+        self.emitted += len(piece)
+        return piece

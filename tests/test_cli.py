@@ -1,0 +1,184 @@
+"""The `llama` command line: every command and option explained by --help, one line of output on success and on
+a mistake, yes/no options that accept only clear answers, warnings as one readable line, and the former
+`python -m llama.checkpoint` / `python -m llama.train` spellings still working, with a notice."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import meta_params, random_model, run_python, small_args, write_checkpoint
+from llama.cli import COMMANDS, build_parser, main
+
+ARGS = small_args(n_heads=8, n_kv_heads=4)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer_path):
+    folder = write_checkpoint(tmp_path_factory.mktemp("cli") / "one", ARGS, random_model(ARGS, seed=71).state_dict())
+    (folder / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    return folder
+
+
+def llama_command(*arguments: str, timeout: float = 240):
+    return run_python(["-m", "llama", *map(str, arguments)], timeout=timeout)
+
+
+@pytest.fixture
+def run_main(capsys, monkeypatch):
+    """`llama ARGS...` run in this process (much faster than a new one): (exit status, stdout, stderr)."""
+    monkeypatch.setattr("warnings.showwarning", __import__("warnings").showwarning)  # main() replaces it
+
+    def run(*arguments) -> tuple[int, str, str]:
+        try:
+            status = main([str(argument) for argument in arguments])
+        except SystemExit as exit:
+            status = exit.code
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
+def folder_hashes(folder: Path) -> dict:
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
+
+
+def test_help_lists_every_command_with_one_line_each():
+    result = llama_command("--help")
+    assert result.returncode == 0, result.stderr
+    for name, (summary, _, _) in COMMANDS.items():
+        assert any(line.split() == [name, *summary.split()] for line in result.stdout.splitlines()), (
+            name,
+            result.stdout,
+        )
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_commands_help_explains_every_option_with_its_default(command, run_main):
+    status, stdout, _ = run_main(command, "--help")
+    assert status == 0
+    subparser = build_parser()._subparsers._group_actions[0].choices[command]
+    for action in subparser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings[0]} has no explanation"
+            assert action.option_strings[0] in stdout
+            if action.default is not None and not action.required:
+                assert f"(default: {action.default})" in " ".join(stdout.split()), action.option_strings[0]
+
+
+def test_reshard_prints_what_it_wrote_and_refuses_to_overwrite_in_one_line(tmp_path, checkpoint):
+    destination = tmp_path / "two"
+    result = llama_command("reshard", checkpoint, destination, "--model-parallel-size", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {destination}: consolidated.00.pth, consolidated.01.pth, params.json, " + (
+        "tokenizer.model"
+    )
+    assert result.stderr == ""
+    again = llama_command("reshard", checkpoint, destination, "--model_parallel_size", "2")  # underscores work too
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert again.stderr.strip() == f"error: {str(destination)!r} already exists: " + (
+        "choose another destination, or pass --overwrite to replace it"
+    )
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [["--overwrite=false"], ["--overwrite", "false"], ["--overwrite=no"], ["--overwrite=0"], ["--no-overwrite"]],
+)
+def test_overwrite_spelled_as_no_keeps_the_existing_folder(tmp_path, checkpoint, spelling, run_main):
+    destination = tmp_path / "mydata"
+    destination.mkdir()
+    (destination / "notes.txt").write_text("mine")
+    status, _, stderr = run_main("reshard", checkpoint, destination, "--model-parallel-size", "1", *spelling)
+    assert status == 1 and "already exists" in stderr
+    assert folder_hashes(destination) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+
+
+@pytest.mark.parametrize("value", ["maybe", "", "ture"])
+def test_overwrite_with_an_unclear_value_is_an_error_and_changes_nothing(tmp_path, checkpoint, value, run_main):
+    destination = tmp_path / "mydata"
+    destination.mkdir()
+    (destination / "notes.txt").write_text("mine")
+    status, _, stderr = run_main(
+        "reshard", checkpoint, destination, "--model-parallel-size", "1", f"--overwrite={value}"
+    )
+    assert status == 2
+    assert stderr.startswith(f"error: {value!r} is not a clear yes or no") and len(stderr.splitlines()) == 1
+    assert (destination / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("spelling", [["--overwrite"], ["--overwrite=true"], ["--overwrite", "yes"], ["--overwrite=1"]])
+def test_overwrite_spelled_as_yes_replaces_the_folder(tmp_path, checkpoint, spelling, run_main):
+    destination = tmp_path / "mydata"
+    destination.mkdir()
+    (destination / "notes.txt").write_text("mine")
+    status, _, stderr = run_main("reshard", checkpoint, destination, "--model-parallel-size", "1", *spelling)
+    assert status == 0, stderr
+    assert sorted(folder_hashes(destination)) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
+
+
+def test_malformed_command_lines_are_reported_in_one_line(tmp_path, checkpoint, run_main):
+    for arguments in (
+        ["reshard", checkpoint, tmp_path / "x"],
+        ["reshard", checkpoint, tmp_path / "x", "--model-parallel-size", "two"],
+        ["nonsense"],
+    ):
+        status, _, stderr = run_main(*arguments)
+        assert status == 2 and len(stderr.strip().splitlines()) == 1, stderr
+        assert stderr.startswith("error: ") and "--help" in stderr
+    assert not (tmp_path / "x").exists()
+    status, _, stderr = run_main()
+    assert status == 2 and "commands:" in stderr, "without a command, the list of commands"
+
+
+def test_warnings_are_printed_as_one_readable_line(tmp_path, checkpoint, run_main):
+    source = tmp_path / "source"
+    source.mkdir()
+    for path in checkpoint.iterdir():
+        (source / path.name).write_bytes(path.read_bytes())
+    (source / "params.json").write_text(json.dumps(meta_params(ARGS) | {"moe": None}))
+    status, _, stderr = run_main("fold-norms", source, tmp_path / "folded")
+    assert status == 0, stderr
+    assert stderr == f"warning: {source / 'params.json'}: ignoring settings this library does not know: moe\n"
+
+
+def test_former_spelling_python_m_llama_checkpoint_still_works_and_names_the_new_command(tmp_path, checkpoint):
+    arguments = [
+        "-m",
+        "llama.checkpoint",
+        "reshard",
+        str(checkpoint),
+        str(tmp_path / "two"),
+        "--model_parallel_size",
+        "2",
+    ]
+    result = run_python(arguments)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("notice: `python -m llama.checkpoint` is now `python -m llama`")
+    assert "RuntimeWarning" not in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "two" / "consolidated.01.pth").is_file()
+    folded = run_python(["-m", "llama.checkpoint", "fold_norms", str(checkpoint), str(tmp_path / "folded")])
+    assert folded.returncode == 0 and (tmp_path / "folded" / "consolidated.00.pth").is_file(), folded.stderr
+
+
+def test_former_spelling_python_m_llama_train_still_works_and_names_the_new_command(tmp_path):
+    result = run_python(
+        ["-m", "llama.train", "--text_path", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path / "m")]
+    )
+    assert result.returncode == 1
+    notice, error = result.stderr.strip().splitlines()
+    assert notice.startswith("notice: `python -m llama.train` is now `python -m llama train`")
+    assert error.startswith("error: text file")
+
+
+def test_the_llama_console_script_runs_the_command_line():
+    script = Path(sys.executable).parent / "llama"
+    if not script.is_file():
+        pytest.skip(f"the package is not installed with its scripts beside {sys.executable}")
+    import subprocess
+
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "reshard" in result.stdout, result.stderr
