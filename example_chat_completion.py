@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from llama import Dialog, Llama
 from llama.chat_format import trim_dialog
-from llama.cli import build_example, example_parser, normalize_arguments, readable_warnings
+from llama.cli import build_example, example_parser, parse_arguments, readable_warnings
 from llama.distributed import is_main_process
 
 DIALOGS: list[Dialog] = [
@@ -115,7 +115,7 @@ def parse_args():
         "--max-seq-len defaults to 512 (the demo model: 256); --max-gen-len to the rest of the context (the "
         "demo model: 64 tokens; interactive: a quarter of the context)"
     )
-    return parser.parse_args(normalize_arguments(sys.argv[1:], booleans=("--interactive",)))
+    return parse_arguments(parser, booleans=("--interactive",))
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ terminal), then a rule.
 
 import sys
 
-from llama.cli import build_example, example_parser, normalize_arguments, readable_warnings
+from llama.cli import build_example, example_parser, parse_arguments, readable_warnings
 from llama.distributed import is_main_process
 
 PROMPTS = [
@@ -34,7 +34,7 @@ RULE = "-" * 72
 def main() -> None:
     readable_warnings()
     parser = example_parser(__doc__.split("\n\n")[0], max_seq_len=128, max_gen_len=64)
-    options = parser.parse_args(normalize_arguments(sys.argv[1:]))
+    options = parse_arguments(parser)
     try:
         generator, on_demo = build_example(options, default_max_seq_len=128)
         prompts = DEMO_PROMPTS if on_demo else PROMPTS

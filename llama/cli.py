@@ -17,7 +17,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import NamedTuple, NoReturn, Optional
 
 from llama.convert import fold_norms, reshard
 from llama.distributed import is_main_process
@@ -58,12 +58,65 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{action.help} (default: {action.default})"
 
 
-def _source_and_destination(parser: argparse.ArgumentParser, source: str) -> None:
-    parser.add_argument("src", help=f"the {source} folder to read (never changed)")
-    parser.add_argument("dst", help="the folder to write; it appears only once complete")
+class Command(NamedTuple):
+    summary: str
+    run: Callable[..., object]  # the library function, called with the options as keyword arguments
+    source: Optional[str]  # what SRC is; None for a command that takes no SRC and DST (it writes --out-dir)
+    options: tuple[tuple[str, dict], ...] = ()  # (flag, add_argument's keyword arguments)
 
 
-def _overwrite(parser: argparse.ArgumentParser) -> None:
+def _train(text_path: str, out_dir: str, device: Optional[str], overwrite: bool, **settings) -> None:
+    train(text_path, out_dir, TrainConfig(**settings), device, overwrite)
+
+
+def _option(flag: str, help: str, **settings) -> tuple[str, dict]:
+    return flag, dict(settings, help=help)
+
+
+_METAVARS = {int: "N", float: "X", str: "NAME"}
+_TRAIN_OPTIONS = (
+    _option("--text-path", "the UTF-8 text file to train on", required=True, metavar="FILE"),
+    _option("--out-dir", "the checkpoint folder to write", required=True, metavar="DIR"),
+    *(
+        _option(f"--{item.name.replace('_', '-')}", item.metadata["help"], type=item.type, default=item.default,
+                metavar=_METAVARS[item.type])
+        for item in dataclasses.fields(TrainConfig)
+    ),
+    _option("--device", "cpu or cuda (default: CUDA when available)", metavar="NAME"),
+)  # fmt: skip
+_TO_HF_OPTIONS = (
+    _option("--tokenizer-path", "the checkpoint's tokenizer.model (default: SRC/tokenizer.model)", metavar="FILE"),
+    _option("--max-position-embeddings", "the context length config.json announces (Llama 2 was trained on 4096)",
+            type=int, default=4096, metavar="N"),
+    _option("--max-file-bytes", "the largest safetensors file; larger models are split over several, with an index",
+            type=int, default=5_000_000_000, metavar="N"),
+)  # fmt: skip
+_MODEL_PARALLEL_SIZE = _option(
+    "--model-parallel-size",
+    "the number of shards to write: one per process that will load it (it must divide the heads, key/value heads, "
+    "FFN width, dim and vocabulary)",
+    type=int, required=True, metavar="N",
+)  # fmt: skip
+
+COMMANDS = {
+    "reshard": Command(
+        "write a checkpoint with another number of shards", reshard, "Meta-layout checkpoint", (_MODEL_PARALLEL_SIZE,)
+    ),
+    "fold-norms": Command("fold the RMSNorm weights into the layers they feed", fold_norms, "Meta-layout checkpoint"),
+    "to-hf": Command(
+        "convert a checkpoint to Hugging Face's Llama layout", to_hf, "Meta-layout checkpoint", _TO_HF_OPTIONS
+    ),
+    "from-hf": Command("convert a Hugging Face Llama model to Meta's layout", from_hf, "Hugging Face Llama model"),
+    "train": Command("train a small model and its tokenizer on a text file", _train, None, _TRAIN_OPTIONS),
+}
+
+
+def _add_options(parser: argparse.ArgumentParser, command: Command) -> None:
+    if command.source is not None:
+        parser.add_argument("src", help=f"the {command.source} folder to read (never changed)")
+        parser.add_argument("dst", help="the folder to write; it appears only once complete")
+    for flag, settings in command.options:
+        parser.add_argument(flag, **settings)
     parser.add_argument(
         "--overwrite",
         action=argparse.BooleanOptionalAction,
@@ -72,97 +125,20 @@ def _overwrite(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_reshard(parser: argparse.ArgumentParser) -> None:
-    _source_and_destination(parser, "Meta-layout checkpoint")
-    parser.add_argument(
-        "--model-parallel-size", type=int, required=True, metavar="N",
-        help="the number of shards to write: one per process that will load it (it must divide the heads, "
-        "key/value heads, FFN width, dim and vocabulary)",
-    )  # fmt: skip
-    _overwrite(parser)
-
-
-def _add_fold_norms(parser: argparse.ArgumentParser) -> None:
-    _source_and_destination(parser, "Meta-layout checkpoint")
-    _overwrite(parser)
-
-
-def _add_to_hf(parser: argparse.ArgumentParser) -> None:
-    _source_and_destination(parser, "Meta-layout checkpoint")
-    parser.add_argument(
-        "--tokenizer-path", metavar="FILE", help="the checkpoint's tokenizer.model (default: SRC/tokenizer.model)"
-    )
-    parser.add_argument(
-        "--max-position-embeddings", type=int, default=4096, metavar="N",
-        help="the context length config.json announces (Llama 2 was trained on 4096)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--max-file-bytes", type=int, default=5_000_000_000, metavar="N",
-        help="the largest safetensors file; larger models are split over several, with an index",
-    )  # fmt: skip
-    _overwrite(parser)
-
-
-def _add_from_hf(parser: argparse.ArgumentParser) -> None:
-    _source_and_destination(parser, "Hugging Face Llama model")
-    _overwrite(parser)
-
-
-def _add_train(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text-path", required=True, metavar="FILE", help="the UTF-8 text file to train on")
-    parser.add_argument("--out-dir", required=True, metavar="DIR", help="the checkpoint folder to write")
-    metavars = {int: "N", float: "X", str: "NAME"}
-    for item in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{item.name.replace('_', '-')}", type=item.type, default=item.default,
-                            metavar=metavars[item.type], help=item.metadata["help"])  # fmt: skip
-    parser.add_argument("--device", metavar="NAME", help="cpu or cuda (default: CUDA when available)")
-    _overwrite(parser)
-
-
-def _run_train(options: argparse.Namespace) -> Path:
-    settings = {item.name: getattr(options, item.name) for item in dataclasses.fields(TrainConfig)}
-    train(options.text_path, options.out_dir, TrainConfig(**settings), options.device, options.overwrite)
-    return Path(options.out_dir)
-
-
-def _run(function: Callable, *names: str) -> Callable[[argparse.Namespace], Path]:
-    """A command that calls `function(src, dst, <names>..., overwrite=...)` and wrote `dst`."""
-
-    def run(options: argparse.Namespace) -> Path:
-        function(options.src, options.dst, *(getattr(options, name) for name in names), overwrite=options.overwrite)
-        return Path(options.dst)
-
-    return run
-
-
-# name: (summary, add the options, run it and return the folder written)
-COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], Path]]] = {
-    "reshard": (
-        "write a checkpoint with another number of shards",
-        _add_reshard, _run(reshard, "model_parallel_size"),
-    ),
-    "fold-norms": (
-        "fold the RMSNorm weights into the layers they feed",
-        _add_fold_norms, _run(fold_norms),
-    ),
-    "to-hf": (
-        "convert a checkpoint to Hugging Face's Llama layout",
-        _add_to_hf, _run(to_hf, "tokenizer_path", "max_position_embeddings", "max_file_bytes"),
-    ),
-    "from-hf": (
-        "convert a Hugging Face Llama model to Meta's layout",
-        _add_from_hf, _run(from_hf),
-    ),
-    "train": (
-        "train a small model and its tokenizer on a text file",
-        _add_train, _run_train,
-    ),
-}  # fmt: skip
+def _run(command: Command, options: argparse.Namespace) -> Path:
+    """Run the command with the options given; the folder it wrote."""
+    values = {flag[2:].replace("-", "_"): None for flag, _ in command.options}
+    values = {name: getattr(options, name) for name in values}
+    if command.source is None:
+        command.run(**values, overwrite=options.overwrite)
+        return Path(options.out_dir)
+    command.run(options.src, options.dst, **values, overwrite=options.overwrite)
+    return Path(options.dst)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command, each with its options' help and defaults."""
-    listing = "\n".join(f"  {name:<12}{summary}" for name, (summary, _, _) in COMMANDS.items())
+    listing = "\n".join(f"  {name:<12}{command.summary}" for name, command in COMMANDS.items())
     parser = _Parser(
         prog="llama",
         usage="llama [-h] COMMAND ...",
@@ -171,11 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS, parser_class=_Parser)
-    for name, (summary, add_options, _) in COMMANDS.items():
-        command = commands.add_parser(
-            name, description=summary[0].upper() + summary[1:] + ".", formatter_class=_HelpFormatter
-        )
-        add_options(command)
+    for name, command in COMMANDS.items():
+        description = command.summary[0].upper() + command.summary[1:] + "."
+        _add_options(commands.add_parser(name, description=description, formatter_class=_HelpFormatter), command)
     return parser
 
 
@@ -200,6 +174,17 @@ def normalize_arguments(argv: Sequence[str], booleans: Sequence[str] = ("--overw
                 equals, value = "", ""
         result.append(name + equals + value)
     return result
+
+
+def parse_arguments(
+    parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None, booleans: Sequence[str] = ("--overwrite",)
+) -> argparse.Namespace:
+    """`parser.parse_args` of `argv` (default: the program's arguments) after `normalize_arguments`; a mistake
+    ends the program with one line on standard error, status 2."""
+    try:
+        return parser.parse_args(normalize_arguments(sys.argv[1:] if argv is None else argv, booleans))
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def readable_warnings() -> None:
@@ -264,15 +249,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run `llama COMMAND ...` with `argv` (default: the program's arguments); returns the exit status."""
     readable_warnings()
     parser = build_parser()
-    try:
-        options = parser.parse_args(normalize_arguments(sys.argv[1:] if argv is None else argv))
-    except ValueError as error:
-        parser.error(str(error))
+    options = parse_arguments(parser, argv)
     if options.command is None:
         parser.print_help(sys.stderr)
         return 2
     try:
-        written = COMMANDS[options.command][2](options)
+        written = _run(COMMANDS[options.command], options)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 streamed or not. Every method is a thin collector over one generator, `generate_steps`, which runs the
 decoding loop (llama.decoding) batch after batch."""
 
+import inspect
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -118,17 +119,10 @@ class Llama:
         return [result.tokens for result in results], ([result.logprobs for result in results] if logprobs else None)
 
     def text_completion(
-        self,
-        prompts: list[str],
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        max_gen_len: Optional[int] = None,
-        logprobs: bool = False,
-        echo: bool = False,
-        top_k: int = 0,
-        stop: Optional[list[str]] = None,
+        self, prompts: list[str], temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
+        logprobs: bool = False, echo: bool = False, top_k: int = 0, stop: Optional[list[str]] = None,
         truncate: bool = False,
-    ) -> list[CompletionPrediction]:
+    ) -> list[CompletionPrediction]:  # fmt: skip
         """Complete each prompt string; any number of prompts, results in input order.
 
         `max_gen_len` defaults to max_seq_len - 1. A sequence ends at EOS, or when its text contains one of
@@ -143,36 +137,18 @@ class Llama:
         steps = self._steps(encode_prompts(self.tokenizer, prompts, self.model.params, truncate), params, bool(stop))
         return [self._prediction(result, logprobs) for result in completions(steps)]
 
-    def stream_completion(
-        self,
-        prompts: list[str],
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        max_gen_len: Optional[int] = None,
-        logprobs: bool = False,
-        echo: bool = False,
-        top_k: int = 0,
-        stop: Optional[list[str]] = None,
-        truncate: bool = False,
-    ) -> Iterator[list[str]]:
-        """`text_completion` as it happens: an iterator that yields, per decoding step, a list with the new
-        text of each prompt ("" where there is none). The pieces of a prompt add up to its final
-        "generation" exactly. Arguments are checked, and errors raised, before the first step."""
-        params = SamplingParams(temperature, top_p, top_k, max_gen_len, stop, logprobs, echo)
+    def stream_completion(self, prompts: list[str], **settings) -> Iterator[list[str]]:
+        """`text_completion` as it happens, with its keyword arguments: an iterator that yields, per decoding
+        step, a list with the new text of each prompt ("" where there is none). The pieces of a prompt add up
+        to its final "generation" exactly. Arguments are checked, and errors raised, before the first step."""
+        params, truncate = _settings("text_completion", settings)
         prompt_tokens = encode_prompts(self.tokenizer, prompts, self.model.params, truncate)
         return _pieces(self._steps(prompt_tokens, params, follow_text=True))
 
     def chat_completion(
-        self,
-        dialogs: list[Dialog],
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        max_gen_len: Optional[int] = None,
-        logprobs: bool = False,
-        top_k: int = 0,
-        stop: Optional[list[str]] = None,
-        truncate: bool = False,
-    ) -> list[ChatPrediction]:
+        self, dialogs: list[Dialog], temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
+        logprobs: bool = False, top_k: int = 0, stop: Optional[list[str]] = None, truncate: bool = False,
+    ) -> list[ChatPrediction]:  # fmt: skip
         """Answer each dialog as the assistant, in the model's chat format (`chat_format`); any number of dialogs.
 
         Returns one {"generation": {"role": "assistant", "content": str}} per dialog, plus "tokens" and
@@ -191,21 +167,11 @@ class Llama:
             results.append({"generation": message, **prediction})
         return results
 
-    def stream_chat(
-        self,
-        dialogs: list[Dialog],
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        max_gen_len: Optional[int] = None,
-        logprobs: bool = False,
-        top_k: int = 0,
-        stop: Optional[list[str]] = None,
-        truncate: bool = False,
-    ) -> Iterator[list[str]]:
-        """`chat_completion` as it happens: yields, per decoding step, a list with the new answer text of each
-        dialog ("" where there is none); the pieces add up to the final content exactly (for a refused dialog,
-        the error text comes in the first list)."""
-        params = SamplingParams(temperature, top_p, top_k, max_gen_len, stop, logprobs)
+    def stream_chat(self, dialogs: list[Dialog], **settings) -> Iterator[list[str]]:
+        """`chat_completion` as it happens, with its keyword arguments: yields, per decoding step, a list with
+        the new answer text of each dialog ("" where there is none); the pieces add up to the final content
+        exactly (for a refused dialog, the error text comes in the first list)."""
+        params, truncate = _settings("chat_completion", settings)
         prompts, refusals = encode_dialogs(self.chat_format, dialogs, self.model.params, truncate)
         return _merge_refusals(_pieces(self._steps(prompts, params, follow_text=True)), refusals)
 
@@ -245,6 +211,17 @@ class Llama:
                 before, after = [""] * start, [""] * (len(prompts) - start - len(batch_prompts))
                 finished = [(start + row, completion) for row, completion in step.finished]
                 yield StepResult(before + step.pieces + after, finished)
+
+
+def _settings(method: str, settings: dict) -> tuple[SamplingParams, bool]:
+    """SamplingParams and `truncate` from the keyword arguments of `Llama.<method>`. Raises TypeError for one
+    that method does not take, and as SamplingParams does."""
+    accepted = set(inspect.signature(getattr(Llama, method)).parameters) - {"self", "prompts", "dialogs"}
+    unknown = sorted(set(settings) - accepted)
+    if unknown:
+        raise TypeError(f"{method} takes no argument {', '.join(unknown)}: it takes {', '.join(sorted(accepted))}")
+    truncate = settings.pop("truncate", False)
+    return SamplingParams(**settings), truncate
 
 
 def _pieces(steps: Iterator[StepResult]) -> Iterator[list[str]]:

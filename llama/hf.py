@@ -20,7 +20,7 @@ from sentencepiece import SentencePieceProcessor
 
 from llama.atomic import staged_folder
 from llama.hf_tokenizer import write_tokenizer_files
-from llama.layout import TOKENIZER_FILE, PathLike, check_shapes, expected_shapes, write_params
+from llama.layout import TOKENIZER_FILE, PathLike, check_shapes, expected_shapes, read_settings, write_params
 from llama.model import ModelArgs
 from llama.shards import ShardedCheckpoint, load_shard, open_checkpoint, save_shard
 
@@ -294,15 +294,7 @@ def from_hf(src: PathLike, dst: PathLike, overwrite: bool = False) -> None:
     `src` is never changed. Raises FileNotFoundError for a folder without config.json or weights, ValueError
     for a model this library does not implement or tensors that do not match the config."""
     src = Path(src)
-    config_path = src / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{str(config_path)!r} is missing: is {str(src)!r} a Hugging Face model folder?")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{str(config_path)!r} is not valid JSON: {error}") from error
-    if not isinstance(config, dict):
-        raise ValueError(f"{str(config_path)!r} must hold a JSON object of model settings")
+    config = read_settings(src / "config.json", f"is {str(src)!r} a Hugging Face model folder?")
     args = model_args_from_hf_config(config)
     state = hf_to_meta_state_dict(_hf_weights(src), args, tie_word_embeddings=config.get("tie_word_embeddings", False))
     if state["output.weight"] is state["tok_embeddings.weight"]:

@@ -38,6 +38,20 @@ PARAM_KEYS = (
 IGNORED_KEYS = frozenset({"rope.freqs"})
 
 
+def read_settings(path: Path, what_holds_it: str) -> dict:
+    """The JSON object of settings in `path` (params.json, config.json). Raises FileNotFoundError, saying
+    `what_holds_it`, when the file is missing, and ValueError when it is not a JSON object."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is missing: {what_holds_it}")
+    try:
+        settings = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {error}") from error
+    if not isinstance(settings, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object of model settings, got {type(settings).__name__}")
+    return settings
+
+
 def read_model_args(ckpt_dir: PathLike, **overrides) -> ModelArgs:
     """ModelArgs from `ckpt_dir/params.json`, with `overrides` (for example max_seq_len) applied on top.
 
@@ -48,17 +62,9 @@ def read_model_args(ckpt_dir: PathLike, **overrides) -> ModelArgs:
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder {str(ckpt_dir)!r} does not exist")
     params_path = ckpt_dir / PARAMS_FILE
-    if not params_path.is_file():
-        raise FileNotFoundError(
-            f"{str(params_path)!r} is missing: a Meta-layout checkpoint folder holds params.json "
-            "and consolidated.NN.pth files"
-        )
-    try:
-        params = json.loads(params_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{str(params_path)!r} is not valid JSON: {error}") from error
-    if not isinstance(params, dict):
-        raise ValueError(f"{str(params_path)!r} must hold a JSON object of model settings, got {type(params).__name__}")
+    params = read_settings(
+        params_path, "a Meta-layout checkpoint folder holds params.json and consolidated.NN.pth files"
+    )
 
     known = {field.name for field in dataclasses.fields(ModelArgs)}
     unknown = sorted(set(params) - known)

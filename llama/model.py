@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fairscale_layers
 from fairscale.nn.model_parallel.layers import ParallelEmbedding
-from torch import nn
+from torch import Tensor, nn
 
 from llama.distributed import ensure_model_parallel
 
@@ -90,10 +90,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+    def _norm(self, x: Tensor) -> Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         # self._norm(x.float()).type_as(x) * self.weight, as Meta's reference writes it: normalised in float32
         # (in float16 the mean of squares overflows, in bfloat16 it loses digits), rounded to x's dtype, then
         # scaled in it. F.rms_norm computes the same in float32 for half-precision input, in one GPU kernel
@@ -101,9 +101,7 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
 
 
-def precompute_freqs_cis(
-    dim: int, end: int, theta: float = 10000.0, device: Optional[torch.device] = None
-) -> torch.Tensor:
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, device: Optional[torch.device] = None) -> Tensor:
     """The rotation of every position: entry (t, i) is exp(j * t * theta^(-2i/dim)), a unit complex number.
 
     Returns a complex64 tensor of shape (end, dim // 2), always in float32 precision whatever the model's dtype.
@@ -114,7 +112,7 @@ def precompute_freqs_cis(
     return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary_emb(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tensor]:
     """Rotate queries and keys by their positions' angles.
 
     Channels (2i, 2i+1) of each head are read as one complex number and multiplied by freqs_cis[t, i]: a
@@ -130,7 +128,7 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
     return xq_out.type_as(xq), xk_out.type_as(xk)
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     """Grouped-query attention: query head h reads key/value head h // n_rep.
     (bs, seqlen, kv_heads, head_dim) -> (bs, seqlen, kv_heads * n_rep, head_dim)."""
     if n_rep == 1:
@@ -156,9 +154,7 @@ class KVCache(nn.Module):
         self.register_buffer("keys", torch.zeros(shape), persistent=False)
         self.register_buffer("values", torch.zeros(shape), persistent=False)
 
-    def update(
-        self, positions: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cache_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, positions: Tensor, xk: Tensor, xv: Tensor, cache_len: int) -> tuple[Tensor, Tensor]:
         """Write the new keys and values xk, xv (bs, seqlen, kv_heads, head_dim) at `positions` (seqlen,) and
         return the cached keys and values of positions 0 .. cache_len - 1, (bs, cache_len, kv_heads, head_dim)
         each. The positions are a tensor, not a slice, so that one recorded CUDA graph serves every step."""
@@ -173,7 +169,7 @@ class ColumnParallelLinear(fairscale_layers.ColumnParallelLinear):
     rank its copy and gather steps are identities, yet each is a Python autograd call: the plain product
     skips them, about 20 microseconds per call, several percent of a small model's decoding step."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         if self.output_size_per_partition == self.out_features:  # one rank holds every output feature
             return F.linear(x, self.weight, self.bias)
         return super().forward(x)
@@ -183,7 +179,7 @@ class RowParallelLinear(fairscale_layers.RowParallelLinear):
     """fairscale's row-parallel linear layer (each rank reads some input features, the ranks' products are
     summed); on a single rank, the plain product, for the same reason as ColumnParallelLinear."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         if self.input_size_per_partition == self.in_features:  # one rank: nothing to sum
             return F.linear(x, self.weight, self.bias)
         return super().forward(x)
@@ -217,13 +213,8 @@ class Attention(nn.Module):
         self.kv_cache = KVCache(args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        freqs_cis: torch.Tensor,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        cache_len: Optional[int] = None,
-    ) -> torch.Tensor:
+        self, x: Tensor, freqs_cis: Tensor, mask: Tensor, positions: Tensor, cache_len: Optional[int] = None
+    ) -> Tensor:
         """x: (bs, seqlen, dim) standing at `positions` (seqlen,), rotated by freqs_cis (seqlen, head_dim/2).
         With cache_len, the new keys and values go into the cache and the queries read cache positions
         0 .. cache_len - 1, mask (seqlen, cache_len) hiding those after each query's own; without it (training,
@@ -258,7 +249,7 @@ class FeedForward(nn.Module):
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_init_weight)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_init_weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         # SwiGLU: w3's output, gated by SiLU of w1's output.
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
@@ -273,19 +264,14 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        freqs_cis: torch.Tensor,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        cache_len: Optional[int] = None,
-    ) -> torch.Tensor:
+        self, x: Tensor, freqs_cis: Tensor, mask: Tensor, positions: Tensor, cache_len: Optional[int] = None
+    ) -> Tensor:
         # Pre-norm: the residual stream itself is never normalised, only what each sublayer reads from it.
         h = x + self.attention(self.attention_norm(x), freqs_cis, mask, positions, cache_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def attention_mask(positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def attention_mask(positions: Tensor, key_positions: Tensor, dtype: torch.dtype) -> Tensor:
     """The additive mask (len(positions), len(key_positions)): 0 where a query may read a key, the key standing at
     or before the query's position, and -inf elsewhere (later positions, and cache entries not written yet or
     left over from an earlier sequence)."""
@@ -311,9 +297,7 @@ class Transformer(nn.Module):
         # Twice max_seq_len, as Meta's reference builds it; only the first max_seq_len rows are ever read.
         self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
 
-    def forward(
-        self, tokens: torch.Tensor, start_pos: int = 0, use_cache: bool = True, last_only: bool = False
-    ) -> torch.Tensor:
+    def forward(self, tokens: Tensor, start_pos: int = 0, use_cache: bool = True, last_only: bool = False) -> Tensor:
         """Logits (float32, shape (batch, seqlen, vocab)) for `tokens` (batch, seqlen) standing at positions
         start_pos .. start_pos + seqlen - 1, after the positions before start_pos already went through this
         model for the same batch rows (their keys and values are in the cache). With use_cache=False (training,
@@ -335,8 +319,8 @@ class Transformer(nn.Module):
         return self.forward_at(tokens, positions, start_pos + seqlen if use_cache else None, last_only)
 
     def forward_at(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache_len: Optional[int], last_only: bool = False
-    ) -> torch.Tensor:
+        self, tokens: Tensor, positions: Tensor, cache_len: Optional[int], last_only: bool = False
+    ) -> Tensor:
         """`forward` with the positions given as a tensor: tokens (batch, seqlen) at positions (seqlen,), an
         int64 tensor on the model's device, which is not read on the host (on a GPU that would wait for it).
         With the cache, attention reads cache positions 0 .. cache_len - 1, each query those up to its own; a
@@ -362,7 +346,7 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         return self.output(self.norm(h)).float()  # (bs, seqlen, vocab), or (bs, 1, vocab)
 
-    def _check_positions(self, tokens: torch.Tensor, positions: torch.Tensor, cache_len: Optional[int]) -> None:
+    def _check_positions(self, tokens: Tensor, positions: Tensor, cache_len: Optional[int]) -> None:
         bsz, seqlen = tokens.shape
         if positions.shape != (seqlen,) or positions.dtype != torch.long:
             raise ValueError(

@@ -47,6 +47,24 @@ def test_interactive_chat_refuses_tags_and_overlong_messages_and_goes_on(checkpo
     assert result.stdout.count("Assistant: ") == 1
 
 
+@pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py"])
+def test_example_help_explains_every_option(script):
+    result = run_python([script, "--help"])
+    assert result.returncode == 0, result.stderr
+    for option in ("--ckpt-dir", "--tokenizer-path", "--temperature", "--top-p", "--max-seq-len", "--max-gen-len"):
+        assert option in result.stdout, option
+    assert "(default: 0.6)" in result.stdout and "randomness of the sampling" in result.stdout
+
+
+def test_interactive_spelled_as_false_answers_the_built_in_dialogs(checkpoint, tokenizer_path):
+    command = ["example_chat_completion.py", "--ckpt_dir", str(checkpoint), "--tokenizer_path", str(tokenizer_path)]
+    result = run_python([*command, "--interactive=false", "--max_gen_len", "4", "--temperature", "0"], input="Hi\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("> Assistant: ") == 4 and "User: Hi" not in result.stdout
+    unclear = run_python([*command, "--interactive=maybe"])
+    assert unclear.returncode == 2 and unclear.stderr.startswith("error: 'maybe' is not a clear yes or no")
+
+
 def test_trim_dialog_keeps_the_system_message_and_the_last_user_turn(tokenizer):
     system = {"role": "system", "content": "Be brief."}
     turns = []

@@ -49,8 +49,8 @@ def folder_hashes(folder: Path) -> dict:
 def test_help_lists_every_command_with_one_line_each():
     result = llama_command("--help")
     assert result.returncode == 0, result.stderr
-    for name, (summary, _, _) in COMMANDS.items():
-        assert any(line.split() == [name, *summary.split()] for line in result.stdout.splitlines()), (
+    for name, command in COMMANDS.items():
+        assert any(line.split() == [name, *command.summary.split()] for line in result.stdout.splitlines()), (
             name,
             result.stdout,
         )
@@ -182,3 +182,39 @@ def test_the_llama_console_script_runs_the_command_line():
 
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "reshard" in result.stdout, result.stderr
+
+
+def test_train_command_passes_every_setting_to_the_training_run(tmp_path, run_main):
+    text = "".join(f"KING:\nThe {word} is fair, my lord.\n\n" for word in ["crown", "night", "sword", "heart"] * 40)
+    (tmp_path / "plays.txt").write_text(text)
+    settings = ["--vocab-size", "300", "--dim", "32", "--n-layers", "1", "--n-heads", "4", "--n-kv-heads", "2"]
+    settings += [
+        "--multiple-of",
+        "16",
+        "--max-seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--steps",
+        "3",
+        "--warmup-steps",
+        "1",
+    ]
+    settings += ["--eval-every", "3", "--eval-windows", "2", "--log-every", "3", "--seed", "5", "--dtype", "float32"]
+    status, stdout, stderr = run_main(
+        "train", "--text-path", tmp_path / "plays.txt", "--out-dir", tmp_path / "m", *settings
+    )
+    assert status == 0, stderr
+    assert (
+        stdout.strip().splitlines()[-1]
+        == f"wrote {tmp_path / 'm'}: consolidated.00.pth, metrics.json, params.json, tokenizer.model"
+    )
+    recorded = json.loads((tmp_path / "m" / "metrics.json").read_text())["settings"]
+    expected = dict(zip(settings[::2], settings[1::2]))
+    assert {f"--{name.replace('_', '-')}": str(value) for name, value in recorded.items()} == expected | {
+        "--learning-rate": "0.002",
+        "--min-lr-ratio": "0.1",
+        "--weight-decay": "0.1",
+        "--grad-clip": "1.0",
+        "--val-fraction": "0.1",
+    }

@@ -89,6 +89,24 @@ def test_bundled_checkpoint_is_meta_layout_in_bfloat16_under_10_mb_with_grouped_
     assert metrics["val_nats_per_char"] < 0.8 * metrics["unigram_nats_per_char"]
 
 
+def test_demo_context_is_the_length_of_the_windows_it_was_trained_on():
+    ckpt_dir, _ = demo_checkpoint()
+    metrics = json.loads((ckpt_dir / "metrics.json").read_text())
+    assert llama.loading.DEMO_CONTEXT_LEN == metrics["settings"]["max_seq_len"] == 256
+
+
+def test_examples_on_the_demo_model_keep_to_its_trained_context_and_say_so():
+    result = run_python(["example_text_completion.py", "--max_seq_len", "1024", "--max_gen_len", "4"])
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "note: the demo model was trained on 256-token windows: --max-seq-len 1024 lowered to 256\n"
+
+
+def test_the_reshard_notice_for_the_demo_model_writes_to_the_current_folder_not_into_the_package():
+    command = llama.loading.reshard_command(llama.loading.DEMO_DIR, 2)
+    destination = command.split()[5]
+    assert command.startswith("python -m llama reshard ") and destination == "demo-mp2", command
+
+
 def test_demo_checkpoint_names_a_missing_file_and_the_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(llama.loading, "DEMO_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="params.json.*pip install"):

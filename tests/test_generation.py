@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from helpers import random_model, small_args
 from llama.chat_format import UNSAFE_REQUEST_ERROR, Llama2ChatFormat
+from llama.decoding import EagerStep, completions
 from llama.generation import Llama
-from llama.sampling import sample_top_p
+from llama.sampling import SamplingParams, sample_top_p
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +120,50 @@ def test_generation_stops_at_eos_per_sequence_and_when_all_sequences_stopped(gen
     out, _ = Llama(everyone, generator.tokenizer).generate(PROMPTS, max_gen_len=30, temperature=0)
     assert out == [[], [], []]
     assert everyone.calls == len(PROMPTS[0]) - len(PROMPTS[1]) + 1
+
+
+def test_ignore_eos_generates_every_token_asked_for(generator):
+    eos = generator.tokenizer.eos_id
+    everyone = EosAt(generator.model, eos, force={(row, len(prompt)) for row, prompt in enumerate(PROMPTS)})
+    llama = Llama(everyone, generator.tokenizer)
+    params = SamplingParams(temperature=0, max_gen_len=7, ignore_eos=True)
+    results = completions(llama.generate_steps(PROMPTS, params))
+    assert [len(result.tokens) for result in results] == [7, 7, 7]
+    assert all(result.tokens[0] == eos for result in results), "EOS was generated and kept, not obeyed"
+
+
+class AheadStep(EagerStep):
+    """A decoding step that computes the next step while the caller waits for this one's values, as CUDA graphs
+    do on a GPU: here on the CPU, to hold the decoding loop to the Step contract."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.queued, self.queued_calls = None, 0
+
+    def forward(self, tokens, start_pos, last_only):
+        if start_pos == 0:
+            self.queued = None
+        if self.queued is not None and self.queued[0] == start_pos:
+            logits, self.queued = self.queued[1], None
+            return logits
+        return super().forward(tokens, start_pos, last_only)
+
+    def fetch(self, values, next_step):
+        if next_step is not None:
+            tokens, start_pos = next_step
+            self.queued = (start_pos, self.model(tokens.clone(), start_pos, last_only=True))
+            self.queued_calls += 1
+        return values.tolist()
+
+
+def test_a_step_computed_ahead_gives_the_tokens_logprobs_and_samples_of_the_eager_step(generator, tokenizer):
+    for temperature, logprobs in ((0, False), (0.9, False), (0.9, True)):
+        eager = Llama(generator.model, tokenizer, seed=4)
+        ahead = Llama(generator.model, tokenizer, seed=4)
+        ahead.decode_step = AheadStep(generator.model)
+        expected = eager.generate(PROMPTS, 12, temperature, logprobs=logprobs, echo=True)
+        assert ahead.generate(PROMPTS, 12, temperature, logprobs=logprobs, echo=True) == expected
+        assert ahead.decode_step.queued_calls >= 12, "the steps were really computed ahead"
 
 
 def test_echo_returns_the_prompt_before_the_generation(generator):

@@ -245,6 +245,27 @@ def test_text_stream_holds_back_what_may_still_change(tokenizer):
     assert stream.stopped and stream.text == "a😀"
 
 
+def test_streaming_decodes_each_token_a_bounded_number_of_times(tokenizer, monkeypatch):
+    """The work per token does not grow with the length of the text: over 300 tokens, the tokens passed to
+    decode add up to a small multiple of 300 (re-decoding the whole text at every token would pass 45,000)."""
+    ids = tokenizer.encode("Once upon a time there was a little girl. " * 30, bos=False, eos=False)[:300]
+    decoded = []
+    decode = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda tokens: decoded.append(len(tokens)) or decode(tokens))
+    stream = TextStream(tokenizer, prefix=ids[:20], stop=["never appears"])
+    text = "".join(stream.push(token) for token in ids[20:]) + stream.finish()
+    assert text == decode(ids)
+    assert sum(decoded) <= 20 + 5 * len(ids), f"{sum(decoded)} tokens decoded for {len(ids)}"
+
+
+def test_stream_and_completion_take_only_their_methods_arguments(tokenizer):
+    llama = scripted(tokenizer, ["x"], ["y"])
+    with pytest.raises(TypeError, match="text_completion takes no argument temprature"):
+        llama.stream_completion(["x"], temprature=0.5)
+    with pytest.raises(TypeError, match="chat_completion takes no argument echo"):
+        llama.stream_chat([[{"role": "user", "content": "x"}]], echo=True)
+
+
 def test_long_batch_runs_report_progress_only_when_asked(tokenizer, capsys):
     model = random_model(small_args(max_batch_size=2), seed=45)
     prompts = ["a", "b", "c", "d", "e"]
