@@ -65,15 +65,14 @@ class DecodeGraphs:
             return self.replay(tokens, start_pos)
         return self.model(tokens, start_pos, last_only=last_only)
 
-    def fetch(self, values: torch.Tensor, next_step: Optional[tuple[torch.Tensor, int]]) -> list:
-        if next_step is None:
+    def fetch(self, values: torch.Tensor, tokens: torch.Tensor, next_pos: Optional[int]) -> list:
+        if next_pos is None:
             return values.tolist()
         # The values come back through their own copy and event, which do not wait for the queued step.
         on_host = values.to("cpu", non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
-        tokens, start_pos = next_step
-        self.queued = (start_pos, self.replay(tokens, start_pos))
+        self.queued = (next_pos, self.replay(tokens[:, next_pos : next_pos + 1], next_pos))
         copied.synchronize()
         return on_host.tolist()
 

@@ -82,6 +82,8 @@ class Llama:
         progress: bool = False,
         cuda_graphs: Optional[bool] = None,
     ):
+        """A generator for a model already built (a Transformer, or any module with its call and `params`) and
+        its tokenizer; the arguments as in `build`."""
         self.model = model
         self.tokenizer = tokenizer
         self.chat_format = Llama2ChatFormat(tokenizer)
@@ -179,9 +181,10 @@ class Llama:
         self, prompt_tokens: Sequence[list[int]], params: SamplingParams, follow_text: bool = False
     ) -> Iterator[StepResult]:
         """The generator under every method above: decode the prompts (lists of token ids) in batches of at
-        most max_batch_size, yielding a StepResult per decoding step; each sequence's Completion comes with
-        the last step of its batch. With follow_text, each step also gives the text each sequence gained, and
-        `params.stop` is applied (see llama.streaming). Raises ValueError for an empty batch, bad token ids or a
+        most max_batch_size, yielding StepResults; each sequence's Completion comes with the last one of its
+        batch. With follow_text, a StepResult per decoding step gives the text each sequence gained, and
+        `params.stop` is applied (see llama.streaming); without, there is one StepResult per batch. Raises
+        ValueError for an empty batch, bad token ids or a
         prompt longer than max_seq_len (before the first step), FloatingPointError as the model breaks."""
         return self._steps(check_token_prompts(prompt_tokens, self.model.params), params, follow_text)
 
@@ -207,7 +210,11 @@ class Llama:
             batch_prompts = prompts[start : start + size]
             text_of = self.tokenizer if follow_text else None
             batch = Batch(batch_prompts, params, self.model.params.max_seq_len, self.device, text_of)
-            for step in decode(self.decode_step, batch, self.tokenizer.eos_id, self.generator):
+            steps = decode(self.decode_step, batch, self.tokenizer.eos_id, self.generator)
+            if len(batch_prompts) == len(prompts):
+                yield from steps
+                continue
+            for step in steps:  # indices in the whole list of prompts
                 before, after = [""] * start, [""] * (len(prompts) - start - len(batch_prompts))
                 finished = [(start + row, completion) for row, completion in step.finished]
                 yield StepResult(before + step.pieces + after, finished)

@@ -55,10 +55,17 @@ def reshard_command(ckpt_dir: PathLike, model_parallel_size: int) -> str:
 
 def model_args_for(ckpt_dir: PathLike, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int) -> ModelArgs:
     """The settings of `ckpt_dir` for a model that holds max_batch_size sequences of max_seq_len tokens in its
-    cache, split over the processes started: a vocab_size of -1 is taken from the tokenizer. Raises as
+    cache, split over the processes started: a vocab_size of -1 is taken from the tokenizer. Warns when the
+    demo model is asked for a longer context than it was trained on. Raises as
     `read_model_args` does, and ValueError for a tokenizer of another vocabulary or settings that do not
     divide by the number of processes."""
     args = read_model_args(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    if Path(ckpt_dir).resolve() == DEMO_DIR and max_seq_len > DEMO_CONTEXT_LEN:
+        warnings.warn(
+            f"the demo model was trained on {DEMO_CONTEXT_LEN}-token windows: past that position its text falls "
+            f"apart (max_seq_len={max_seq_len}; keep prompt and generation within {DEMO_CONTEXT_LEN} tokens)",
+            stacklevel=3,
+        )
     if args.vocab_size == -1:
         args.vocab_size = tokenizer.n_words
     if args.vocab_size != tokenizer.n_words:

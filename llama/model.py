@@ -85,6 +85,9 @@ class ModelArgs:
 
 
 class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps), times a learned weight per channel: LayerNorm without the mean subtraction
+    and the bias: cheaper, and as good in the experiments of the paper that proposed it."""
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -190,6 +193,8 @@ _init_weight = partial(nn.init.normal_, mean=0.0, std=0.02)
 
 
 class Attention(nn.Module):
+    """Grouped-query self-attention with rotary positions and a key/value cache, this rank's heads only."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         model_parallel_size = ensure_model_parallel()
@@ -213,12 +218,13 @@ class Attention(nn.Module):
         self.kv_cache = KVCache(args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim)
 
     def forward(
-        self, x: Tensor, freqs_cis: Tensor, mask: Tensor, positions: Tensor, cache_len: Optional[int] = None
+        self, x: Tensor, freqs_cis: Tensor, mask: Optional[Tensor], positions: Tensor, cache_len: Optional[int] = None
     ) -> Tensor:
         """x: (bs, seqlen, dim) standing at `positions` (seqlen,), rotated by freqs_cis (seqlen, head_dim/2).
         With cache_len, the new keys and values go into the cache and the queries read cache positions
-        0 .. cache_len - 1, mask (seqlen, cache_len) hiding those after each query's own; without it (training,
-        scoring) the tokens attend to each other only, mask (seqlen, seqlen), and the cache is left alone:
+        0 .. cache_len - 1, mask (seqlen, cache_len) hiding those after each query's own (None: all are
+        visible); without it (training, scoring) the tokens attend to each other only, mask (seqlen, seqlen),
+        and the cache is left alone:
         writing it in place would overwrite tensors autograd keeps for the backward pass."""
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (bs, seqlen, heads, head_dim)
@@ -242,6 +248,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """The SwiGLU feed-forward network: w2(silu(w1 x) * w3 x), this rank's share of the hidden width."""
+
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         ensure_model_parallel()
@@ -255,6 +263,9 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    """One layer: attention, then the feed-forward network, each reading a normalised copy of the residual
+    stream and adding its output to it."""
+
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
@@ -264,7 +275,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(
-        self, x: Tensor, freqs_cis: Tensor, mask: Tensor, positions: Tensor, cache_len: Optional[int] = None
+        self, x: Tensor, freqs_cis: Tensor, mask: Optional[Tensor], positions: Tensor, cache_len: Optional[int] = None
     ) -> Tensor:
         # Pre-norm: the residual stream itself is never normalised, only what each sublayer reads from it.
         h = x + self.attention(self.attention_norm(x), freqs_cis, mask, positions, cache_len)
@@ -316,7 +327,9 @@ class Transformer(nn.Module):
                 f"(max_batch_size={self.params.max_batch_size}, max_seq_len={self.params.max_seq_len})"
             )
         positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)  # (seqlen,)
-        return self.forward_at(tokens, positions, start_pos + seqlen if use_cache else None, last_only)
+        cache_len = start_pos + seqlen if use_cache else None
+        # One new token reads every position up to its own, which is all there is: it needs no mask.
+        return self._run(tokens, positions, cache_len, last_only, masked=seqlen > 1)
 
     def forward_at(
         self, tokens: Tensor, positions: Tensor, cache_len: Optional[int], last_only: bool = False
@@ -328,6 +341,11 @@ class Transformer(nn.Module):
         cache, as forward's use_cache=False. Raises ValueError for tensors of the wrong kind or a cache_len
         outside seqlen .. max_seq_len; the positions themselves are the caller's to keep below cache_len."""
         self._check_positions(tokens, positions, cache_len)
+        return self._run(tokens, positions, cache_len, last_only, masked=True)
+
+    def _run(
+        self, tokens: Tensor, positions: Tensor, cache_len: Optional[int], last_only: bool, masked: bool
+    ) -> Tensor:
         h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
         if self.freqs_cis.device != h.device:
             self.freqs_cis = precompute_freqs_cis(
@@ -337,7 +355,7 @@ class Transformer(nn.Module):
         # With the cache, row i may read the cached prefix and the new tokens up to itself (this is what makes
         # chunked prefill right); without it, the new tokens up to itself.
         key_positions = positions if cache_len is None else torch.arange(cache_len, device=h.device)
-        mask = attention_mask(positions, key_positions, h.dtype)  # (seqlen, context_len)
+        mask = attention_mask(positions, key_positions, h.dtype) if masked else None  # (seqlen, context_len)
         for layer in self.layers:
             h = layer(h, freqs_cis, mask, positions, cache_len)
         if last_only:

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 import zipfile
 from collections import Counter
 
@@ -99,6 +100,15 @@ def test_examples_on_the_demo_model_keep_to_its_trained_context_and_say_so():
     result = run_python(["example_text_completion.py", "--max_seq_len", "1024", "--max_gen_len", "4"])
     assert result.returncode == 0, result.stderr
     assert result.stderr == "note: the demo model was trained on 256-token windows: --max-seq-len 1024 lowered to 256\n"
+
+
+def test_building_the_demo_model_with_a_longer_context_than_it_was_trained_on_says_so():
+    ckpt_dir, tokenizer_path = demo_checkpoint()
+    with pytest.warns(UserWarning, match="the demo model was trained on 256-token windows"):
+        Llama.build(ckpt_dir, tokenizer_path, max_seq_len=257, max_batch_size=1, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Llama.build(ckpt_dir, tokenizer_path, max_seq_len=256, max_batch_size=1, device="cpu")
 
 
 def test_the_reshard_notice_for_the_demo_model_writes_to_the_current_folder_not_into_the_package():

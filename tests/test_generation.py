@@ -148,10 +148,9 @@ class AheadStep(EagerStep):
             return logits
         return super().forward(tokens, start_pos, last_only)
 
-    def fetch(self, values, next_step):
-        if next_step is not None:
-            tokens, start_pos = next_step
-            self.queued = (start_pos, self.model(tokens.clone(), start_pos, last_only=True))
+    def fetch(self, values, tokens, next_pos):
+        if next_pos is not None:
+            self.queued = (next_pos, self.model(tokens[:, next_pos : next_pos + 1], next_pos, last_only=True))
             self.queued_calls += 1
         return values.tolist()
 
