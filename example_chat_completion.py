@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 from llama import Dialog, Llama
 from llama.chat_format import trim_dialog
-from llama.cli import build_example, example_parser, parse_arguments, readable_warnings
+from llama.cli import parse_arguments, readable_warnings
 from llama.distributed import is_main_process
+from llama.examples import build_example, example_parser
 
 DIALOGS: list[Dialog] = [
     [{"role": "user", "content": "What should I pack for a weekend of hiking in the mountains?"}],

@@ -10,8 +10,9 @@ terminal), then a rule.
 
 import sys
 
-from llama.cli import build_example, example_parser, parse_arguments, readable_warnings
+from llama.cli import parse_arguments, readable_warnings
 from llama.distributed import is_main_process
+from llama.examples import build_example, example_parser
 
 PROMPTS = [
     "The best way to learn a new language is",

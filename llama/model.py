@@ -348,9 +348,12 @@ class Transformer(nn.Module):
     ) -> Tensor:
         h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
         if self.freqs_cis.device != h.device:
-            self.freqs_cis = precompute_freqs_cis(
-                self.params.head_dim, self.params.max_seq_len * 2, self.params.rope_theta, h.device
-            )
+            # Made outside inference mode even when generation asks first: the table is kept for training too,
+            # and autograd refuses tensors made in inference mode.
+            with torch.inference_mode(False):
+                self.freqs_cis = precompute_freqs_cis(
+                    self.params.head_dim, self.params.max_seq_len * 2, self.params.rope_theta, h.device
+                )
         freqs_cis = self.freqs_cis[positions]  # (seqlen, head_dim/2)
         # With the cache, row i may read the cached prefix and the new tokens up to itself (this is what makes
         # chunked prefill right); without it, the new tokens up to itself.

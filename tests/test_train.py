@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import random_model, run_python, small_args
-from llama import Llama
+from llama import Llama, demo_checkpoint
 from llama.layout import PARAM_KEYS
 from llama.train import TrainConfig, learning_rate_at, train
 
@@ -55,6 +55,20 @@ def test_gradients_flow_through_the_forward_without_cache_and_a_step_lowers_the_
     with torch.no_grad():
         after = loss()
     assert after < before, f"one gradient step did not lower the loss: {before.item():.4f} -> {after.item():.4f}"
+
+
+def test_a_loaded_model_trains_after_it_has_generated():
+    """Loading leaves the rotary table to be made on first use, which generation does in inference mode: the
+    table must still serve autograd afterwards."""
+    ckpt_dir, tokenizer_path = demo_checkpoint()
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=1, device="cpu")
+    generator.text_completion(["ROMEO:\n"], temperature=0, max_gen_len=4)
+    model = generator.model.train()
+    tokens = torch.randint(3, model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss = F.cross_entropy(model(tokens[:, :-1], use_cache=False).flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    assert model.output.weight.grad is not None and model.output.weight.grad.abs().sum() > 0
+    assert not model.freqs_cis.is_inference()
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor():

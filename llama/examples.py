@@ -1,0 +1,60 @@
+"""What the example scripts (example_text_completion.py, example_chat_completion.py) share: their options, and
+the generator they build from them, the bundled demo model when no checkpoint is given."""
+
+import argparse
+import sys
+from typing import Optional
+
+from llama.cli import HelpFormatter, Parser
+from llama.distributed import is_main_process
+from llama.generation import Llama
+from llama.loading import DEMO_CONTEXT_LEN, demo_checkpoint
+
+
+def example_parser(description: str, max_seq_len: Optional[int], max_gen_len: Optional[int]) -> argparse.ArgumentParser:
+    """The options the example scripts share: the checkpoint (none: the bundled demo model), sampling, context
+    and batch sizes, device and dtype. Parse with `llama.cli.parse_arguments`, so that Meta's spellings
+    (--ckpt_dir) work too."""
+    parser = Parser(description=description, formatter_class=HelpFormatter)
+    parser.add_argument("--ckpt-dir", help="a Meta-layout checkpoint folder (default: the bundled demo model)")
+    parser.add_argument("--tokenizer-path", help="its tokenizer.model (give both, or neither for the demo model)")
+    parser.add_argument("--temperature", type=float, default=0.6, help="randomness of the sampling; 0 is greedy")
+    parser.add_argument(
+        "--top-p", type=float, default=0.9,
+        help="sample from the smallest set of most likely tokens whose probabilities add up to this",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-seq-len", type=int, default=max_seq_len,
+        help=f"the context in tokens, prompt and generation together (the demo model's is at most {DEMO_CONTEXT_LEN})",
+    )  # fmt: skip
+    parser.add_argument("--max-gen-len", type=int, default=max_gen_len, help="the most tokens generated per answer")
+    parser.add_argument("--max-batch-size", type=int, default=4, help="prompts decoded together")
+    parser.add_argument("--device", help="cpu or cuda (default: CUDA when available)")
+    parser.add_argument(
+        "--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPUs that support it, float16 on other "
+        "GPUs, float32 on the CPU)",
+    )  # fmt: skip
+    return parser
+
+
+def build_example(options: argparse.Namespace, default_max_seq_len: int) -> tuple[Llama, bool]:
+    """`Llama.build` from the example options, and whether it runs the bundled demo model: the demo model when
+    neither --ckpt-dir nor --tokenizer-path is given, with a context of at most the 256 tokens it was trained on
+    (saying so on standard error when more was asked for). Raises ValueError for one without the other, and as
+    `Llama.build` does."""
+    on_demo = options.ckpt_dir is None and options.tokenizer_path is None
+    max_seq_len = options.max_seq_len or default_max_seq_len
+    if on_demo:
+        ckpt_dir, tokenizer_path = demo_checkpoint()
+        if options.max_seq_len is not None and options.max_seq_len > DEMO_CONTEXT_LEN and is_main_process():
+            print(f"note: the demo model was trained on {DEMO_CONTEXT_LEN}-token windows: --max-seq-len "
+                  f"{options.max_seq_len} lowered to {DEMO_CONTEXT_LEN}", file=sys.stderr)  # fmt: skip
+        max_seq_len = min(max_seq_len, DEMO_CONTEXT_LEN)
+    elif options.ckpt_dir is None or options.tokenizer_path is None:
+        raise ValueError("give both --ckpt-dir and --tokenizer-path, or neither to run the bundled demo model")
+    else:
+        ckpt_dir, tokenizer_path = options.ckpt_dir, options.tokenizer_path
+    generator = Llama.build(
+        ckpt_dir, tokenizer_path, max_seq_len, options.max_batch_size, device=options.device, dtype=options.dtype
+    )
+    return generator, on_demo
