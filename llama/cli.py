@@ -12,10 +12,13 @@ status 1; 2 for a malformed command line). Options may also be spelled with unde
 """
 
 import argparse
+import contextlib
 import dataclasses
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple, NoReturn, Optional
 
@@ -193,6 +196,34 @@ def readable_warnings() -> None:
     warnings.showwarning = show
 
 
+class Interrupted(BaseException):
+    """A termination signal, turned into an exception so that a half-written folder is removed on the way out."""
+
+    def __init__(self, number: int):
+        super().__init__(f"signal {number}")
+        self.signal = number
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a closed terminal) raise Interrupted while the block runs, as Ctrl-C raises
+    KeyboardInterrupt; Python's default for them would end the process without cleaning up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may handle signals
+        return
+
+    def interrupt(number: int, frame) -> None:
+        raise Interrupted(number)
+
+    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {name: signal.signal(getattr(signal, name), interrupt) for name in names}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run `llama COMMAND ...` with `argv` (default: the program's arguments); returns the exit status."""
     readable_warnings()
@@ -202,13 +233,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        written = _run(COMMANDS[options.command], options)
+        with _signals_interrupt():
+            written = _run(COMMANDS[options.command], options)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Interrupted) as interruption:
+        number = interruption.signal if isinstance(interruption, Interrupted) else signal.SIGINT
+        print(f"interrupted by {signal.Signals(number).name}: nothing was written", file=sys.stderr)
+        return 128 + number
     files = sorted(path.name for path in written.iterdir())
     listed = ", ".join(files[:6]) + (f" and {len(files) - 6} more files" if len(files) > 6 else "")
     print(f"wrote {written}: {listed}")

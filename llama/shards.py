@@ -4,6 +4,7 @@ ranks, and writing shards."""
 
 import ctypes
 import mmap
+import shutil
 from pathlib import Path
 
 import safetensors.torch
@@ -198,15 +199,24 @@ def open_checkpoint(ckpt_dir: PathLike) -> tuple[ModelArgs, ShardedCheckpoint]:
 def save_shard(state: dict[str, torch.Tensor], path: Path) -> None:
     """Write one shard, as safetensors or as a torch zip file by the suffix of `path`. A tensor that is a view
     of a larger one is copied first (torch.save would write the whole storage, and safetensors refuses shared
-    memory); the others, memory-mapped ones included, are written as they are, without a copy in memory."""
+    memory); the others, memory-mapped ones included, are written as they are, without a copy in memory.
+    Raises OSError when the file cannot be written (a full disk, named as such)."""
     state = {
         name: tensor if _owns_its_storage(tensor) else tensor.clone(memory_format=torch.contiguous_format)
         for name, tensor in state.items()
     }
-    if path.suffix == ".safetensors":
-        safetensors.torch.save_file(state, path)
-    else:
-        torch.save(state, path)
+    try:
+        if path.suffix == ".safetensors":
+            safetensors.torch.save_file(state, path)
+        else:
+            torch.save(state, path)
+    except OSError:
+        raise
+    except Exception as error:  # torch's zip writer reports a failed write, a full disk above all, as RuntimeError
+        size = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+        free = shutil.disk_usage(path.parent).free
+        problem = f"its disk is full ({free:,} bytes free for {size:,})" if free < size else str(error)
+        raise OSError(f"cannot write {str(path)!r}: {problem}") from error
 
 
 def _owns_its_storage(tensor: torch.Tensor) -> bool:

@@ -30,6 +30,7 @@ from llama.data import TrainingData, prepare_data, read_text
 from llama.distributed import resolve_dtype, setup_model_parallel
 from llama.layout import TOKENIZER_FILE, write_params
 from llama.model import ModelArgs, Transformer
+from llama.shards import save_shard
 
 
 def _setting(default, help: str):
@@ -271,7 +272,7 @@ def write_checkpoint(
     with staged_folder(out_dir, overwrite=overwrite) as folder:
         write_params(folder, config.model_args())
         state = {name: tensor.detach().to("cpu", dtype).clone() for name, tensor in model.state_dict().items()}
-        torch.save(state, folder / "consolidated.00.pth")
+        save_shard(state, folder / "consolidated.00.pth")
         (folder / TOKENIZER_FILE).write_bytes(tokenizer_model)
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 

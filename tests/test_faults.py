@@ -1,0 +1,166 @@
+"""Faults while writing: a conversion stopped by a signal, killed outright, or running out of disk leaves the
+source and any existing destination byte for byte as they were, and no partial folder (or the next run removes
+it); a destination that is a file, a link, the current folder or inside a file is refused in one line."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import REPO_ROOT, random_model, small_args, write_checkpoint
+from llama.cli import main
+
+ARGS = small_args(n_heads=8, n_kv_heads=4)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, tokenizer_path):
+    folder = write_checkpoint(tmp_path_factory.mktemp("faults") / "src", ARGS, random_model(ARGS, seed=81).state_dict())
+    (folder / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    return folder
+
+
+def hashes(folder):
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
+
+
+def leftovers(folder):
+    return sorted(path.name for path in folder.iterdir() if ".tmp-" in path.name or ".old-" in path.name)
+
+
+@pytest.fixture
+def run_main(capsys, monkeypatch):
+    monkeypatch.setattr("warnings.showwarning", __import__("warnings").showwarning)
+
+    def run(*arguments):
+        status = main([str(argument) for argument in arguments])
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
+def start_slow_write(tmp_path, source, destination):
+    """The command line writing `destination`, paused after its first shard; returns the process once paused."""
+    ready = tmp_path / "READY"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "tests/slow_write_worker.py", str(ready), "reshard", str(source), str(destination)]
+    process = subprocess.Popen(
+        [*command, "--model-parallel-size", "2"], cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240  # generous: a busy machine is slow to start Python and torch
+    while not ready.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the writer never reached its first shard: {process.communicate()[1]}")
+        time.sleep(0.05)
+    return process
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_conversion_stopped_by_a_signal_leaves_the_source_and_no_partial_folder(tmp_path, source, name):
+    before = hashes(source)
+    destination = tmp_path / "out"
+    process = start_slow_write(tmp_path, source, destination)
+    assert leftovers(tmp_path), "the folder was half written when the signal came"
+    process.send_signal(getattr(signal, name))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + getattr(signal, name), stderr
+    assert stderr.strip().splitlines()[-1] == f"interrupted by {name}: nothing was written"
+    assert "Traceback" not in stderr
+    assert not destination.exists() and leftovers(tmp_path) == []
+    assert hashes(source) == before
+
+
+def test_the_next_run_after_a_killed_one_removes_its_temporary_folder(tmp_path, source, run_main):
+    destination = tmp_path / "out"
+    process = start_slow_write(tmp_path, source, destination)
+    status, _, stderr = run_main("reshard", source, destination, "--model-parallel-size", "2")
+    assert status == 1 and f"another run (process {process.pid}) is writing" in stderr, "a live writer is left alone"
+    process.kill()
+    process.communicate(timeout=120)
+    (stale,) = leftovers(tmp_path)
+    status, _, stderr = run_main("reshard", source, destination, "--model-parallel-size", "2")
+    assert status == 0, stderr
+    assert stderr == f"warning: removed {str(tmp_path / stale)!r}, left behind by an earlier run that was killed\n"
+    assert leftovers(tmp_path) == [] and sorted(hashes(destination))[:2] == [
+        "consolidated.00.pth",
+        "consolidated.01.pth",
+    ]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB file system (tmpfs; root only), unmounted afterwards; skips where it cannot be made."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {made.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_disk_that_fills_up_ends_in_one_line_and_keeps_source_and_old_destination(
+    tmp_path, tokenizer_path, small_disk
+):
+    args = small_args(dim=256, n_heads=8, n_kv_heads=4, vocab_size=1000, multiple_of=64)
+    source = write_checkpoint(tmp_path / "big", args, random_model(args, seed=82).state_dict())  # 4 MB of weights
+    previous = small_disk / "out"
+    previous.mkdir()
+    (previous / "notes.txt").write_text("mine")
+    before_source, before_previous = hashes(source), hashes(previous)
+    command = [sys.executable, "-m", "llama", "reshard", str(source), str(previous), "--model-parallel-size", "1"]
+    done = subprocess.run([*command, "--overwrite"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 1
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("error: cannot write "), done.stderr
+    assert "its disk is full" in done.stderr or "No space left on device" in done.stderr, done.stderr
+    assert hashes(source) == before_source and hashes(previous) == before_previous
+    assert sorted(path.name for path in small_disk.iterdir()) == ["out"], "the partial folder is removed"
+
+
+def test_a_destination_that_is_a_file_is_refused_even_with_overwrite(tmp_path, source, run_main):
+    destination = tmp_path / "weights.bin"
+    destination.write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        status, _, stderr = run_main("reshard", source, destination, "--model-parallel-size", "1", *extra)
+        assert status == 1 and stderr == f"error: destination {str(destination)!r} is a file, not a folder: " + (
+            "choose another destination\n"
+        )
+    assert destination.read_text() == "mine" and leftovers(tmp_path) == []
+
+
+def test_a_destination_that_is_a_link_is_refused_and_its_target_kept(tmp_path, source, run_main):
+    target = tmp_path / "data"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    status, _, stderr = run_main("fold-norms", source, link, "--overwrite")
+    assert status == 1 and "is a symbolic link" in stderr
+    assert link.is_symlink() and hashes(target) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+
+
+def test_the_current_folder_and_the_folders_around_it_are_refused(tmp_path, source, run_main, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for destination in (".", "..", str(work)):
+        status, _, stderr = run_main("reshard", source, destination, "--model-parallel-size", "1", "--overwrite")
+        assert status == 1 and "is the current folder or one around it" in stderr, destination
+    assert (work / "notes.txt").read_text() == "mine"
+
+
+def test_a_destination_inside_a_file_is_refused_in_one_line(tmp_path, source, run_main):
+    blocker = tmp_path / "plain.txt"
+    blocker.write_text("mine")
+    status, _, stderr = run_main("reshard", source, blocker / "sub" / "out", "--model-parallel-size", "1")
+    assert status == 1 and stderr == f"error: cannot write {str(blocker / 'sub' / 'out')!r}: " + (
+        f"{str(blocker)!r} is a file, not a folder\n"
+    )
+    assert blocker.read_text() == "mine"
