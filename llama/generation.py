@@ -2,8 +2,10 @@
 streamed or not. Every method is a thin collector over one generator, `generate_steps`, which runs the
 decoding loop (llama.decoding) batch after batch."""
 
+import contextlib
 import inspect
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional, TypedDict, Union
@@ -31,6 +33,39 @@ class ChatPrediction(TypedDict, total=False):
     generation: Message
     tokens: list[str]
     logprobs: list[float]
+
+
+class _Turns:
+    """A Llama's key/value cache (and the step its CUDA graphs queue) serves one generation at a time. Calls
+    from several threads wait for their turn; a stream holds the turn from its first step until it ends or is
+    closed, and a call that would have to wait for a stream, which may never be read to its end, raises
+    RuntimeError instead, as does a call from the thread that holds the turn."""
+
+    def __init__(self):
+        self.condition = threading.Condition()
+        self.holder: Optional[tuple[str, int]] = None  # ("stream" or "call", thread id)
+
+    @contextlib.contextmanager
+    def turn(self, streaming: bool) -> Iterator[None]:
+        thread = threading.get_ident()
+        with self.condition:
+            while self.holder is not None:
+                kind, holder_thread = self.holder
+                if kind == "stream" or holder_thread == thread:
+                    raise RuntimeError(
+                        "this Llama is in the middle of another generation"
+                        + (" (a stream not read to its end)" if kind == "stream" else "")
+                        + ": its key/value cache serves one at a time. Read the stream to its end or call its "
+                        "close() first, or build a second Llama for generations that run side by side"
+                    )
+                self.condition.wait()
+            self.holder = ("stream" if streaming else "call", thread)
+        try:
+            yield
+        finally:
+            with self.condition:
+                self.holder = None
+                self.condition.notify()
 
 
 class Llama:
@@ -93,6 +128,7 @@ class Llama:
         # A private generator: sampling is reproducible without touching the caller's global RNG state, and
         # every rank, seeded alike and seeing the same logits, draws the same tokens.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._turns = _Turns()
 
     # ---- public API ----------------------------------------------------------------------------------------
 
@@ -117,7 +153,7 @@ class Llama:
         settings, and FloatingPointError if the model's logits are not finite.
         """
         params = SamplingParams(temperature, top_p, top_k, max_gen_len, logprobs=logprobs, echo=echo)
-        results = completions(self.generate_steps(prompt_tokens, params))
+        results = completions(self._steps(check_token_prompts(prompt_tokens, self.model.params), params, False))
         return [result.tokens for result in results], ([result.logprobs for result in results] if logprobs else None)
 
     def text_completion(
@@ -145,7 +181,7 @@ class Llama:
         to its final "generation" exactly. Arguments are checked, and errors raised, before the first step."""
         params, truncate = _settings("text_completion", settings)
         prompt_tokens = encode_prompts(self.tokenizer, prompts, self.model.params, truncate)
-        return _pieces(self._steps(prompt_tokens, params, follow_text=True))
+        return _pieces(self._steps(prompt_tokens, params, follow_text=True, streaming=True))
 
     def chat_completion(
         self, dialogs: list[Dialog], temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
@@ -175,7 +211,7 @@ class Llama:
         exactly (for a refused dialog, the error text comes in the first list)."""
         params, truncate = _settings("chat_completion", settings)
         prompts, refusals = encode_dialogs(self.chat_format, dialogs, self.model.params, truncate)
-        return _merge_refusals(_pieces(self._steps(prompts, params, follow_text=True)), refusals)
+        return _merge_refusals(_pieces(self._steps(prompts, params, follow_text=True, streaming=True)), refusals)
 
     def generate_steps(
         self, prompt_tokens: Sequence[list[int]], params: SamplingParams, follow_text: bool = False
@@ -186,7 +222,7 @@ class Llama:
         `params.stop` is applied (see llama.streaming); without, there is one StepResult per batch. Raises
         ValueError for an empty batch, bad token ids or a
         prompt longer than max_seq_len (before the first step), FloatingPointError as the model breaks."""
-        return self._steps(check_token_prompts(prompt_tokens, self.model.params), params, follow_text)
+        return self._steps(check_token_prompts(prompt_tokens, self.model.params), params, follow_text, streaming=True)
 
     # ---- results -------------------------------------------------------------------------------------------------
 
@@ -200,8 +236,15 @@ class Llama:
 
     # ---- decoding -------------------------------------------------------------------------------------------
 
+    def _steps(
+        self, prompts: list[list[int]], params: SamplingParams, follow_text: bool, streaming: bool = False
+    ) -> Iterator[StepResult]:
+        with self._turns.turn(streaming):
+            yield from self._batches(prompts, params, follow_text)
+
+    # A decorator, so that inference mode is on only while a step runs, not in the caller's code between steps.
     @torch.inference_mode()
-    def _steps(self, prompts: list[list[int]], params: SamplingParams, follow_text: bool) -> Iterator[StepResult]:
+    def _batches(self, prompts: list[list[int]], params: SamplingParams, follow_text: bool) -> Iterator[StepResult]:
         size = self.model.params.max_batch_size
         starts = range(0, len(prompts), size)
         for number, start in enumerate(starts):

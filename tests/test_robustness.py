@@ -2,6 +2,7 @@
 message; Unicode edge cases round-trip; and many generations in one process do not leak memory."""
 
 import gc
+import threading
 
 import pytest
 import torch
@@ -116,3 +117,57 @@ def test_hundreds_of_generations_in_one_process_do_not_grow_memory(llama):
     tensors_after = sum(issubclass(type(obj), torch.Tensor) for obj in gc.get_objects())
     assert tensors_after <= tensors_before, f"{tensors_after - tensors_before} tensors left alive by 300 generations"
     assert growth < 16 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MiB over 300 generations"
+
+
+# ---- one generation at a time per Llama ----------------------------------------------------------------------
+
+THREAD_PROMPTS = [["The sea", "Once upon"], ["A quick brown fox"], ["She said", "Numbers: 1 2", "x"]]
+
+
+def test_calls_from_several_threads_wait_their_turn_and_get_the_results_of_sequential_calls(llama):
+    expected = [llama.text_completion(prompts, temperature=0, max_gen_len=12) for prompts in THREAD_PROMPTS * 2]
+    results = [None] * len(expected)
+    start = threading.Barrier(len(expected))
+
+    def run(index):
+        start.wait()
+        results[index] = llama.text_completion((THREAD_PROMPTS * 2)[index], temperature=0, max_gen_len=12)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(expected))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert results == expected
+
+
+def test_a_call_while_a_stream_is_half_read_is_refused_and_the_stream_stays_right(llama):
+    final = llama.text_completion(["The sea"], temperature=0, max_gen_len=10)[0]["generation"]
+    stream = llama.stream_completion(["The sea"], temperature=0, max_gen_len=10)
+    text = next(stream)[0]
+    with pytest.raises(RuntimeError, match="a stream not read to its end.*close\\(\\)"):
+        llama.text_completion(["Once upon"], temperature=0, max_gen_len=10)
+    other = llama.stream_completion(["Once upon"], temperature=0, max_gen_len=10)
+    with pytest.raises(RuntimeError, match="in the middle of another generation"):
+        next(other)
+    text += "".join(pieces[0] for pieces in stream)
+    assert text == final, "the refused calls did not touch the stream's cache"
+    assert llama.text_completion(["The sea"], temperature=0, max_gen_len=10)[0]["generation"] == final
+
+
+def test_a_stream_closed_or_dropped_early_frees_the_llama(llama):
+    stream = llama.stream_completion(["The sea"], temperature=0, max_gen_len=10)
+    next(stream)
+    stream.close()
+    llama.text_completion(["x"], max_gen_len=2)
+    stream = llama.stream_chat([[{"role": "user", "content": "Hi"}]], max_gen_len=10)
+    next(stream)
+    del stream
+    gc.collect()
+    llama.text_completion(["x"], max_gen_len=2)
+
+
+def test_the_callers_code_between_streamed_steps_runs_outside_inference_mode(llama):
+    for _ in llama.stream_completion(["The sea"], max_gen_len=4):
+        assert not torch.is_inference_mode_enabled()
+        assert not torch.ones(1).is_inference()
