@@ -104,7 +104,7 @@ DEMO_NOTE = (
 )
 
 
-def parse_args():
+def build_parser() -> argparse.ArgumentParser:
     parser = example_parser(__doc__.split("\n\n")[0], max_seq_len=None, max_gen_len=None)
     parser.set_defaults(interactive=False)
     parser.add_argument(
@@ -116,7 +116,11 @@ def parse_args():
         "--max-seq-len defaults to 512 (the demo model: 256); --max-gen-len to the rest of the context (the "
         "demo model: 64 tokens; interactive: a quarter of the context)"
     )
-    return parse_arguments(parser, booleans=("--interactive",))
+    return parser
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    return parse_arguments(build_parser(), argv, booleans=("--interactive",))
 
 
 def main() -> None:

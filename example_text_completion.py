@@ -8,6 +8,7 @@ Each result is printed as one text, the prompt followed by the model's continuat
 terminal), then a rule.
 """
 
+import argparse
 import sys
 
 from llama.cli import parse_arguments, readable_warnings
@@ -32,10 +33,13 @@ DEMO_PROMPTS = [
 RULE = "-" * 72
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return example_parser(__doc__.split("\n\n")[0], max_seq_len=128, max_gen_len=64)
+
+
 def main() -> None:
     readable_warnings()
-    parser = example_parser(__doc__.split("\n\n")[0], max_seq_len=128, max_gen_len=64)
-    options = parse_arguments(parser)
+    options = parse_arguments(build_parser())
     try:
         generator, on_demo = build_example(options, default_max_seq_len=128)
         prompts = DEMO_PROMPTS if on_demo else PROMPTS

@@ -230,8 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     options = parse_arguments(parser, argv)
     if options.command is None:
-        parser.print_help(sys.stderr)
-        return 2
+        parser.error(f"give a command: {', '.join(COMMANDS)}")
     try:
         with _signals_interrupt():
             written = _run(COMMANDS[options.command], options)

@@ -11,6 +11,7 @@ import torch
 from llama.atomic import staged_folder
 from llama.layout import PARAMS_FILE, TOKENIZER_FILE, PathLike
 from llama.shards import open_checkpoint, save_shard
+from llama.values import whole_number
 
 
 def fold_norm_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -48,8 +49,7 @@ def reshard(src: PathLike, dst: PathLike, model_parallel_size: int, overwrite: b
     changed. Raises ValueError for a size that does not divide the heads, key/value heads, FFN
     width, dim or vocabulary (naming which), and as `open_checkpoint` and `staged_folder` do.
     """
-    if isinstance(model_parallel_size, bool) or not isinstance(model_parallel_size, int) or model_parallel_size < 1:
-        raise ValueError(f"--model-parallel-size must be a positive integer, got {model_parallel_size!r}")
+    model_parallel_size = whole_number(model_parallel_size, "model_parallel_size")
     src = Path(src)
     args, checkpoint = open_checkpoint(src)
     args.validate(model_parallel_size)

@@ -6,6 +6,7 @@ replays a recorded CUDA graph and queues the next step while the host reads this
 the same for both.
 """
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Protocol
@@ -147,6 +148,8 @@ class Batch:
         finished = []
         for row, length in enumerate(self.prompt_lens):
             start = 0 if self.params.echo else length
+            if logprobs is not None:
+                _check_logprobs(logprobs[row], start, self.end[row], row)
             completion = Completion(
                 tokens=self.host[row][start : self.end[row]],
                 logprobs=logprobs[row][start : self.end[row]] if logprobs is not None else None,
@@ -154,6 +157,17 @@ class Batch:
             )
             finished.append((row, completion))
         return StepResult(pieces, finished)
+
+
+def _check_logprobs(logprobs: list[float], start: int, end: int, row: int) -> None:
+    """FloatingPointError if a returned logprob is NaN: the logits that gave it were (as in generation)."""
+    position = next((position for position in range(start, end) if math.isnan(logprobs[position])), None)
+    if position is not None:
+        raise FloatingPointError(
+            f"the model's logits for sequence {row} at position {position - 1} hold NaN (the logprob of the token "
+            f"at position {position} is NaN): the weights hold inf/nan or the dtype overflowed "
+            f"(float16 overflows most easily; try bfloat16 or float32)"
+        )
 
 
 def decode(step: Step, batch: Batch, eos_id: int, generator: Optional[torch.Generator] = None) -> Iterator[StepResult]:

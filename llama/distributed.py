@@ -2,6 +2,7 @@
 whether the program was started by `torchrun --nproc_per_node N` or as a plain `python script.py`, and choosing
 the device and dtype to compute in."""
 
+import atexit
 import contextlib
 import io
 import os
@@ -61,6 +62,7 @@ def setup_model_parallel(model_parallel_size: Optional[int] = None, device: Devi
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        atexit.register(shut_down)
     world_size = dist.get_world_size()
     if world_size > 1 and device.type == "cpu" and dist.get_backend() == "nccl":
         raise ValueError("the process group uses NCCL, which cannot run on the CPU: use device='cuda'")
@@ -83,6 +85,16 @@ def setup_model_parallel(model_parallel_size: Optional[int] = None, device: Devi
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes on rank 0
             fs_init.initialize_model_parallel(model_parallel_size)
     return device
+
+
+def shut_down() -> None:
+    """Destroy the model-parallel and process groups (run at exit when this module made them). Left to the
+    interpreter's own shutdown, gloo's threads race it, and a process can die with SIGABRT ("terminate called
+    without an active exception") after its work is done, which torchrun reports as a failure."""
+    if fs_init.model_parallel_is_initialized():
+        fs_init.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def ensure_model_parallel() -> int:

@@ -21,6 +21,7 @@ from llama.model import Transformer
 from llama.prompts import check_token_prompts, encode_dialogs, encode_prompts
 from llama.sampling import SamplingParams
 from llama.tokenizer import Tokenizer
+from llama.values import whole_number
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -97,9 +98,11 @@ class Llama:
         size that does not divide the model, a corrupt shard, shards that disagree, a tensor of the wrong shape,
         a tokenizer of another vocabulary size, or non-positive sizes.
         """
-        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        max_seq_len = whole_number(max_seq_len, "max_seq_len")
+        max_batch_size = whole_number(max_batch_size, "max_batch_size")
+        seed = whole_number(seed, "seed", minimum=None)
+        if model_parallel_size is not None:
+            model_parallel_size = whole_number(model_parallel_size, "model_parallel_size")
         device = setup_model_parallel(model_parallel_size, device)
         dtype = resolve_dtype(dtype, device)
         tokenizer = Tokenizer(tokenizer_path)
@@ -127,7 +130,7 @@ class Llama:
         self.device = next(model.parameters()).device
         # A private generator: sampling is reproducible without touching the caller's global RNG state, and
         # every rank, seeded alike and seeing the same logits, draws the same tokens.
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(whole_number(seed, "seed", minimum=None))
         self._turns = _Turns()
 
     # ---- public API ----------------------------------------------------------------------------------------

@@ -14,15 +14,15 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-import safetensors.torch
 import torch
-from sentencepiece import SentencePieceProcessor
 
 from llama.atomic import staged_folder
 from llama.hf_tokenizer import write_tokenizer_files
 from llama.layout import TOKENIZER_FILE, PathLike, check_shapes, expected_shapes, read_settings, write_params
 from llama.model import ModelArgs
 from llama.shards import ShardedCheckpoint, load_shard, open_checkpoint, save_shard
+from llama.tokenizer import Tokenizer
+from llama.values import whole_number
 
 # Meta's name -> Hugging Face's name, for the tensors outside the layers and inside each layer.
 _TOP_LEVEL_NAMES = {
@@ -150,8 +150,10 @@ def model_args_from_hf_config(config: dict) -> ModelArgs:
     size other than hidden_size / heads, an activation other than SiLU)."""
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     for name in required:
-        if isinstance(config.get(name), bool) or not isinstance(config.get(name), int) or config[name] < 1:
-            raise ValueError(f"config.json: {name} must be a positive integer, got {config.get(name)!r}")
+        whole_number(config.get(name), f"config.json: {name}")
+    for name in ("rope_parameters", "rope_scaling"):
+        if not isinstance(config.get(name) or {}, dict):
+            raise ValueError(f"config.json: {name} must be an object of settings, got {config[name]!r}")
     _check_supported(config)
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     dim, hidden = config["hidden_size"], config["intermediate_size"]
@@ -172,6 +174,10 @@ def model_args_from_hf_config(config: dict) -> ModelArgs:
         norm_eps=config.get("rms_norm_eps", 1e-6),
         rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
     )
+    try:
+        args.check_settings()
+    except ValueError as error:
+        raise ValueError(f"config.json: {error}") from None
     if args.ffn_hidden_dim != hidden:
         raise ValueError(f"cannot express intermediate_size={hidden} as a Llama FFN width for dim={dim}")
     return args
@@ -199,7 +205,7 @@ def _hf_weights(src: Path) -> dict[str, torch.Tensor]:
     index, or pytorch_model.bin (read with weights_only, so no code is unpickled)."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (src / index_name).is_file():
-            files = sorted(set(json.loads((src / index_name).read_text())["weight_map"].values()))
+            files = _indexed_files(src, index_name)
             break
     else:
         files = [name for name in ("model.safetensors", "pytorch_model.bin") if (src / name).is_file()][:1]
@@ -214,6 +220,23 @@ def _hf_weights(src: Path) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"{str(src / name)!r}, listed in the index of {str(src)!r}, is missing")
         state.update(load_shard(src / name))
     return state
+
+
+def _indexed_files(src: Path, index_name: str) -> list[str]:
+    """The weight files an index lists, all inside `src`. Raises ValueError for a malformed index or a file
+    outside the folder (a conversion reads only its source)."""
+    index = read_settings(src / index_name, "the index of a sharded Hugging Face model")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{str(src / index_name)!r} has no weight_map of tensor names to file names")
+    folder = src.resolve()
+    for name in set(weight_map.values()):
+        if Path(name).is_absolute() or (folder / name).resolve().parent != folder:
+            raise ValueError(
+                f"{str(src / index_name)!r} lists {name!r}, which is not a file in the model's folder: "
+                "a conversion reads only its source folder"
+            )
+    return sorted(set(weight_map.values()))
 
 
 def to_hf(
@@ -240,11 +263,10 @@ def to_hf(
             f"tokenizer file {str(tokenizer_path)!r} does not exist: pass --tokenizer-path with the checkpoint's "
             "tokenizer.model"
         )
-    for name, value in (("max-position-embeddings", max_position_embeddings), ("max-file-bytes", max_file_bytes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+    max_position_embeddings = whole_number(max_position_embeddings, "max_position_embeddings")
+    max_file_bytes = whole_number(max_file_bytes, "max_file_bytes")
     args, checkpoint = open_checkpoint(src)
-    sp = SentencePieceProcessor(model_file=str(tokenizer_path))
+    sp = Tokenizer(tokenizer_path).sp_model
     if sp.vocab_size() != args.vocab_size:
         raise ValueError(
             f"the tokenizer {str(tokenizer_path)!r} has {sp.vocab_size()} pieces but the checkpoint's vocabulary "
@@ -277,7 +299,7 @@ def _write_hf_weights(
         file_names = [f"model-{number:05d}-of-{len(groups):05d}.safetensors" for number in range(1, len(groups) + 1)]
     for file_name, group in zip(file_names, groups):
         tensors = {names[name]: _to_hf_tensor(name, checkpoint.slice(name, 0, 1), args).contiguous() for name in group}
-        safetensors.torch.save_file(tensors, folder / file_name, metadata={"format": "pt"})
+        save_shard(tensors, folder / file_name, metadata={"format": "pt"})
         del tensors
     if len(groups) > 1:
         index = {

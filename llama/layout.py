@@ -41,6 +41,8 @@ IGNORED_KEYS = frozenset({"rope.freqs"})
 def read_settings(path: Path, what_holds_it: str) -> dict:
     """The JSON object of settings in `path` (params.json, config.json). Raises FileNotFoundError, saying
     `what_holds_it`, when the file is missing, and ValueError when it is not a JSON object."""
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder, not a file of settings: {what_holds_it}")
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} is missing: {what_holds_it}")
     try:
@@ -59,6 +61,8 @@ def read_model_args(ckpt_dir: PathLike, **overrides) -> ModelArgs:
     the folder or params.json is missing, ValueError if params.json is not a JSON object of settings.
     """
     ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.is_file():
+        raise ValueError(f"checkpoint path {str(ckpt_dir)!r} is a file: pass the folder that holds params.json")
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder {str(ckpt_dir)!r} does not exist")
     params_path = ckpt_dir / PARAMS_FILE
@@ -72,13 +76,16 @@ def read_model_args(ckpt_dir: PathLike, **overrides) -> ModelArgs:
         warnings.warn(
             f"{params_path}: ignoring settings this library does not know: {', '.join(unknown)}", stacklevel=2
         )
-    settings = {name: value for name, value in params.items() if name in known}
-    settings.update(overrides)
-    for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
-        value = settings.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ValueError(f"{str(params_path)!r}: {name} must be a number, got {value!r}")
-    return ModelArgs(**settings)
+    missing = [name for name in ("dim", "n_layers", "n_heads") if name not in params]
+    if missing:
+        raise ValueError(f"{str(params_path)!r} gives no {', '.join(missing)}: params.json must give dim, n_layers "
+                         "and n_heads (the other settings have defaults)")  # fmt: skip
+    args = ModelArgs(**{name: value for name, value in params.items() if name in known} | overrides)
+    try:
+        args.check_settings(vocab_from_tokenizer=True)
+    except ValueError as error:
+        raise ValueError(f"{str(params_path)!r}: {error}") from None
+    return args
 
 
 def write_params(folder: PathLike, args: ModelArgs) -> None:
@@ -130,6 +137,23 @@ def expected_shapes(args: ModelArgs, model: Optional[Transformer] = None) -> dic
             model = Transformer(args)
     model_parallel_size = fs_init.get_model_parallel_world_size()
     return {name: unsplit_shape(name, tensor.shape, model_parallel_size) for name, tensor in model.state_dict().items()}
+
+
+def parameter_count(args: ModelArgs) -> int:
+    """The number of weights of a model of `args`, all ranks together, from its settings alone: for settings
+    too large to build even on the meta device (`expected_shapes` gives the same count, see the tests)."""
+    dim, heads, kv_heads = args.dim, args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+    per_layer = 2 * dim * heads + 2 * dim * kv_heads + 3 * dim * args.ffn_hidden_dim + 2 * dim
+    return 2 * args.vocab_size * dim + dim + args.n_layers * per_layer
+
+
+def check_layer_count(shapes: dict[str, torch.Size], args: ModelArgs, source: str) -> None:
+    """Raise ValueError when the tensors hold another number of layers than params.json gives (before a model
+    of params.json's size is built to compare shapes: a wrong n_layers may be huge)."""
+    indices = {int(name.split(".")[1]) for name in shapes if re.match(r"layers\.\d+\.", name)}
+    held = max(indices) + 1 if indices else 0
+    if held != args.n_layers:
+        raise ValueError(f"{source} holds {held} layers but its params.json says n_layers={args.n_layers}")
 
 
 def check_shapes(

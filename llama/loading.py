@@ -1,10 +1,12 @@
 """Loading a Meta-layout checkpoint into a Transformer, on any number of model-parallel ranks, holding the weights
 about once in host memory; and the small model bundled with the package."""
 
+import os
 import shlex
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -13,9 +15,11 @@ from llama.layout import (
     PARAMS_FILE,
     TOKENIZER_FILE,
     PathLike,
+    check_layer_count,
     check_shapes,
     expected_shapes,
     meta_device,
+    parameter_count,
     read_model_args,
     split_dim,
 )
@@ -94,9 +98,11 @@ def load_model(
     tensors.
     """
     world_size = fs_init.get_model_parallel_world_size()
+    check_memory(args, device, dtype, world_size, f"the model of {str(Path(ckpt_dir) / PARAMS_FILE)!r}")
+    checkpoint = ShardedCheckpoint(ckpt_dir)
+    check_layer_count(checkpoint.shapes, args, f"checkpoint {str(ckpt_dir)!r}")
     with meta_device():
         model = Transformer(args)
-    checkpoint = ShardedCheckpoint(ckpt_dir)
     check_shapes(checkpoint.shapes, expected_shapes(args, model), f"checkpoint {str(ckpt_dir)!r}")
     if len(checkpoint.paths) != world_size and rank == 0:
         warnings.warn(
@@ -110,6 +116,48 @@ def load_model(
     for buffer in model.buffers():  # the key/value caches
         buffer.zero_()
     return model
+
+
+def check_memory(args: ModelArgs, device: torch.device, dtype: torch.dtype, world_size: int, source: str) -> None:
+    """Raise ValueError, before anything is allocated, when this process's share of the weights and the
+    key/value cache does not fit the memory available on `device` (on the CPU, shared by the processes of this
+    machine). `source` names the model in the message. Nothing is checked where the available memory cannot be
+    read."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    weights = parameter_count(args) * itemsize // world_size
+    cache = 2 * args.n_layers * args.max_batch_size * args.max_seq_len * args.kv_heads * args.head_dim * itemsize
+    cache = cache // world_size + 2 * args.max_seq_len * args.head_dim // 2 * 8  # and the complex64 rotary table
+    available = _available_memory(device)
+    if device.type == "cpu":
+        weights, cache = weights * _local_processes(), cache * _local_processes()
+    if available is not None and weights + cache > available:
+        raise ValueError(
+            f"{source} needs {(weights + cache) / 1e9:,.1f} GB on {device} ({weights / 1e9:,.1f} GB of weights in "
+            f"{str(dtype).removeprefix('torch.')}, {cache / 1e9:,.1f} GB of key/value cache for max_batch_size="
+            f"{args.max_batch_size} x max_seq_len={args.max_seq_len}) but {available / 1e9:,.1f} GB are available: "
+            f"lower max_seq_len or max_batch_size, use a smaller dtype, or more processes"
+        )
+
+
+def _available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free to allocate on `device`, or None where that cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _local_processes() -> int:
+    """How many processes of this run share this machine (torchrun says so); 1 for a plain python."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from fairscale.nn.model_parallel.layers import ParallelEmbedding
 from torch import Tensor, nn
 
 from llama.distributed import ensure_model_parallel
+from llama.values import real_number, whole_number
 
 
 @dataclass
@@ -52,15 +53,26 @@ class ModelArgs:
             hidden_dim = int(self.ffn_dim_multiplier * hidden_dim)
         return self.multiple_of * ((hidden_dim + self.multiple_of - 1) // self.multiple_of)
 
+    def check_settings(self, vocab_from_tokenizer: bool = False) -> None:
+        """Raise ValueError naming the first setting of the wrong type or out of range; vocab_size may be -1
+        (take it from the tokenizer) with vocab_from_tokenizer. Numbers of other numeric types (numpy, 0-d
+        tensors) become Python numbers."""
+        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_batch_size", "max_seq_len"):
+            setattr(self, name, whole_number(getattr(self, name), name))
+        if self.n_kv_heads is not None:
+            self.n_kv_heads = whole_number(self.n_kv_heads, "n_kv_heads (None: as many as n_heads)")
+        self.vocab_size = whole_number(self.vocab_size, "vocab_size", allowed=(-1,) if vocab_from_tokenizer else ())
+        self.norm_eps = real_number(
+            self.norm_eps, "norm_eps", "a small positive number (Llama 2: 1e-05)", lambda x: 0 < x < 1
+        )
+        self.rope_theta = real_number(self.rope_theta, "rope_theta", "a positive number (Llama 2: 10000)")
+        if self.ffn_dim_multiplier is not None:
+            self.ffn_dim_multiplier = real_number(self.ffn_dim_multiplier, "ffn_dim_multiplier", "a positive number")
+
     def validate(self, model_parallel_size: int = 1) -> None:
         """Raise ValueError naming the first setting that cannot build a model split over
         `model_parallel_size` ranks."""
-        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_batch_size", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
-        if self.n_kv_heads is not None and (not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0):
-            raise ValueError(f"ModelArgs.n_kv_heads must be a positive integer or None, got {self.n_kv_heads!r}")
+        self.check_settings()
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:

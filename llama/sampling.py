@@ -8,13 +8,7 @@ from typing import Optional
 
 import torch
 
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+from llama.values import flag, real_number, whole_number
 
 
 @dataclass(frozen=True)
@@ -42,18 +36,18 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_whole(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 means no limit), got {self.top_k!r}")
-        if self.max_gen_len is not None and (not _is_whole(self.max_gen_len) or self.max_gen_len < 1):
-            raise ValueError(f"max_gen_len must be a positive integer or None, got {self.max_gen_len!r}")
-        for name in ("logprobs", "echo", "ignore_eos"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        object.__setattr__(self, "stop", _checked_stop(self.stop))
+        settings = {
+            "temperature": real_number(
+                self.temperature, "temperature", "a finite number >= 0 (0 means greedy)", lambda x: 0 <= x < math.inf
+            ),
+            "top_p": real_number(self.top_p, "top_p", "in (0, 1]", lambda x: 0 < x <= 1),
+            "top_k": whole_number(self.top_k, "top_k", minimum=0),
+            "max_gen_len": None if self.max_gen_len is None else whole_number(self.max_gen_len, "max_gen_len"),
+            "stop": _checked_stop(self.stop),
+            **{name: flag(getattr(self, name), name) for name in ("logprobs", "echo", "ignore_eos")},
+        }
+        for name, value in settings.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
 
 def _checked_stop(stop: Optional[Sequence[str]]) -> tuple[str, ...]:

@@ -6,11 +6,21 @@ import ctypes
 import mmap
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import safetensors.torch
 import torch
 
-from llama.layout import SHARD_PATTERN, PathLike, check_shapes, expected_shapes, read_model_args, split_dim
+from llama.layout import (
+    IGNORED_KEYS,
+    SHARD_PATTERN,
+    PathLike,
+    check_layer_count,
+    check_shapes,
+    expected_shapes,
+    read_model_args,
+    split_dim,
+)
 from llama.model import ModelArgs
 
 # madvise(2), to let go of file pages already copied (see ShardedCheckpoint.release); None where unavailable.
@@ -46,6 +56,11 @@ def find_shards(ckpt_dir: PathLike) -> list[Path]:
             f"{str(ckpt_dir)!r} mixes consolidated.NN.pth and consolidated.NN.safetensors shards: "
             "keep one format (move the other files away)"
         )
+    for path in numbered.values():
+        if not path.exists():  # a symbolic link to nothing
+            raise FileNotFoundError(
+                f"shard {str(path)!r} is a symbolic link to {str(path.readlink())!r}, which is missing"
+            )
     (suffix,) = suffixes
     missing = [number for number in range(max(numbered) + 1) if number not in numbered]
     if missing:
@@ -111,6 +126,7 @@ class ShardedCheckpoint:
                     "the shards come from different checkpoints"
                 )
         for name in self.shards[0]:
+            self._check_dtypes(name)
             dim = split_dim(name)
             shapes = [shard[name].shape for shard in self.shards]
             kept = [shape if dim is None else shape[:dim] + shape[dim + 1 :] for shape in shapes]
@@ -127,6 +143,25 @@ class ShardedCheckpoint:
             sizes = [shape[dim] for shape in shapes]
             self._starts[name] = [sum(sizes[:number]) for number in range(len(sizes))]
             self.shapes[name] = shapes[0][:dim] + (sum(sizes),) + shapes[0][dim + 1 :]
+
+    def _check_dtypes(self, name: str) -> None:
+        """ValueError unless every shard holds tensor `name` in the same floating-point dtype: weights of another
+        kind would be silently changed by loading or resharding."""
+        dtypes = [shard[name].dtype for shard in self.shards]
+        if name in IGNORED_KEYS:
+            return
+        if not dtypes[0].is_floating_point:
+            raise ValueError(
+                f"{str(self.folder)!r}: tensor {name} has dtype {str(dtypes[0]).removeprefix('torch.')} in "
+                f"{self.paths[0].name}: a checkpoint's weights are floating point (float32, bfloat16, float16)"
+            )
+        for path, dtype in zip(self.paths, dtypes):
+            if dtype != dtypes[0]:
+                raise ValueError(
+                    f"{str(self.folder)!r}: tensor {name} is {str(dtypes[0]).removeprefix('torch.')} in "
+                    f"{self.paths[0].name} but {str(dtype).removeprefix('torch.')} in {path.name}: the shards come "
+                    "from different checkpoints, or one was converted on its own"
+                )
 
     def pieces(self, name: str, rank: int, world_size: int) -> list[tuple[int, torch.Tensor]]:
         """Rank `rank`'s part of tensor `name` when the model is split over `world_size` ranks, as the views of
@@ -192,22 +227,24 @@ def open_checkpoint(ckpt_dir: PathLike) -> tuple[ModelArgs, ShardedCheckpoint]:
     checkpoint = ShardedCheckpoint(ckpt_dir)
     if args.vocab_size == -1 and "tok_embeddings.weight" in checkpoint.shapes:
         args.vocab_size = checkpoint.shapes["tok_embeddings.weight"][0]
+    check_layer_count(checkpoint.shapes, args, f"checkpoint {str(ckpt_dir)!r}")
     check_shapes(checkpoint.shapes, expected_shapes(args), f"checkpoint {str(ckpt_dir)!r}")
     return args, checkpoint
 
 
-def save_shard(state: dict[str, torch.Tensor], path: Path) -> None:
+def save_shard(state: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
     """Write one shard, as safetensors or as a torch zip file by the suffix of `path`. A tensor that is a view
     of a larger one is copied first (torch.save would write the whole storage, and safetensors refuses shared
     memory); the others, memory-mapped ones included, are written as they are, without a copy in memory.
-    Raises OSError when the file cannot be written (a full disk, named as such)."""
+    `metadata`: the safetensors header's text fields. Raises OSError when the file cannot be written (a full
+    disk, named as such)."""
     state = {
         name: tensor if _owns_its_storage(tensor) else tensor.clone(memory_format=torch.contiguous_format)
         for name, tensor in state.items()
     }
     try:
         if path.suffix == ".safetensors":
-            safetensors.torch.save_file(state, path)
+            safetensors.torch.save_file(state, path, metadata=metadata)
         else:
             torch.save(state, path)
     except OSError:

@@ -20,9 +20,11 @@ def check_unicode(s: str) -> None:
 
 class Tokenizer:
     def __init__(self, model_path: str):
-        """Load a SentencePiece model file. Raises FileNotFoundError if it does not exist and ValueError if
-        it is not a SentencePiece model."""
+        """Load a SentencePiece model file. Raises FileNotFoundError if it does not exist, ValueError if it is a
+        folder, not a SentencePiece model, or one without BOS and EOS pieces."""
         model_path = os.fspath(model_path)
+        if os.path.isdir(model_path):
+            raise ValueError(f"tokenizer path {model_path!r} is a folder: pass the tokenizer.model file inside it")
         if not os.path.isfile(model_path):
             raise FileNotFoundError(
                 f"tokenizer file {model_path!r} does not exist: pass the tokenizer.model that came with the checkpoint"
@@ -37,6 +39,11 @@ class Tokenizer:
         self.bos_id: int = self.sp_model.bos_id()
         self.eos_id: int = self.sp_model.eos_id()
         self.pad_id: int = self.sp_model.pad_id()  # -1 for Llama's tokenizer: it has no padding piece
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(
+                f"the tokenizer {model_path!r} has no {'BOS' if self.bos_id < 0 else 'EOS'} piece: Llama's prompts "
+                "start with BOS and sequences end with EOS; use the tokenizer.model that came with the checkpoint"
+            )
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         """Token ids of `s`, with BOS in front and EOS at the end when asked. Raises TypeError for a non-string

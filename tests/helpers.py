@@ -127,7 +127,7 @@ def write_checkpoint(
     return folder
 
 
-def run_python(args: list[str], timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
+def run_python(args: list[str], timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
     """Run `python ARGS...` from the repository root with this interpreter; output captured as text."""
     # The repository first; an existing PYTHONPATH after it (where packages may be installed)
     pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
@@ -137,7 +137,7 @@ def run_python(args: list[str], timeout: float = 240, **kwargs) -> subprocess.Co
     )
 
 
-def run_torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def run_torchrun(nproc: int, args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
     """Run a script under `torchrun --standalone --nproc_per_node NPROC` (a free port is picked)."""
     return run_python(
         ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args], timeout=timeout

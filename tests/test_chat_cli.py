@@ -15,7 +15,7 @@ def checkpoint(tmp_path_factory):
 
 def chat(checkpoint, tokenizer_path, lines, *options):
     command = ["example_chat_completion.py", "--ckpt_dir", str(checkpoint), "--tokenizer_path", str(tokenizer_path)]
-    return run_python([*command, "--interactive", "--temperature", "0", *options], input=lines, timeout=120)
+    return run_python([*command, "--interactive", "--temperature", "0", *options], input=lines)
 
 
 def test_interactive_chat_answers_each_line_until_exit(checkpoint, tokenizer_path):

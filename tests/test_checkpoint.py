@@ -368,3 +368,39 @@ def test_hugging_face_conversion_refuses_other_models_and_mismatched_tensors(tmp
     ):
         from_hf(tmp_path / "hf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "weight_map, message",
+    [
+        ({"model.embed_tokens.weight": "../elsewhere/model.safetensors"}, "not a file in the model's folder"),
+        ({"model.embed_tokens.weight": "/etc/passwd"}, "not a file in the model's folder"),
+        ("model.safetensors", "has no weight_map of tensor names to file names"),
+        ({}, "has no weight_map of tensor names to file names"),
+    ],
+)
+def test_import_reads_only_inside_its_source_and_refuses_a_malformed_index(tmp_path, one_shard, weight_map, message):
+    to_hf(one_shard, tmp_path / "hf")
+    (tmp_path / "elsewhere").mkdir()
+    shutil.move(tmp_path / "hf" / "model.safetensors", tmp_path / "elsewhere" / "model.safetensors")
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match=message):
+        from_hf(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_conversion_mistakes_end_in_one_line_on_the_command_line(tmp_path, one_shard):
+    to_hf(one_shard, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config | {"rope_parameters": "default"}))
+    (tmp_path / "not-a-tokenizer.model").write_text("plain text")
+    for command, message in (
+        (["from-hf", tmp_path / "hf", tmp_path / "a"], "rope_parameters must be an object of settings"),
+        (
+            ["to-hf", one_shard, tmp_path / "b", "--tokenizer-path", tmp_path / "not-a-tokenizer.model"],
+            "is not a SentencePiece model",
+        ),
+    ):
+        result = run_python(["-m", "llama", *map(str, command)])
+        assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("error: ") and message in result.stderr

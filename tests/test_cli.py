@@ -2,15 +2,18 @@
 a mistake, yes/no options that accept only clear answers, warnings as one readable line, and the former
 `python -m llama.checkpoint` / `python -m llama.train` spellings still working, with a notice."""
 
+import argparse
 import hashlib
 import json
+import runpy
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from helpers import meta_params, random_model, run_python, small_args, write_checkpoint
-from llama.cli import COMMANDS, build_parser, main
+from helpers import REPO_ROOT, meta_params, random_model, run_python, small_args, write_checkpoint
+from llama.cli import COMMANDS, build_parser, main, parse_arguments
 
 ARGS = small_args(n_heads=8, n_kv_heads=4)
 
@@ -22,7 +25,7 @@ def checkpoint(tmp_path_factory, tokenizer_path):
     return folder
 
 
-def llama_command(*arguments: str, timeout: float = 240):
+def llama_command(*arguments: str, timeout: float = 900):
     return run_python(["-m", "llama", *map(str, arguments)], timeout=timeout)
 
 
@@ -131,7 +134,7 @@ def test_malformed_command_lines_are_reported_in_one_line(tmp_path, checkpoint, 
         assert stderr.startswith("error: ") and "--help" in stderr
     assert not (tmp_path / "x").exists()
     status, _, stderr = run_main()
-    assert status == 2 and "commands:" in stderr, "without a command, the list of commands"
+    assert status == 2 and stderr.startswith("error: give a command: reshard, fold-norms, to-hf, from-hf, train")
 
 
 def test_warnings_are_printed_as_one_readable_line(tmp_path, checkpoint, run_main):
@@ -180,7 +183,7 @@ def test_the_llama_console_script_runs_the_command_line():
         pytest.skip(f"the package is not installed with its scripts beside {sys.executable}")
     import subprocess
 
-    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0 and "reshard" in result.stdout, result.stderr
 
 
@@ -218,3 +221,67 @@ def test_train_command_passes_every_setting_to_the_training_run(tmp_path, run_ma
         "--grad-clip": "1.0",
         "--val-fraction": "0.1",
     }
+
+
+MINIMAL_COMMAND_LINES = {
+    "reshard": ["reshard", "src", "dst", "--model-parallel-size", "1"],
+    "fold-norms": ["fold-norms", "src", "dst"],
+    "to-hf": ["to-hf", "src", "dst"],
+    "from-hf": ["from-hf", "src", "dst"],
+    "train": ["train", "--text-path", "text.txt", "--out-dir", "dst"],
+}
+YES, NO = [["{flag}"], ["{flag}=true"], ["{flag}=YES"], ["{flag}=1"], ["{flag}", "yes"]], [
+    ["{flag}=false"], ["{flag}=no"], ["{flag}=0"], ["{flag}", "false"], ["--no-{name}"], []
+]  # fmt: skip
+
+
+def yes_no_options():
+    """(program, its minimal command line, a parser of it, the flag) for every yes/no option the parsers have."""
+    programs = []
+    for script in ("example_text_completion.py", "example_chat_completion.py"):
+        namespace = runpy.run_path(str(REPO_ROOT / script), run_name="example")
+        booleans = [
+            a.option_strings[0]
+            for a in namespace["build_parser"]()._actions
+            if isinstance(a, argparse.BooleanOptionalAction)
+        ]
+        programs.append(
+            (
+                script,
+                namespace["build_parser"](),
+                [],
+                partial(parse_arguments, namespace["build_parser"](), booleans=booleans),
+            )
+        )
+    for name, parser in build_parser()._subparsers._group_actions[0].choices.items():
+        programs.append(
+            (f"llama {name}", parser, MINIMAL_COMMAND_LINES[name], partial(parse_arguments, build_parser()))
+        )
+    return [
+        (program, base, parse, action.option_strings[0])
+        for program, parser, base, parse in programs
+        for action in parser._actions
+        if isinstance(action, argparse.BooleanOptionalAction)
+    ]
+
+
+def test_the_yes_no_options_are_found():
+    assert {(program, flag) for program, _, _, flag in yes_no_options()} == {
+        ("example_chat_completion.py", "--interactive"),
+        *((f"llama {name}", "--overwrite") for name in COMMANDS),
+    }
+
+
+@pytest.mark.parametrize(
+    "program, base, parse, flag", yes_no_options(), ids=lambda case: str(case) if isinstance(case, str) else None
+)
+def test_every_yes_no_option_takes_only_clear_answers(program, base, parse, flag):
+    name = flag[2:]
+    for spelling in YES + NO:
+        words = [word.format(flag=flag, name=name) for word in spelling]
+        value = getattr(parse([*base, *words]), name.replace("-", "_"))
+        assert value is (spelling in YES), f"{program} {' '.join(words)} gave {value}"
+    for unclear in ("maybe", "", "2", "ture"):
+        with pytest.raises(SystemExit) as exit:
+            parse([*base, f"{flag}={unclear}"])
+        assert exit.value.code == 2, f"{program} {flag}={unclear} was taken"

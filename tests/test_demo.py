@@ -197,7 +197,7 @@ def test_wheel_built_from_the_repository_contains_the_bundled_model(tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=900,
     )
     assert build.returncode == 0, build.stderr
     (wheel,) = (tmp_path / "dist").glob("llama-*.whl")

@@ -127,7 +127,7 @@ def run_download(target: Path, url: str, models: str, env=None):
         input=f"{url}\n{models}\n",
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=600,
         env=env if env is not None else clean_env(),
     )
 

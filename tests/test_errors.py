@@ -1,10 +1,13 @@
 """Every bad input gets an exception that says what is wrong and how to fix it, raised where the input
 enters: never a bare AssertionError or an error from deep inside torch."""
 
+import io
 import json
 import warnings
 
+import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 
 from helpers import meta_params, random_model, small_args, write_checkpoint
@@ -49,19 +52,44 @@ def test_empty_checkpoint_folder_names_params_json(tmp_path, tokenizer_path):
         build(tmp_path, tokenizer_path)
 
 
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        ('{"dim": 64,', "is not valid JSON"),
-        ("[64, 2]", "must hold a JSON object"),
-        ('{"dim": 64, "norm_eps": "small"}', "norm_eps must be a number"),
-        ('{"dim": "sixty-four", "n_layers": 2, "n_heads": 4}', "dim must be a positive integer"),
-    ],
-)
-def test_malformed_params_json(checkpoint, tokenizer_path, content, message):
+PARAMS = meta_params(ARGS)
+
+BAD_PARAMS = [
+    # (case, params.json text, the words the error must hold)
+    ("not JSON", '{"dim": 64,', "is not valid JSON"),
+    ("not an object", "[64, 2]", "must hold a JSON object"),
+    ("norm_eps a string", json.dumps(PARAMS | {"norm_eps": "small"}), "norm_eps must be a small positive number"),
+    ("norm_eps zero", json.dumps(PARAMS | {"norm_eps": 0}), "norm_eps must be a small positive number .*, got 0"),
+    ("norm_eps NaN", json.dumps(PARAMS | {"norm_eps": float("nan")}), "norm_eps must be a small positive number"),
+    ("norm_eps infinite", json.dumps(PARAMS | {"norm_eps": float("inf")}), "norm_eps must be a small positive"),
+    ("rope_theta negative", json.dumps(PARAMS | {"rope_theta": -1}), "rope_theta must be a positive number .*, got -1"),
+    ("rope_theta infinite", json.dumps(PARAMS | {"rope_theta": float("inf")}), "rope_theta must be a positive number"),
+    (
+        "ffn_dim_multiplier zero",
+        json.dumps(PARAMS | {"ffn_dim_multiplier": 0}),
+        "ffn_dim_multiplier must be a positive",
+    ),
+    ("dim a string", json.dumps(PARAMS | {"dim": "sixty-four"}), "dim must be a positive integer, got 'sixty-four'"),
+    ("dim not whole", json.dumps(PARAMS | {"dim": 64.5}), "dim must be a positive integer, got 64.5"),
+    ("n_layers a boolean", json.dumps(PARAMS | {"n_layers": True}), "n_layers must be a positive integer, got True"),
+    ("n_heads zero", json.dumps(PARAMS | {"n_heads": 0}), "n_heads must be a positive integer, got 0"),
+    ("n_kv_heads zero", json.dumps(PARAMS | {"n_kv_heads": 0}), "n_kv_heads .* must be a positive integer, got 0"),
+    ("vocab_size zero", json.dumps(PARAMS | {"vocab_size": 0}), "vocab_size must be a positive integer or -1, got 0"),
+    ("n_layers missing", json.dumps({k: v for k, v in PARAMS.items() if k != "n_layers"}), "gives no n_layers"),
+    ("dim and n_heads missing", json.dumps({"n_layers": 2}), "gives no dim, n_heads"),
+    ("n_layers too many", json.dumps(PARAMS | {"n_layers": 10**9}), "params.json' needs .* GB are available"),
+    ("n_layers other than the shards'", json.dumps(PARAMS | {"n_layers": 3}), "holds 2 layers but .* n_layers=3"),
+]
+
+
+@pytest.mark.parametrize("case, content, message", BAD_PARAMS, ids=[case[0] for case in BAD_PARAMS])
+def test_malformed_params_json_is_refused_naming_the_file_and_the_setting(
+    checkpoint, tokenizer_path, case, content, message
+):
     (checkpoint / "params.json").write_text(content)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as raised:
         build(checkpoint, tokenizer_path)
+    assert "params.json" in str(raised.value) or "checkpoint" in str(raised.value)
 
 
 def test_unknown_params_keys_are_reported_in_one_warning_and_known_ones_used(checkpoint, tokenizer_path):
@@ -171,6 +199,10 @@ def test_tokenizer_with_another_vocabulary_size(tmp_path, tokenizer_path, state)
 @pytest.mark.parametrize(
     "kwargs, message",
     [
+        (dict(max_seq_len=10**9), "params.json' needs .* GB of key/value cache for max_batch_size=2 x max_seq_len="),
+        (dict(max_seq_len=32.0), "max_seq_len must be a positive integer, got 32.0"),
+        (dict(max_batch_size=True), "max_batch_size must be a positive integer, got True"),
+        (dict(model_parallel_size=0), "model_parallel_size must be a positive integer, got 0"),
         (dict(max_seq_len=0), "max_seq_len must be a positive integer"),
         (dict(max_batch_size=-1), "max_batch_size must be a positive integer"),
         (dict(dtype="float8"), "dtype must be float32, bfloat16 or float16"),
@@ -212,6 +244,89 @@ def test_inconsistent_model_args(settings, message):
 def test_model_parallel_divisibility_names_the_number_that_does_not_divide(settings, model_parallel_size, message):
     with pytest.raises(ValueError, match=message):
         small_args(**settings).validate(model_parallel_size)
+
+
+def test_a_bad_seed_is_refused_before_anything_is_read(tmp_path, tokenizer_path):
+    with pytest.raises(ValueError, match="seed must be an integer, got 'one'"):
+        build(tmp_path / "nowhere", tokenizer_path, seed="one")
+
+
+def test_numpy_and_torch_scalars_are_taken_where_numbers_are_expected(checkpoint, tokenizer_path):
+    generator = build(
+        checkpoint, tokenizer_path, max_seq_len=np.int64(32), max_batch_size=torch.tensor(2), seed=np.int32(3)
+    )
+    assert generator.model.params.max_seq_len == 32 and type(generator.model.params.max_seq_len) is int
+    numbers = dict(temperature=np.float32(0.7), top_p=torch.tensor(0.9), top_k=np.int64(5), max_gen_len=np.int16(4))
+    plain = dict(temperature=0.7, top_p=0.9, top_k=5, max_gen_len=4)
+    assert build(checkpoint, tokenizer_path, seed=3).text_completion(["The sea"], **plain) == (
+        generator.text_completion(["The sea"], **numbers)
+    )
+    args = small_args(dim=np.int64(64), norm_eps=np.float32(1e-5))
+    args.validate()
+    assert type(args.dim) is int and type(args.norm_eps) is float
+
+
+BAD_PATHS = [
+    # (case, what to make of the checkpoint folder and tokenizer path, error, words)
+    ("tokenizer path a folder", "tokenizer_folder", ValueError, "tokenizer path .* is a folder"),
+    ("checkpoint path a file", "checkpoint_file", ValueError, "checkpoint path .* is a file"),
+    ("params.json a folder", "params_folder", ValueError, "params.json' is a folder, not a file"),
+    ("shard a dangling link", "dangling_shard", FileNotFoundError, "consolidated.00.pth' is a symbolic link to"),
+]
+
+
+@pytest.mark.parametrize("case, what, error, message", BAD_PATHS, ids=[case[0] for case in BAD_PATHS])
+def test_paths_of_the_wrong_kind_are_named_for_what_they_are(
+    checkpoint, tokenizer_path, tmp_path, case, what, error, message
+):
+    ckpt_dir, tokenizer = checkpoint, tokenizer_path
+    if what == "tokenizer_folder":
+        tokenizer = tmp_path
+    elif what == "checkpoint_file":
+        ckpt_dir = checkpoint / "consolidated.00.pth"
+    elif what == "params_folder":
+        (checkpoint / "params.json").unlink()
+        (checkpoint / "params.json").mkdir()
+    else:
+        (checkpoint / "consolidated.00.pth").unlink()
+        (checkpoint / "consolidated.00.pth").symlink_to(tmp_path / "gone.pth")
+    with pytest.raises(error, match=message):
+        build(ckpt_dir, tokenizer)
+
+
+def test_a_tokenizer_without_a_bos_piece_is_refused(checkpoint, tmp_path):
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["a b c d e f g h"] * 20), model_writer=model, vocab_size=12, bos_id=-1, minloglevel=2
+    )
+    (tmp_path / "no-bos.model").write_bytes(model.getvalue())
+    with pytest.raises(ValueError, match="has no BOS piece"):
+        build(checkpoint, tmp_path / "no-bos.model")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("int", "tensor norm.weight has dtype int64 in consolidated.00.pth: a checkpoint's weights are floating point"),
+        ("complex", "tensor norm.weight has dtype complex64"),
+        ("mixed", "tensor norm.weight is float32 in consolidated.00.pth but bfloat16 in consolidated.01.pth"),
+    ],
+)
+def test_weights_that_are_not_floating_point_or_differ_between_shards_are_refused(
+    tmp_path, tokenizer_path, state, change, message
+):
+    folder = write_checkpoint(tmp_path / "two", ARGS, state, n_shards=2)
+    for number in range(2):
+        shard = torch.load(folder / f"consolidated.{number:02d}.pth", weights_only=True)
+        norm = shard["norm.weight"]
+        shard["norm.weight"] = {
+            "int": norm.long(),
+            "complex": norm.to(torch.complex64),
+            "mixed": norm.bfloat16() if number else norm,
+        }[change]
+        torch.save(shard, folder / f"consolidated.{number:02d}.pth")
+    with pytest.raises(ValueError, match=message):
+        build(folder, tokenizer_path)
 
 
 def test_build_twice_in_one_process_and_caller_defaults_untouched(checkpoint, tokenizer_path):

@@ -2,14 +2,17 @@
 message; Unicode edge cases round-trip; and many generations in one process do not leak memory."""
 
 import gc
+import json
 import threading
+import warnings
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import random_model, small_args
+from helpers import meta_params, random_model, small_args, write_checkpoint
+from llama.cli import main
 from llama.generation import Llama
 
 DOCUMENTED = (TypeError, ValueError)
@@ -171,3 +174,71 @@ def test_the_callers_code_between_streamed_steps_runs_outside_inference_mode(lla
     for _ in llama.stream_completion(["The sea"], max_gen_len=4):
         assert not torch.is_inference_mode_enabled()
         assert not torch.ones(1).is_inference()
+
+
+# ---- any params.json, any command line ---------------------------------------------------------------------------
+
+JSON_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.sampled_from([0, 1, 2, 4, 8, 32, 64, 400, -1]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.lists(st.integers(0, 9), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+PARAMS_KEYS = st.sampled_from(
+    ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps",
+     "rope_theta", "max_seq_len", "max_batch_size", "moe"]
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    args = small_args()
+    return write_checkpoint(tmp_path_factory.mktemp("params"), args, random_model(args, seed=52).state_dict())
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(PARAMS_KEYS, JSON_VALUES, max_size=4), dropped=st.lists(PARAMS_KEYS, max_size=2))
+def test_any_params_json_loads_or_is_refused_with_a_documented_error(
+    small_checkpoint, tokenizer_path, changes, dropped
+):
+    params = {key: value for key, value in (meta_params(small_args()) | changes).items() if key not in dropped}
+    (small_checkpoint / "params.json").write_text(json.dumps(params))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # settings this library does not know
+        try:
+            llama = Llama.build(small_checkpoint, tokenizer_path, max_seq_len=16, max_batch_size=1, device="cpu")
+        except (ValueError, FileNotFoundError) as error:
+            assert str(error) and "\n" not in str(error)
+            return
+    assert llama.model.params.n_layers == 2, "only settings that match the tensors load"
+
+
+COMMAND_WORDS = [
+    "reshard", "fold-norms", "to-hf", "from-hf", "train", "--overwrite", "--overwrite=maybe", "--no-overwrite",
+    "--overwrite=no", "--model-parallel-size", "--model_parallel_size", "2", "0", "-1", "3.5", "x", "out", ".", "..",
+    "--tokenizer-path", "--max-file-bytes", "--max-position-embeddings", "--text-path", "missing.txt", "--out-dir",
+    "--dim", "--steps", "--dtype", "int8", "--device", "tpu", "SRC", "",
+]  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(words=st.lists(st.sampled_from(COMMAND_WORDS), max_size=8))
+def test_any_command_line_ends_with_a_status_and_at_most_one_line_of_error(
+    small_checkpoint, tmp_path, monkeypatch, capsys, words
+):
+    monkeypatch.chdir(tmp_path)  # whatever it writes lands here
+    monkeypatch.setattr("warnings.showwarning", warnings.showwarning)
+    argv = [str(small_checkpoint) if word == "SRC" else word for word in words]
+    try:
+        status = main(argv)
+    except SystemExit as exit:  # argparse: --help, or a malformed command line
+        status = exit.code
+    assert status in (0, 1, 2), argv
+    error = capsys.readouterr().err
+    if status:
+        assert len([line for line in error.splitlines() if line.startswith("error")]) == 1, (argv, error)
+        assert "Traceback" not in error

@@ -285,3 +285,22 @@ def test_loading_reports_progress_per_shard_only_when_asked(tmp_path, tokenizer_
     assert "loading consolidated.00.pth" in err and f"loading consolidated.01.pth: {count}/{count} tensors" in err
     Llama.build(str(folder), str(tokenizer_path), max_seq_len=16, max_batch_size=1, device="cpu")
     assert "loading" not in capsys.readouterr().err  # standard error is not a terminal here
+
+
+def test_scoring_prompts_that_fill_the_context_with_nan_logits_raises_like_generation(tokenizer):
+    prompt = tokenizer.encode("one two three four", bos=True, eos=False)
+    sequences = [prompt]
+    llama = Llama(Scripted(sequences, tokenizer, max_seq_len=len(prompt), nan_at=(0, 3)), tokenizer)
+    with pytest.raises(FloatingPointError, match="sequence 0 at position 2 hold NaN"):
+        llama.generate([prompt], max_gen_len=4, echo=True, logprobs=True)
+
+
+@pytest.mark.parametrize("stop", ["ick b", "k brown", "fox"])
+def test_with_stop_and_logprobs_the_tokens_returned_are_those_of_the_text_returned(tokenizer, stop):
+    llama = scripted(tokenizer, ["A"], [" The quick brown fox jumps"])
+    result = llama.text_completion(["A"], temperature=0, max_gen_len=30, stop=[stop], logprobs=True)[0]
+    tokens = tokenizer.encode(" The quick brown fox jumps", bos=False, eos=False)
+    kept = next(n for n in range(len(tokens) + 1) if len(tokenizer.decode(tokens[:n])) >= len(result["generation"]))
+    assert result["generation"] == tokenizer.decode(tokens).split(stop)[0]
+    assert len(result["tokens"]) == len(result["logprobs"]) == kept, "each returned token has its logprob"
+    assert tokenizer.decode(tokens[:kept]).startswith(result["generation"]), "the tokens cover the text"
