@@ -2,6 +2,7 @@
 writes the file READY, then sleeps), so that a test can signal the process while its folder is half written.
 
     python tests/slow_write_worker.py READY reshard SRC DST --model-parallel-size 2
+    python tests/slow_write_worker.py READY to-hf SRC DST
 """
 
 import sys
@@ -9,18 +10,19 @@ import time
 from pathlib import Path
 
 import llama.convert
+import llama.hf
 from llama.cli import main
+from llama.shards import save_shard
 
 ready = Path(sys.argv[1])
-save_shard = llama.convert.save_shard
 
 
-def pausing_save_shard(state, path):
-    save_shard(state, path)
+def pausing_save_shard(state, path, **options):
+    save_shard(state, path, **options)
     if not ready.exists():
         ready.write_text("the first shard is written")
         time.sleep(300)
 
 
-llama.convert.save_shard = pausing_save_shard
+llama.convert.save_shard = llama.hf.save_shard = pausing_save_shard
 sys.exit(main(sys.argv[2:]))

@@ -13,6 +13,7 @@ import pytest
 
 from helpers import REPO_ROOT, random_model, small_args, write_checkpoint
 from llama.cli import main
+from llama.hf import to_hf
 
 ARGS = small_args(n_heads=8, n_kv_heads=4)
 
@@ -44,28 +45,53 @@ def run_main(capsys, monkeypatch):
     return run
 
 
-def start_slow_write(tmp_path, source, destination):
-    """The command line writing `destination`, paused after its first shard; returns the process once paused."""
+def start_slow_write(tmp_path, command):
+    """The command line running `command`, paused after its first weights file; returns the process once paused."""
     ready = tmp_path / "READY"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "tests/slow_write_worker.py", str(ready), "reshard", str(source), str(destination)]
     process = subprocess.Popen(
-        [*command, "--model-parallel-size", "2"], cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "tests/slow_write_worker.py", str(ready), *map(str, command)],
+        cwd=REPO_ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 900  # generous: a busy machine is slow to start Python and torch
     while not ready.exists():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            pytest.fail(f"the writer never reached its first shard: {process.communicate()[1]}")
+            pytest.fail(f"the writer never reached its first weights file: {process.communicate()[1]}")
         time.sleep(0.05)
     return process
 
 
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP", "SIGINT"])
-def test_a_conversion_stopped_by_a_signal_leaves_the_source_and_no_partial_folder(tmp_path, source, name):
-    before = hashes(source)
+@pytest.fixture(scope="module")
+def hf_source(tmp_path_factory, source):
+    folder = tmp_path_factory.mktemp("faults-hf") / "hf"
+    to_hf(source, folder)
+    return folder
+
+
+STOPS = [
+    # (command, its source's layout, signal)
+    ("reshard", "meta", "SIGTERM"),
+    ("reshard", "meta", "SIGHUP"),
+    ("reshard", "meta", "SIGINT"),
+    ("fold-norms", "meta", "SIGTERM"),
+    ("to-hf", "meta", "SIGTERM"),
+    ("from-hf", "hf", "SIGTERM"),
+]
+
+
+@pytest.mark.parametrize("command, layout, name", STOPS, ids=[f"{command} {name}" for command, _, name in STOPS])
+def test_a_conversion_stopped_by_a_signal_leaves_the_source_and_no_partial_folder(
+    tmp_path, source, hf_source, command, layout, name
+):
+    origin = source if layout == "meta" else hf_source
+    before = hashes(origin)
     destination = tmp_path / "out"
-    process = start_slow_write(tmp_path, source, destination)
+    extra = ["--model-parallel-size", "2"] if command == "reshard" else []
+    process = start_slow_write(tmp_path, [command, origin, destination, *extra])
     assert leftovers(tmp_path), "the folder was half written when the signal came"
     process.send_signal(getattr(signal, name))
     _, stderr = process.communicate(timeout=900)
@@ -73,12 +99,12 @@ def test_a_conversion_stopped_by_a_signal_leaves_the_source_and_no_partial_folde
     assert stderr.strip().splitlines()[-1] == f"interrupted by {name}: nothing was written"
     assert "Traceback" not in stderr
     assert not destination.exists() and leftovers(tmp_path) == []
-    assert hashes(source) == before
+    assert hashes(origin) == before
 
 
 def test_the_next_run_after_a_killed_one_removes_its_temporary_folder(tmp_path, source, run_main):
     destination = tmp_path / "out"
-    process = start_slow_write(tmp_path, source, destination)
+    process = start_slow_write(tmp_path, ["reshard", source, destination, "--model-parallel-size", "2"])
     status, _, stderr = run_main("reshard", source, destination, "--model-parallel-size", "2")
     assert status == 1 and f"another run (process {process.pid}) is writing" in stderr, "a live writer is left alone"
     process.kill()
