@@ -130,7 +130,7 @@ def hf_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dtype
     as `llama to-hf` converts them."""
     import transformers
 
-    config = hf_config(args, dtype, bos_id=1, eos_id=2, max_position_embeddings=args.max_seq_len)
+    config = hf_config(args, dtype, 1, [2], args.max_seq_len, tied=False)
     config = transformers.LlamaConfig(**{key: value for key, value in config.items() if key != "torch_dtype"})
     hf_state = meta_to_hf_state_dict(state, args)
     # Initialised where it runs and in its dtype: a 7B model's random init is slow on the CPU, and in float32

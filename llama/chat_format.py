@@ -1,8 +1,9 @@
-"""Dialogs, and the Llama 2 chat format that turns one into the prompt tokens a chat model was fine-tuned on."""
+"""Dialogs, and the chat formats that turn one into the prompt tokens a chat model was fine-tuned on: Llama 2's
+`[INST]` tags and Llama 3's header tokens, behind one interface (`ChatFormat`), chosen by the tokenizer."""
 
-from typing import Literal, TypedDict
+from typing import Literal, Protocol, TypedDict
 
-from llama.tokenizer import Tokenizer, check_unicode
+from llama.tokenizer import TiktokenTokenizer, Tokenizer, check_unicode
 
 Role = Literal["system", "user", "assistant"]
 
@@ -53,6 +54,20 @@ def check_dialog(dialog: Dialog, index: int = 0) -> None:
         raise ValueError(f"{where} must end with a user message, for the model to answer")
 
 
+class ChatFormat(Protocol):
+    def encode_dialog_prompt(self, dialog: "Dialog") -> list[int]:
+        """The prompt tokens of a checked dialog (see `check_dialog`), ending where the assistant's answer begins."""
+
+    def refusal(self, dialog: "Dialog") -> str:
+        """The answer given instead of running the model ("" to run it)."""
+
+
+def chat_format_for(tokenizer: Tokenizer) -> ChatFormat:
+    """The chat format of the models that come with `tokenizer`: Llama 3's for its tiktoken tokenizer, else
+    Llama 2's."""
+    return Llama3ChatFormat(tokenizer) if isinstance(tokenizer, TiktokenTokenizer) else Llama2ChatFormat(tokenizer)
+
+
 class Llama2ChatFormat:
     """The Llama 2 chat format: a leading system message is merged into the first user turn; every finished
     user/assistant exchange is `[INST] user [/INST] answer ` between BOS and EOS; the final user turn is
@@ -81,12 +96,42 @@ class Llama2ChatFormat:
         return UNSAFE_REQUEST_ERROR if has_special_tags(dialog) else ""
 
 
+class Llama3ChatFormat:
+    """The Llama 3 chat format: `<|begin_of_text|>`, then each message as `<|start_header_id|>role
+    <|end_header_id|>`, two newlines, its content and `<|eot_id|>`, then an open assistant header for the model to
+    continue. The answer ends with `<|eot_id|>`. Text that looks like a special token is encoded as text, so no
+    content can forge a turn, and no dialog is refused."""
+
+    def __init__(self, tokenizer: TiktokenTokenizer):
+        self.tokenizer = tokenizer
+
+    def _header(self, role: str) -> list[int]:
+        special = self.tokenizer.special_tokens
+        role_tokens = self.tokenizer.encode(role, bos=False, eos=False)
+        return [special["<|start_header_id|>"], *role_tokens, special["<|end_header_id|>"], *self._text("\n\n")]
+
+    def _text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, bos=False, eos=False)
+
+    def encode_dialog_prompt(self, dialog: Dialog) -> list[int]:
+        """The prompt tokens of a checked dialog (see `check_dialog`)."""
+        tokens = [self.tokenizer.bos_id]
+        for message in dialog:
+            tokens += self._header(message["role"]) + self._text(message["content"].strip())
+            tokens.append(self.tokenizer.special_tokens["<|eot_id|>"])
+        return tokens + self._header("assistant")
+
+    def refusal(self, dialog: Dialog) -> str:
+        """Always "": every dialog runs."""
+        return ""
+
+
 def has_special_tags(dialog: Dialog) -> bool:
     """Whether any message contains a tag of the Llama 2 chat format, which would let a user forge turns."""
     return any(tag in message["content"] for message in dialog for tag in SPECIAL_TAGS)
 
 
-def trim_dialog(chat_format: Llama2ChatFormat, dialog: Dialog, max_prompt_len: int) -> tuple[Dialog, int]:
+def trim_dialog(chat_format: ChatFormat, dialog: Dialog, max_prompt_len: int) -> tuple[Dialog, int]:
     """Drop the oldest user/assistant exchanges of a dialog until its prompt fits `max_prompt_len` tokens,
     keeping a leading system message and the last user turn. Returns the trimmed dialog and the number of
     messages dropped. Raises ValueError if the system message and the last user turn alone do not fit."""

@@ -115,10 +115,10 @@ class Batch:
         picked = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         self.logprobs[:, start + 1 : start + 1 + logits.shape[1]] = picked
 
-    def advance(self, position: int, new_tokens: list[int], usable: list[bool], eos_id: int) -> list[str]:
-        """The host's part of a step, given the tokens now at `position`: end sequences at EOS, at a stop
-        sequence or at their length, and return each sequence's new text. Raises FloatingPointError for a
-        sequence whose logits were unusable."""
+    def advance(self, position: int, new_tokens: list[int], usable: list[bool], stop_ids: frozenset[int]) -> list[str]:
+        """The host's part of a step, given the tokens now at `position`: end sequences at a stop id (EOS, or
+        the end of a turn), at a stop sequence or at their length, and return each sequence's new text. Raises
+        FloatingPointError for a sequence whose logits were unusable."""
         pieces = [""] * len(new_tokens)
         for row, token in enumerate(new_tokens):
             if self.done[row] or position < self.prompt_lens[row]:
@@ -130,7 +130,7 @@ class Batch:
                     f"inf/nan or the dtype overflowed (float16 overflows most easily; try bfloat16 or float32)"
                 )
             self.host[row].append(token)
-            if token == eos_id and not self.params.ignore_eos:
+            if token in stop_ids and not self.params.ignore_eos:
                 self.end[row], self.done[row] = position, True
                 continue
             if self.streams is not None:
@@ -170,7 +170,9 @@ def _check_logprobs(logprobs: list[float], start: int, end: int, row: int) -> No
         )
 
 
-def decode(step: Step, batch: Batch, eos_id: int, generator: Optional[torch.Generator] = None) -> Iterator[StepResult]:
+def decode(
+    step: Step, batch: Batch, stop_ids: frozenset[int], generator: Optional[torch.Generator] = None
+) -> Iterator[StepResult]:
     """Decode `batch` to the end. Yields a StepResult per position when the batch follows its text, and one at
     the end that holds every sequence's Completion (and the text held back until then)."""
     params = batch.params
@@ -189,7 +191,7 @@ def decode(step: Step, batch: Batch, eos_id: int, generator: Optional[torch.Gene
         # The one host synchronisation per step: EOS, stop sequences and streaming need the tokens on the host.
         next_pos = position if position + 1 < batch.total_len else None
         new_tokens, usable = step.fetch(torch.stack((column, usable.long())), batch.tokens, next_pos)
-        pieces = batch.advance(position, new_tokens, usable, eos_id)
+        pieces = batch.advance(position, new_tokens, usable, stop_ids)
         if batch.streams is not None:  # else there is nothing to hand out before the end
             yield StepResult(pieces)
         if all(batch.done):

@@ -12,7 +12,7 @@ from typing import Optional, TypedDict, Union
 
 import torch
 
-from llama.chat_format import Dialog, Llama2ChatFormat, Message
+from llama.chat_format import Dialog, Message, chat_format_for
 from llama.cuda_graphs import decode_step
 from llama.decoding import Batch, Completion, StepResult, completions, decode
 from llama.distributed import is_main_process, resolve_dtype, setup_model_parallel
@@ -124,7 +124,7 @@ class Llama:
         its tokenizer; the arguments as in `build`."""
         self.model = model
         self.tokenizer = tokenizer
-        self.chat_format = Llama2ChatFormat(tokenizer)
+        self.chat_format = chat_format_for(tokenizer)
         self.decode_step = decode_step(model, cuda_graphs)
         self.progress = progress
         self.device = next(model.parameters()).device
@@ -256,7 +256,7 @@ class Llama:
             batch_prompts = prompts[start : start + size]
             text_of = self.tokenizer if follow_text else None
             batch = Batch(batch_prompts, params, self.model.params.max_seq_len, self.device, text_of)
-            steps = decode(self.decode_step, batch, self.tokenizer.eos_id, self.generator)
+            steps = decode(self.decode_step, batch, self.tokenizer.stop_ids, self.generator)
             if len(batch_prompts) == len(prompts):
                 yield from steps
                 continue

@@ -16,10 +16,11 @@ from typing import Optional
 
 import torch
 
+from llama.args import ModelArgs
 from llama.atomic import staged_folder
 from llama.hf_tokenizer import write_tokenizer_files
 from llama.layout import TOKENIZER_FILE, PathLike, check_shapes, expected_shapes, read_settings, write_params
-from llama.model import ModelArgs
+from llama.model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT
 from llama.shards import ShardedCheckpoint, load_shard, open_checkpoint, save_shard
 from llama.tokenizer import Tokenizer
 from llama.values import whole_number
@@ -115,9 +116,21 @@ def hf_to_meta_state_dict(
     return meta_state
 
 
-def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int, eos_id: int, max_position_embeddings: int) -> dict:
-    """config.json for `args`: the fields LlamaConfig reads, with the rotary base written both ways
-    (`rope_parameters` for transformers 5, `rope_theta` for 4)."""
+def hf_config(
+    args: ModelArgs, dtype: torch.dtype, bos_id: int, eos_ids: list[int], max_position_embeddings: int, tied: bool
+) -> dict:
+    """config.json for `args`: the fields LlamaConfig reads, with the rotary settings written both ways
+    (`rope_parameters` for transformers 5; `rope_theta` and `rope_scaling` for 4). `eos_ids`: the ids that end
+    generation; `tied`: the output layer is the embedding."""
+    scaling = None
+    if args.use_scaled_rope:
+        scaling = {
+            "rope_type": "llama3",
+            "factor": args.rope_scaling_factor,
+            "low_freq_factor": ROPE_LOW_FREQ_FACTOR,
+            "high_freq_factor": ROPE_HIGH_FREQ_FACTOR,
+            "original_max_position_embeddings": ROPE_ORIGINAL_CONTEXT,
+        }
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -130,13 +143,14 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int, eos_id: int, max
         "hidden_act": "silu",
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_scaling": scaling,
+        "rope_parameters": (scaling or {"rope_type": "default"}) | {"rope_theta": args.rope_theta},
         "vocab_size": args.vocab_size,
         "max_position_embeddings": max_position_embeddings,
         "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids,
         "pad_token_id": None,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tied,
         "attention_bias": False,
         "mlp_bias": False,
         "torch_dtype": str(dtype).removeprefix("torch."),
@@ -155,7 +169,7 @@ def model_args_from_hf_config(config: dict) -> ModelArgs:
         if not isinstance(config.get(name) or {}, dict):
             raise ValueError(f"config.json: {name} must be an object of settings, got {config[name]!r}")
     _check_supported(config)
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope = _rope_settings(config)
     dim, hidden = config["hidden_size"], config["intermediate_size"]
     multiple_of, multiplier = 256, None  # Llama 2 7B and 13B
     if ModelArgs(dim=dim, multiple_of=multiple_of).ffn_hidden_dim != hidden:
@@ -173,6 +187,8 @@ def model_args_from_hf_config(config: dict) -> ModelArgs:
         ffn_dim_multiplier=multiplier,
         norm_eps=config.get("rms_norm_eps", 1e-6),
         rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+        use_scaled_rope=rope.get("rope_type", rope.get("type")) == "llama3",
+        rope_scaling_factor=rope.get("factor", ModelArgs.rope_scaling_factor),
     )
     try:
         args.check_settings()
@@ -183,6 +199,11 @@ def model_args_from_hf_config(config: dict) -> ModelArgs:
     return args
 
 
+def _rope_settings(config: dict) -> dict:
+    """The rotary settings of a config.json: rope_parameters (transformers 5), or rope_scaling and rope_theta (4)."""
+    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+
+
 def _check_supported(config: dict) -> None:
     problems = []
     if config.get("model_type", "llama") != "llama":
@@ -191,9 +212,12 @@ def _check_supported(config: dict) -> None:
         problems.append(f"hidden_act is {config['hidden_act']!r}")
     if config.get("attention_bias") or config.get("mlp_bias"):
         problems.append("it has biases")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        problems.append(f"it scales rotary embeddings ({rope})")
+    rope = _rope_settings(config)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    llama3 = {"low_freq_factor": ROPE_LOW_FREQ_FACTOR, "high_freq_factor": ROPE_HIGH_FREQ_FACTOR,
+              "original_max_position_embeddings": ROPE_ORIGINAL_CONTEXT}  # fmt: skip
+    if kind not in ("default", "llama3") or (kind == "llama3" and any(rope.get(k) != v for k, v in llama3.items())):
+        problems.append(f"it scales rotary embeddings otherwise than Llama 3.1 does ({rope})")
     if config.get("head_dim") not in (None, config["hidden_size"] // config["num_attention_heads"]):
         problems.append(f"head_dim {config['head_dim']} is not hidden_size / num_attention_heads")
     if problems:
@@ -266,26 +290,30 @@ def to_hf(
     max_position_embeddings = whole_number(max_position_embeddings, "max_position_embeddings")
     max_file_bytes = whole_number(max_file_bytes, "max_file_bytes")
     args, checkpoint = open_checkpoint(src)
-    sp = Tokenizer(tokenizer_path).sp_model
-    if sp.vocab_size() != args.vocab_size:
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.n_words != args.vocab_size:
         raise ValueError(
-            f"the tokenizer {str(tokenizer_path)!r} has {sp.vocab_size()} pieces but the checkpoint's vocabulary "
+            f"the tokenizer {str(tokenizer_path)!r} has {tokenizer.n_words} tokens but the checkpoint's vocabulary "
             f"has {args.vocab_size}: pass --tokenizer-path with the tokenizer.model that came with it"
         )
     dtype = checkpoint.shards[0]["tok_embeddings.weight"].dtype
+    # Llama 3.2 1B and 3B use their embedding as output layer: Hugging Face's layout says so instead of a copy.
+    tied = torch.equal(checkpoint.slice("output.weight", 0, 1), checkpoint.slice("tok_embeddings.weight", 0, 1))
     with staged_folder(dst, overwrite, source=src) as staging:
-        _write_hf_weights(staging, checkpoint, args, dtype, max_file_bytes)
-        config = hf_config(args, dtype, sp.bos_id(), sp.eos_id(), max_position_embeddings)
+        _write_hf_weights(staging, checkpoint, args, dtype, max_file_bytes, tied)
+        eos_ids = sorted(tokenizer.stop_ids)
+        config = hf_config(args, dtype, tokenizer.bos_id, eos_ids, max_position_embeddings, tied)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_tokenizer_files(staging, tokenizer_path, max_position_embeddings)
 
 
 def _write_hf_weights(
-    folder: Path, checkpoint: ShardedCheckpoint, args: ModelArgs, dtype: torch.dtype, max_file_bytes: int
+    folder: Path, checkpoint: ShardedCheckpoint, args: ModelArgs, dtype: torch.dtype, max_file_bytes: int, tied: bool
 ) -> None:
-    """The tensors under Hugging Face's names in files of at most max_file_bytes (one file if they fit), with
-    the index transformers needs to find them when there are several."""
-    names = _name_map(args.n_layers)
+    """The tensors under Hugging Face's names (without lm_head if tied to the embedding) in files of at most
+    max_file_bytes (one file if they fit), with the index transformers needs to find them when there are
+    several."""
+    names = {meta: hf for meta, hf in _name_map(args.n_layers).items() if not (tied and meta == "output.weight")}
     groups, group_bytes = [[]], 0
     for name in names:
         size = checkpoint.shapes[name].numel() * dtype.itemsize
@@ -321,12 +349,18 @@ def from_hf(src: PathLike, dst: PathLike, overwrite: bool = False) -> None:
     state = hf_to_meta_state_dict(_hf_weights(src), args, tie_word_embeddings=config.get("tie_word_embeddings", False))
     if state["output.weight"] is state["tok_embeddings.weight"]:
         state["output.weight"] = state["output.weight"].clone()  # Meta's layout has no tied weights
+    # Llama 3 folders on Hugging Face keep Meta's tokenizer.model under original/.
+    tokenizer = next(
+        (path for path in (src / TOKENIZER_FILE, src / "original" / TOKENIZER_FILE) if path.is_file()), None
+    )
     with staged_folder(dst, overwrite, source=src) as staging:
         write_params(staging, args)
         save_shard(state, staging / "consolidated.00.pth")
-        if (src / TOKENIZER_FILE).is_file():
-            shutil.copyfile(src / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
         else:
             warnings.warn(
-                f"{str(src)!r} has no tokenizer.model: copy the model's SentencePiece file into {dst}", stacklevel=2
+                f"{str(src)!r} has no tokenizer.model (nor original/tokenizer.model): copy the model's tokenizer.model "
+                f"into {dst}",
+                stacklevel=2,
             )

@@ -1,6 +1,6 @@
-"""The tokenizer files of a Hugging Face Llama folder, written from a SentencePiece `tokenizer.model`:
-`tokenizer.json` (the format of the `tokenizers` library, which transformers reads without protobuf),
-`tokenizer_config.json`, and the model file itself."""
+"""The tokenizer files of a Hugging Face Llama folder, written from a checkpoint's `tokenizer.model` (Llama 2's
+SentencePiece model or Llama 3's tiktoken model): `tokenizer.json` (the format of the `tokenizers` library,
+which transformers reads without protobuf or tiktoken), `tokenizer_config.json`, and the model file itself."""
 
 import json
 import shutil
@@ -10,28 +10,34 @@ from pathlib import Path
 from sentencepiece import SentencePieceProcessor
 
 from llama.layout import TOKENIZER_FILE, PathLike
+from llama.tokenizer import LLAMA3_SPLIT_PATTERN, TiktokenTokenizer, Tokenizer, read_tiktoken_ranks
 
 
 def write_tokenizer_files(folder: Path, tokenizer_path: PathLike, max_position_embeddings: int) -> None:
-    """Write tokenizer.model (copied), tokenizer.json and tokenizer_config.json into `folder`, warning when the
-    tokenizer normalises text in a way the exported one cannot (see `tokenizer_json`)."""
-    sp = SentencePieceProcessor(model_file=str(tokenizer_path))
-    _normalisation_warning(sp, Path(tokenizer_path))
-    bos, eos, unk = (sp.id_to_piece(index) for index in (sp.bos_id(), sp.eos_id(), sp.unk_id()))
+    """Write tokenizer.model (copied), tokenizer.json and tokenizer_config.json into `folder`, for either kind
+    of tokenizer, warning when a SentencePiece model normalises text in a way the exported one cannot (see
+    `tokenizer_json`). transformers opens the folder with its generic fast tokenizer, which takes
+    tokenizer.json as it is (its Llama class would replace the pre-tokenization, and put no space in front of
+    text that starts with one, unlike SentencePiece)."""
+    tokenizer = Tokenizer(tokenizer_path)
+    if isinstance(tokenizer, TiktokenTokenizer):
+        content, names = tiktoken_tokenizer_json(tokenizer), ("<|begin_of_text|>", "<|end_of_text|>", None)
+    else:
+        sp = tokenizer.sp_model
+        _normalisation_warning(sp, Path(tokenizer_path))
+        content = tokenizer_json(tokenizer_path)
+        names = tuple(sp.id_to_piece(index) for index in (sp.bos_id(), sp.eos_id(), sp.unk_id()))
     config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "bos_token": bos,
-        "eos_token": eos,
-        "unk_token": unk,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": names[0],
+        "eos_token": names[1],
+        "unk_token": names[2],
         "pad_token": None,
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "legacy": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_position_embeddings,
     }
     shutil.copyfile(tokenizer_path, folder / TOKENIZER_FILE)
-    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(tokenizer_path), ensure_ascii=False))
+    (folder / "tokenizer.json").write_text(json.dumps(content, ensure_ascii=False))
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -99,17 +105,86 @@ def tokenizer_json(tokenizer_path: PathLike) -> dict:
 
 def _merges(sp: SentencePieceProcessor, pieces: list[str], special: list[int]) -> list[list[str]]:
     """Every pair of ordinary pieces that joins into another piece, best first: SentencePiece's BPE merges the
-    pair whose result scores best, and its scores fall with the id, so the merged piece's id ranks the merge
-    (ties broken by the parts' ids)."""
+    pair whose result has the highest score. The scores mostly fall with the id, but not everywhere (Llama 2's
+    pieces made only of spaces score -1e9 and are merged last), so the score ranks the merge; ties go to the
+    lower ids."""
     ordinary = {piece: index for index, piece in enumerate(pieces) if not (index in special or sp.is_byte(index))}
     merges = []
     for piece, index in ordinary.items():
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
             if left in ordinary and right in ordinary:
-                merges.append((index, ordinary[left], ordinary[right], [left, right]))
-    merges.sort(key=lambda merge: merge[:3])
-    return [merge[3] for merge in merges]
+                merges.append((-sp.get_score(index), index, ordinary[left], ordinary[right], [left, right]))
+    merges.sort(key=lambda merge: merge[:4])
+    return [merge[4] for merge in merges]
+
+
+def byte_level_alphabet() -> dict[int, str]:
+    """The printable character that stands for each byte in a byte-level BPE vocabulary (GPT-2's convention,
+    which tokenizer.json files use): printable Latin-1 bytes stand for themselves, the 68 others take the
+    characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    return {byte: chr(byte) for byte in printable} | {byte: chr(256 + number) for number, byte in enumerate(others)}
+
+
+def tiktoken_tokenizer_json(tokenizer: TiktokenTokenizer) -> dict:
+    """A `tokenizer.json` that encodes and decodes like Llama 3's tiktoken model: the same split pattern, then
+    byte-level BPE over the same tokens and ids. tiktoken merges the adjacent pair whose join has the lowest
+    rank, so every pair of tokens that joins into a token is a merge ranked by the join's rank; a pre-tokenized
+    word that is a token of its own is taken whole (`ignore_merges`), as tiktoken does. The special tokens are
+    added tokens, with BOS in front of every encoding."""
+    alphabet = byte_level_alphabet()
+    ranks = read_tiktoken_ranks(tokenizer.path)
+    text = {token: "".join(alphabet[byte] for byte in token) for token in ranks}
+    merges = sorted(
+        (rank, ranks[token[:cut]], ranks[token[cut:]], [text[token[:cut]], text[token[cut:]]])
+        for token, rank in ranks.items()
+        for cut in range(1, len(token))
+        if token[:cut] in ranks and token[cut:] in ranks
+    )
+    bos = "<|begin_of_text|>"
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            dict(id=index, content=name, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+            for name, index in tokenizer.special_tokens.items()
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT_PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [
+                {"SpecialToken": {"id": bos, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": bos, "type_id": 1}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}},
+        },
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": True,
+            "vocab": {text[token]: rank for token, rank in ranks.items()},
+            "merges": [merge[3] for merge in merges],
+        },
+    }
 
 
 def _normalisation_warning(sp: SentencePieceProcessor, tokenizer_path: Path) -> None:

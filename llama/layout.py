@@ -18,7 +18,8 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from llama.model import ModelArgs, Transformer
+from llama.args import ModelArgs
+from llama.model import Transformer
 
 PathLike = Union[str, Path]
 
@@ -26,8 +27,8 @@ PARAMS_FILE = "params.json"
 TOKENIZER_FILE = "tokenizer.model"
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.(pth|safetensors)")
 
-# The settings params.json holds, under Meta's names: the architecture only. Batch and sequence sizes are chosen
-# when a model is loaded.
+# The settings params.json holds, under Meta's names: the architecture only (and, for Llama 3.1 and 3.2, the
+# rotary scaling). Batch and sequence sizes are chosen when a model is loaded.
 PARAM_KEYS = (
     "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps",
     "rope_theta",
@@ -90,8 +91,13 @@ def read_model_args(ckpt_dir: PathLike, **overrides) -> ModelArgs:
 
 def write_params(folder: PathLike, args: ModelArgs) -> None:
     """Write `folder/params.json` for `args` as Meta writes it: the architecture under PARAM_KEYS, leaving out
-    settings that are None (no key/value grouping, no FFN multiplier)."""
+    settings that are None (no key/value grouping, no FFN multiplier), and the rotary scaling only where it is
+    used (Llama 2's own code refuses keys it does not know)."""
     params = {name: getattr(args, name) for name in PARAM_KEYS if getattr(args, name) is not None}
+    if args.use_scaled_rope:
+        params["use_scaled_rope"] = True
+        if args.rope_scaling_factor != ModelArgs.rope_scaling_factor:
+            params["rope_scaling_factor"] = args.rope_scaling_factor
     (Path(folder) / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
 
 

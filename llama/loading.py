@@ -11,6 +11,7 @@ from typing import Optional
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 
+from llama.args import ModelArgs
 from llama.layout import (
     PARAMS_FILE,
     TOKENIZER_FILE,
@@ -23,7 +24,7 @@ from llama.layout import (
     read_model_args,
     split_dim,
 )
-from llama.model import ModelArgs, Transformer
+from llama.model import Transformer
 from llama.shards import ShardedCheckpoint
 from llama.tokenizer import Tokenizer
 

@@ -1,5 +1,5 @@
-"""The Llama 2 network, in the order a reader needs it: config, norm, rotary embeddings, key/value cache,
-attention, feed-forward, block, transformer.
+"""The Llama network, in the order a reader needs it: norm, rotary embeddings, key/value cache, attention,
+feed-forward, block, transformer; its settings are `ModelArgs` (llama/args.py).
 
 Parameter names are the names in Meta's checkpoints (`wq`, `w1`, `attention_norm`, ...), so a state-dict key
 points straight at the line that uses it. The linear layers and the embedding are fairscale's model-parallel
@@ -7,93 +7,19 @@ layers, split the way Meta's shards are split: on N ranks, each rank holds 1/N o
 feed-forward width, and the layers gather or sum the partial results themselves.
 """
 
+import math
 import operator
-from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel import layers as fairscale_layers
 from fairscale.nn.model_parallel.layers import ParallelEmbedding
 from torch import Tensor, nn
 
+from llama.args import ModelArgs
 from llama.distributed import ensure_model_parallel
-from llama.values import real_number, whole_number
-
-
-@dataclass
-class ModelArgs:
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: Optional[int] = None  # None: as many key/value heads as query heads (no grouping)
-    vocab_size: int = -1  # -1 in params.json: take it from the tokenizer
-    multiple_of: int = 256  # the SwiGLU width is rounded up to a multiple of this
-    ffn_dim_multiplier: Optional[float] = None
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    max_batch_size: int = 32
-    max_seq_len: int = 2048
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def ffn_hidden_dim(self) -> int:
-        """Meta's SwiGLU width: 2/3 of 4*dim keeps the parameter count of a 4*dim two-matrix MLP with three
-        matrices; then the optional multiplier, then rounded up to `multiple_of` for efficient kernels."""
-        hidden_dim = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden_dim = int(self.ffn_dim_multiplier * hidden_dim)
-        return self.multiple_of * ((hidden_dim + self.multiple_of - 1) // self.multiple_of)
-
-    def check_settings(self, vocab_from_tokenizer: bool = False) -> None:
-        """Raise ValueError naming the first setting of the wrong type or out of range; vocab_size may be -1
-        (take it from the tokenizer) with vocab_from_tokenizer. Numbers of other numeric types (numpy, 0-d
-        tensors) become Python numbers."""
-        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_batch_size", "max_seq_len"):
-            setattr(self, name, whole_number(getattr(self, name), name))
-        if self.n_kv_heads is not None:
-            self.n_kv_heads = whole_number(self.n_kv_heads, "n_kv_heads (None: as many as n_heads)")
-        self.vocab_size = whole_number(self.vocab_size, "vocab_size", allowed=(-1,) if vocab_from_tokenizer else ())
-        self.norm_eps = real_number(
-            self.norm_eps, "norm_eps", "a small positive number (Llama 2: 1e-05)", lambda x: 0 < x < 1
-        )
-        self.rope_theta = real_number(self.rope_theta, "rope_theta", "a positive number (Llama 2: 10000)")
-        if self.ffn_dim_multiplier is not None:
-            self.ffn_dim_multiplier = real_number(self.ffn_dim_multiplier, "ffn_dim_multiplier", "a positive number")
-
-    def validate(self, model_parallel_size: int = 1) -> None:
-        """Raise ValueError naming the first setting that cannot build a model split over
-        `model_parallel_size` ranks."""
-        self.check_settings()
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
-        if self.head_dim % 2:
-            raise ValueError(
-                f"head_dim = dim / n_heads = {self.head_dim} must be even: rotary embeddings rotate channel pairs"
-            )
-        if self.n_heads % self.kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
-        split_sizes = {
-            "n_heads": self.n_heads,
-            "n_kv_heads": self.kv_heads,
-            "the feed-forward width (ffn_hidden_dim)": self.ffn_hidden_dim,
-            "dim (the embedding is split along it)": self.dim,
-            "vocab_size (the output layer is split along it)": self.vocab_size,
-        }
-        for name, size in split_sizes.items():
-            if size % model_parallel_size:
-                raise ValueError(
-                    f"{name}={size} is not divisible by the model-parallel size {model_parallel_size}: "
-                    f"run with a number of processes that divides it"
-                )
+from llama.parallel import ColumnParallelLinear, RowParallelLinear
 
 
 class RMSNorm(nn.Module):
@@ -116,15 +42,39 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
 
 
-def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, device: Optional[torch.device] = None) -> Tensor:
-    """The rotation of every position: entry (t, i) is exp(j * t * theta^(-2i/dim)), a unit complex number.
+def precompute_freqs_cis(
+    dim: int, end: int, theta: float = 10000.0, device: Optional[torch.device] = None, scaling: Optional[float] = None
+) -> Tensor:
+    """The rotation of every position: entry (t, i) is exp(j * t * theta^(-2i/dim)), a unit complex number, the
+    frequencies rescaled by `scaling` as Llama 3.1 does (see `scale_rope_frequencies`) when given.
 
     Returns a complex64 tensor of shape (end, dim // 2), always in float32 precision whatever the model's dtype.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device)[: dim // 2].float() / dim))  # (dim/2,)
+    if scaling is not None:
+        inv_freq = scale_rope_frequencies(inv_freq, scaling)
     positions = torch.arange(end, device=device, dtype=torch.float32)  # (end,)
     angles = torch.outer(positions, inv_freq)  # (end, dim/2)
     return torch.polar(torch.ones_like(angles), angles)
+
+
+# Llama 3.1 and 3.2 stretch a context first trained on 8192 positions: rotations whose wavelength is short next
+# to it keep their frequency, long ones are slowed down by the factor, and those between are blended.
+ROPE_ORIGINAL_CONTEXT, ROPE_LOW_FREQ_FACTOR, ROPE_HIGH_FREQ_FACTOR = 8192, 1.0, 4.0
+
+
+def scale_rope_frequencies(inv_freq: Tensor, factor: float) -> Tensor:
+    """Llama 3.1's rescaling of the rotary frequencies (dim/2,) for longer contexts, by `factor` (8 for Llama
+    3.1, 32 for Llama 3.2 1B and 3B)."""
+    wavelength = 2 * math.pi / inv_freq
+    long_wavelength = ROPE_ORIGINAL_CONTEXT / ROPE_LOW_FREQ_FACTOR  # slower rotations: divided by the factor
+    short_wavelength = ROPE_ORIGINAL_CONTEXT / ROPE_HIGH_FREQ_FACTOR  # faster rotations: unchanged
+    smooth = (ROPE_ORIGINAL_CONTEXT / wavelength - ROPE_LOW_FREQ_FACTOR) / (
+        ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR
+    )
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelength > long_wavelength, inv_freq / factor, blended)
+    return torch.where(wavelength < short_wavelength, inv_freq, scaled)
 
 
 def apply_rotary_emb(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tensor]:
@@ -177,27 +127,6 @@ class KVCache(nn.Module):
         self.keys[:bsz].index_copy_(1, positions, xk)
         self.values[:bsz].index_copy_(1, positions, xv)
         return self.keys[:bsz, :cache_len], self.values[:bsz, :cache_len]
-
-
-class ColumnParallelLinear(fairscale_layers.ColumnParallelLinear):
-    """fairscale's column-parallel linear layer (each rank computes some of the output features). On a single
-    rank its copy and gather steps are identities, yet each is a Python autograd call: the plain product
-    skips them, about 20 microseconds per call, several percent of a small model's decoding step."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.output_size_per_partition == self.out_features:  # one rank holds every output feature
-            return F.linear(x, self.weight, self.bias)
-        return super().forward(x)
-
-
-class RowParallelLinear(fairscale_layers.RowParallelLinear):
-    """fairscale's row-parallel linear layer (each rank reads some input features, the ranks' products are
-    summed); on a single rank, the plain product, for the same reason as ColumnParallelLinear."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.input_size_per_partition == self.in_features:  # one rank: nothing to sum
-            return F.linear(x, self.weight, self.bias)
-        return super().forward(x)
 
 
 # Fresh (untrained) weights; checkpoints overwrite them. GPT-2's 0.02 keeps the initial logits near uniform.
@@ -318,7 +247,7 @@ class Transformer(nn.Module):
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_init_weight)
         # Not a buffer: Module.to(dtype) would cast a complex buffer to a real one and drop the sines.
         # Twice max_seq_len, as Meta's reference builds it; only the first max_seq_len rows are ever read.
-        self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
+        self.freqs_cis = self._rotary_table(None)
 
     def forward(self, tokens: Tensor, start_pos: int = 0, use_cache: bool = True, last_only: bool = False) -> Tensor:
         """Logits (float32, shape (batch, seqlen, vocab)) for `tokens` (batch, seqlen) standing at positions
@@ -363,9 +292,7 @@ class Transformer(nn.Module):
             # Made outside inference mode even when generation asks first: the table is kept for training too,
             # and autograd refuses tensors made in inference mode.
             with torch.inference_mode(False):
-                self.freqs_cis = precompute_freqs_cis(
-                    self.params.head_dim, self.params.max_seq_len * 2, self.params.rope_theta, h.device
-                )
+                self.freqs_cis = self._rotary_table(h.device)
         freqs_cis = self.freqs_cis[positions]  # (seqlen, head_dim/2)
         # With the cache, row i may read the cached prefix and the new tokens up to itself (this is what makes
         # chunked prefill right); without it, the new tokens up to itself.
@@ -378,6 +305,12 @@ class Transformer(nn.Module):
             # four blocks): for a long prompt, skipping it at every position but the last saves much of the prefill.
             h = h[:, -1:]
         return self.output(self.norm(h)).float()  # (bs, seqlen, vocab), or (bs, 1, vocab)
+
+    def _rotary_table(self, device: Optional[torch.device]) -> Tensor:
+        params = self.params
+        return precompute_freqs_cis(
+            params.head_dim, params.max_seq_len * 2, params.rope_theta, device, params.rope_scaling
+        )
 
     def _check_positions(self, tokens: Tensor, positions: Tensor, cache_len: Optional[int]) -> None:
         bsz, seqlen = tokens.shape

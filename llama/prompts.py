@@ -3,8 +3,8 @@ checked where it enters, a mistake named with the prompt's place in the batch an
 
 from collections.abc import Sequence
 
-from llama.chat_format import Dialog, Llama2ChatFormat, check_dialog
-from llama.model import ModelArgs
+from llama.args import ModelArgs
+from llama.chat_format import ChatFormat, Dialog, check_dialog
 from llama.tokenizer import Tokenizer
 
 
@@ -60,7 +60,7 @@ def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], params: ModelAr
 
 
 def encode_dialogs(
-    chat_format: Llama2ChatFormat, dialogs: Sequence[Dialog], params: ModelArgs, truncate: bool
+    chat_format: ChatFormat, dialogs: Sequence[Dialog], params: ModelArgs, truncate: bool
 ) -> tuple[list[list[int]], list[str]]:
     """The prompt tokens of the dialogs that run, and for every dialog the format's refusal ("": it runs).
     Raises ValueError or TypeError for malformed dialogs (see `check_dialog`) and as `fit_prompt` does."""

@@ -11,6 +11,7 @@ from typing import Optional
 import safetensors.torch
 import torch
 
+from llama.args import ModelArgs
 from llama.layout import (
     IGNORED_KEYS,
     SHARD_PATTERN,
@@ -21,7 +22,6 @@ from llama.layout import (
     read_model_args,
     split_dim,
 )
-from llama.model import ModelArgs
 
 # madvise(2), to let go of file pages already copied (see ShardedCheckpoint.release); None where unavailable.
 try:

@@ -25,11 +25,12 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from llama.args import ModelArgs
 from llama.atomic import staged_folder
 from llama.data import TrainingData, prepare_data, read_text
 from llama.distributed import resolve_dtype, setup_model_parallel
 from llama.layout import TOKENIZER_FILE, write_params
-from llama.model import ModelArgs, Transformer
+from llama.model import Transformer
 from llama.shards import save_shard
 
 

@@ -93,13 +93,13 @@ def test_malformed_params_json_is_refused_naming_the_file_and_the_setting(
 
 
 def test_unknown_params_keys_are_reported_in_one_warning_and_known_ones_used(checkpoint, tokenizer_path):
-    params = meta_params(ARGS) | {"use_scaled_rope": True, "moe": None}
+    params = meta_params(ARGS) | {"vision_chunk_size": 560, "moe": None}
     (checkpoint / "params.json").write_text(json.dumps(params))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         generator = build(checkpoint, tokenizer_path)
     messages = [str(warning.message) for warning in caught if "ignoring settings" in str(warning.message)]
-    assert len(messages) == 1 and "moe" in messages[0] and "use_scaled_rope" in messages[0]
+    assert len(messages) == 1 and "moe" in messages[0] and "vision_chunk_size" in messages[0]
     assert generator.model.params.rope_theta == ARGS.rope_theta
 
 
