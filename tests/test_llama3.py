@@ -275,3 +275,32 @@ def test_the_exported_tokenizer_encodes_and_decodes_as_ours(exported_tokenizers,
     assert theirs(text)["input_ids"] == ids
     # The text itself, except where SentencePiece does not give it back either (its space mark, U+2581).
     assert theirs.decode(ids, skip_special_tokens=True) == ours.decode(ids[1:])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=1),  # TinyLlama-like
+        dict(
+            hidden_size=64, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        ),  # Llama-3.2-like
+    ],
+    ids=["TinyLlama-like", "Llama-3.2-like"],
+)  # fmt: skip
+def test_a_folder_saved_by_transformers_imports_and_gives_its_logits(tmp_path, tokenizer_path, settings):
+    config = transformers.LlamaConfig(vocab_size=400, num_hidden_layers=2, max_position_embeddings=4096, **settings)
+    torch.manual_seed(0)
+    theirs = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in theirs.parameters():
+            parameter.normal_(0.0, 0.05)  # transformers initialises the norms to 1: these must carry information
+    theirs.save_pretrained(tmp_path / "hf")
+    shutil.copyfile(tokenizer_path, tmp_path / "hf" / "tokenizer.model")
+    from_hf(tmp_path / "hf", tmp_path / "meta")
+    ours = Llama.build(tmp_path / "meta", tmp_path / "meta" / "tokenizer.model", 512, 1, device="cpu")
+    tokens = torch.randint(0, 400, (1, 300), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.model(tokens, 0), theirs(tokens).logits, rtol=1e-4, atol=1e-4)
