@@ -117,13 +117,20 @@ def split_state_dict(state: dict[str, torch.Tensor], n_shards: int) -> list[dict
 
 
 def write_checkpoint(
-    folder: Path, args: ModelArgs, state: dict[str, torch.Tensor], n_shards: int = 1, params: Optional[dict] = None
+    folder: Path,
+    args: ModelArgs,
+    state: dict[str, torch.Tensor],
+    n_shards: int = 1,
+    params: Optional[dict] = None,
+    tokenizer_path: Optional[Path] = None,
 ) -> Path:
-    """Write a Meta-layout checkpoint folder: params.json and consolidated.NN.pth."""
+    """Write a Meta-layout checkpoint folder: params.json and consolidated.NN.pth (and a copy of the tokenizer)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.json").write_text(json.dumps(meta_params(args) if params is None else params))
     for number, shard in enumerate(split_state_dict(state, n_shards)):
         torch.save(shard, folder / f"consolidated.{number:02d}.pth")
+    if tokenizer_path is not None:
+        (folder / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
     return folder
 
 

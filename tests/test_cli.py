@@ -13,36 +13,19 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO_ROOT, meta_params, random_model, run_python, small_args, write_checkpoint
-from llama.cli import COMMANDS, build_parser, main, parse_arguments
+from llama.cli import COMMANDS, build_parser, parse_arguments
 
 ARGS = small_args(n_heads=8, n_kv_heads=4)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tokenizer_path):
-    folder = write_checkpoint(tmp_path_factory.mktemp("cli") / "one", ARGS, random_model(ARGS, seed=71).state_dict())
-    (folder / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
-    return folder
+    folder = tmp_path_factory.mktemp("cli") / "one"
+    return write_checkpoint(folder, ARGS, random_model(ARGS, seed=71).state_dict(), tokenizer_path=tokenizer_path)
 
 
 def llama_command(*arguments: str, timeout: float = 900):
     return run_python(["-m", "llama", *map(str, arguments)], timeout=timeout)
-
-
-@pytest.fixture
-def run_main(capsys, monkeypatch):
-    """`llama ARGS...` run in this process (much faster than a new one): (exit status, stdout, stderr)."""
-    monkeypatch.setattr("warnings.showwarning", __import__("warnings").showwarning)  # main() replaces it
-
-    def run(*arguments) -> tuple[int, str, str]:
-        try:
-            status = main([str(argument) for argument in arguments])
-        except SystemExit as exit:
-            status = exit.code
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return run
 
 
 def folder_hashes(folder: Path) -> dict:

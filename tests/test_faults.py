@@ -12,7 +12,6 @@ import time
 import pytest
 
 from helpers import REPO_ROOT, random_model, small_args, write_checkpoint
-from llama.cli import main
 from llama.hf import to_hf
 
 ARGS = small_args(n_heads=8, n_kv_heads=4)
@@ -20,9 +19,8 @@ ARGS = small_args(n_heads=8, n_kv_heads=4)
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, tokenizer_path):
-    folder = write_checkpoint(tmp_path_factory.mktemp("faults") / "src", ARGS, random_model(ARGS, seed=81).state_dict())
-    (folder / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
-    return folder
+    folder = tmp_path_factory.mktemp("faults") / "src"
+    return write_checkpoint(folder, ARGS, random_model(ARGS, seed=81).state_dict(), tokenizer_path=tokenizer_path)
 
 
 def hashes(folder):
@@ -31,18 +29,6 @@ def hashes(folder):
 
 def leftovers(folder):
     return sorted(path.name for path in folder.iterdir() if ".tmp-" in path.name or ".old-" in path.name)
-
-
-@pytest.fixture
-def run_main(capsys, monkeypatch):
-    monkeypatch.setattr("warnings.showwarning", __import__("warnings").showwarning)
-
-    def run(*arguments):
-        status = main([str(argument) for argument in arguments])
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return run
 
 
 def start_slow_write(tmp_path, command):

@@ -23,8 +23,9 @@ def to_hf_rotary_layout(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight[order]
 
 
-def hf_config(args):
-    return transformers.LlamaConfig(
+def hf_config(args, **overrides):
+    """transformers' configuration of `args`, written from its documented fields (with `overrides`)."""
+    settings = dict(
         vocab_size=args.vocab_size,
         hidden_size=args.dim,
         intermediate_size=args.ffn_hidden_dim,
@@ -36,6 +37,7 @@ def hf_config(args):
         max_position_embeddings=args.max_seq_len,
         tie_word_embeddings=False,
     )
+    return transformers.LlamaConfig(**(settings | overrides))
 
 
 def hf_state_dict(args, state):

@@ -13,6 +13,7 @@ import safetensors.torch
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_hf_equivalence import hf_config, hf_state_dict
 
 from helpers import REPO_ROOT, random_model, small_args, write_checkpoint
 from llama import Llama
@@ -135,23 +136,9 @@ def llama3_model(args, tied, seed=0):
 def hf_llama3(args, model, tied):
     """transformers' model of the same weights, its configuration written here from Hugging Face's documented
     fields rather than by the library's converter."""
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.dim,
-        intermediate_size=args.ffn_hidden_dim,
-        num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads,
-        num_key_value_heads=args.kv_heads,
-        rms_norm_eps=args.norm_eps,
-        rope_parameters={
-            "rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scaling_factor,
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
-        },
-        max_position_embeddings=131072,
-        tie_word_embeddings=tied,
-    )  # fmt: skip
-    from test_hf_equivalence import hf_state_dict
-
+    rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scaling_factor,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+    config = hf_config(args, rope_parameters=rope, max_position_embeddings=131072, tie_word_embeddings=tied)
     state = hf_state_dict(args, model.state_dict())
     if tied:
         del state["lm_head.weight"]
