@@ -2,10 +2,8 @@
 streamed or not. Every method is a thin collector over one generator, `generate_steps`, which runs the
 decoding loop (llama.decoding) batch after batch."""
 
-import contextlib
 import inspect
 import sys
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional, TypedDict, Union
@@ -21,6 +19,7 @@ from llama.model import Transformer
 from llama.prompts import check_token_prompts, encode_dialogs, encode_prompts
 from llama.sampling import SamplingParams
 from llama.tokenizer import Tokenizer
+from llama.turns import Turns
 from llama.values import whole_number
 
 
@@ -34,39 +33,6 @@ class ChatPrediction(TypedDict, total=False):
     generation: Message
     tokens: list[str]
     logprobs: list[float]
-
-
-class _Turns:
-    """A Llama's key/value cache (and the step its CUDA graphs queue) serves one generation at a time. Calls
-    from several threads wait for their turn; a stream holds the turn from its first step until it ends or is
-    closed, and a call that would have to wait for a stream, which may never be read to its end, raises
-    RuntimeError instead, as does a call from the thread that holds the turn."""
-
-    def __init__(self):
-        self.condition = threading.Condition()
-        self.holder: Optional[tuple[str, int]] = None  # ("stream" or "call", thread id)
-
-    @contextlib.contextmanager
-    def turn(self, streaming: bool) -> Iterator[None]:
-        thread = threading.get_ident()
-        with self.condition:
-            while self.holder is not None:
-                kind, holder_thread = self.holder
-                if kind == "stream" or holder_thread == thread:
-                    raise RuntimeError(
-                        "this Llama is in the middle of another generation"
-                        + (" (a stream not read to its end)" if kind == "stream" else "")
-                        + ": its key/value cache serves one at a time. Read the stream to its end or call its "
-                        "close() first, or build a second Llama for generations that run side by side"
-                    )
-                self.condition.wait()
-            self.holder = ("stream" if streaming else "call", thread)
-        try:
-            yield
-        finally:
-            with self.condition:
-                self.holder = None
-                self.condition.notify()
 
 
 class Llama:
@@ -131,7 +97,7 @@ class Llama:
         # A private generator: sampling is reproducible without touching the caller's global RNG state, and
         # every rank, seeded alike and seeing the same logits, draws the same tokens.
         self.generator = torch.Generator(device=self.device).manual_seed(whole_number(seed, "seed", minimum=None))
-        self._turns = _Turns()
+        self._turns = Turns()
 
     # ---- public API ----------------------------------------------------------------------------------------
 
