@@ -298,13 +298,23 @@ class Transformer(nn.Module):
         # chunked prefill right); without it, the new tokens up to itself.
         key_positions = positions if cache_len is None else torch.arange(cache_len, device=h.device)
         mask = attention_mask(positions, key_positions, h.dtype) if masked else None  # (seqlen, context_len)
-        for layer in self.layers:
-            h = layer(h, freqs_cis, mask, positions, cache_len)
+        h = self.run_layers(h, freqs_cis, mask, positions, cache_len)
         if last_only:
             # The output layer is a vocab x dim product per position (in a small model, as much as three or
             # four blocks): for a long prompt, skipping it at every position but the last saves much of the prefill.
             h = h[:, -1:]
         return self.output(self.norm(h)).float()  # (bs, seqlen, vocab), or (bs, 1, vocab)
+
+    def run_layers(
+        self, h: Tensor, freqs_cis: Tensor, mask: Optional[Tensor], positions: Tensor, cache_len: Optional[int]
+    ) -> Tensor:
+        """The embedded tokens h (bs, seqlen, dim) through the blocks in order; the other arguments are those
+        every block takes. The one place for a subclass to try an idea on how the blocks are wired or what they
+        read (an absolute position added to h, blocks reading earlier blocks' outputs): see
+        docs/architecture.md, "Trying an idea"."""
+        for layer in self.layers:
+            h = layer(h, freqs_cis, mask, positions, cache_len)
+        return h
 
     def _rotary_table(self, device: Optional[torch.device]) -> Tensor:
         params = self.params

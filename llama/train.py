@@ -178,6 +178,28 @@ def unigram_nll(train_tokens: torch.Tensor, val_tokens: torch.Tensor, vocab_size
     return -log_probs[val_tokens].sum().item()
 
 
+def train_step(
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    lr: float,
+    grad_clip: float,
+) -> float:
+    """One optimizer step at learning rate `lr` on a batch of inputs and targets (batch, seq_len) on the model's
+    device; returns the batch's mean cross-entropy (nats per token) before the step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    logits = model(inputs, use_cache=False)  # (batch, seq_len, vocab)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    # Clipping the global norm keeps one unlucky batch from undoing what warm-up protected.
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
 def train_steps(
     model: Transformer,
     optimizer: torch.optim.Optimizer,
@@ -204,17 +226,8 @@ def train_steps(
     recent_losses = []
     for step in range(config.steps):
         lr = learning_rate_at(step, config.steps, config.warmup_steps, config.learning_rate, config.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         inputs, targets = sample_batch(data.train_tokens, config.batch_size, config.max_seq_len, data.bos_id, batches)
-        logits = model(inputs.to(device), use_cache=False)  # (batch, seq_len, vocab)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # Clipping the global norm keeps one unlucky batch from undoing what warm-up protected.
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        recent_losses.append(loss.item())
+        recent_losses.append(train_step(model, optimizer, inputs.to(device), targets.to(device), lr, config.grad_clip))
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             now = time.perf_counter()
