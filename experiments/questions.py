@@ -2,6 +2,7 @@
 figures it measures on each trained model beyond the validation loss."""
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from experiments.variants import (
     with_activation_before_wo,
     with_fixed_norm_weights,
 )
+from llama.args import ModelArgs
 from llama.convert import fold_norm_weights
 from llama.data import TrainingData
 from llama.model import RMSNorm, Transformer
@@ -81,10 +83,10 @@ DEPTH_ATTENTION = Experiment(
 )
 
 
-def key_value_heads(queries_per_head: int):
+def key_value_heads(queries_per_head: int) -> Callable[[ModelArgs], Transformer]:
     """Build a model whose query heads share key/value heads in groups of queries_per_head (0: one for all)."""
 
-    def build(args):
+    def build(args: ModelArgs) -> Transformer:
         kv_heads = 1 if queries_per_head == 0 else args.n_heads // queries_per_head
         return Transformer(dataclasses.replace(args, n_kv_heads=kv_heads))
 

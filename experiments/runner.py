@@ -72,7 +72,9 @@ def build_arm(experiment: Experiment, arm: Arm, config: TrainConfig) -> Transfor
         return arm.build(args).train()
 
 
-def validation_loss(model: Transformer, data: TrainingData, seq_len: int, batch_size: int, windows=None) -> float:
+def validation_loss(
+    model: Transformer, data: TrainingData, seq_len: int, batch_size: int, windows: Optional[int] = None
+) -> float:
     """Mean nats per token over the validation windows (all of them, or the first `windows`)."""
     was_training = model.training
     model.eval()

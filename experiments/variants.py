@@ -3,7 +3,7 @@ frozen parameters for changes inside a block, subclasses of `Transformer` overri
 in how the blocks are wired or what they read. `llama/model.py` itself stays the reference model."""
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +59,9 @@ class NoPositionTransformer(Transformer):
     """No positional encoding at all (NoPE): every rotation is by angle 0, the identity, so attention sees
     only which tokens come before (the causal mask), never how far back they are."""
 
-    def run_layers(self, h: Tensor, freqs_cis: Tensor, mask, positions: Tensor, cache_len) -> Tensor:
+    def run_layers(
+        self, h: Tensor, freqs_cis: Tensor, mask: Optional[Tensor], positions: Tensor, cache_len: Optional[int]
+    ) -> Tensor:
         return super().run_layers(h, torch.ones_like(freqs_cis), mask, positions, cache_len)
 
 
@@ -73,7 +75,9 @@ class LearnedPositionTransformer(NoPositionTransformer):
         self.pos_embeddings = nn.Embedding(params.max_seq_len, params.dim)
         nn.init.normal_(self.pos_embeddings.weight, mean=0.0, std=0.02)  # as the token embedding
 
-    def run_layers(self, h: Tensor, freqs_cis: Tensor, mask, positions: Tensor, cache_len) -> Tensor:
+    def run_layers(
+        self, h: Tensor, freqs_cis: Tensor, mask: Optional[Tensor], positions: Tensor, cache_len: Optional[int]
+    ) -> Tensor:
         return super().run_layers(h + self.pos_embeddings(positions), freqs_cis, mask, positions, cache_len)
 
 
@@ -89,7 +93,9 @@ class DepthMixTransformer(Transformer):
         super().__init__(params)
         self.mixes = nn.ModuleList(self.make_mix(n_sources) for n_sources in range(2, params.n_layers + 2))
 
-    def run_layers(self, h: Tensor, freqs_cis: Tensor, mask, positions: Tensor, cache_len) -> Tensor:
+    def run_layers(
+        self, h: Tensor, freqs_cis: Tensor, mask: Optional[Tensor], positions: Tensor, cache_len: Optional[int]
+    ) -> Tensor:
         sources = [h]
         for layer_id, layer in enumerate(self.layers):
             x = self.mixes[layer_id - 1](torch.stack(sources)) if layer_id else h
