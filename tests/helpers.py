@@ -149,3 +149,50 @@ def run_torchrun(nproc: int, args: list[str], timeout: float = 900) -> subproces
     return run_python(
         ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args], timeout=timeout
     )
+
+
+def written_out_logits(args: ModelArgs, state: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """The logits of a Llama decoder for `tokens` (batch, seqlen) at positions 0.., written out from the published
+    formulas in float64 with none of the library's code: RMSNorm x / sqrt(mean(x^2) + norm_eps) * weight; rotary
+    embeddings as real 2x2 rotations of channel pairs (2i, 2i+1) by t * rope_theta^(-2i/head_dim); attention as
+    softmax(q k^T / sqrt(head_dim)) under a causal mask, query head h reading key/value head h // n_rep, one head
+    at a time; SwiGLU w2(silu(w1 x) * w3 x); pre-norm residual blocks. Llama 3.1's rotary scaling is not
+    written out here."""
+    assert not args.use_scaled_rope, "the written-out forward has no rotary scaling"
+    weights = {name: tensor.double() for name, tensor in state.items()}
+    bsz, seqlen = tokens.shape
+    head_dim, kv_heads = args.dim // args.n_heads, args.n_kv_heads or args.n_heads
+    n_rep = args.n_heads // kv_heads
+
+    def norm(x, weight):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + args.norm_eps) * weight
+
+    exponents = torch.arange(head_dim // 2, dtype=torch.float64) * 2 / head_dim
+    angles = torch.arange(seqlen, dtype=torch.float64)[:, None] * args.rope_theta**-exponents  # (seqlen, head_dim/2)
+    cos, sin = torch.cos(angles)[None, :, None, :], torch.sin(angles)[None, :, None, :]
+
+    def rotate(x):  # (bsz, seqlen, heads, head_dim)
+        even, odd = x[..., 0::2], x[..., 1::2]
+        rotated = torch.empty_like(x)
+        rotated[..., 0::2] = even * cos - odd * sin
+        rotated[..., 1::2] = even * sin + odd * cos
+        return rotated
+
+    causal = torch.full((seqlen, seqlen), float("-inf"), dtype=torch.float64).triu(1)
+    h = weights["tok_embeddings.weight"][tokens]  # (bsz, seqlen, dim)
+    for layer in range(args.n_layers):
+        w = {name.split(".", 2)[2]: tensor for name, tensor in weights.items() if name.startswith(f"layers.{layer}.")}
+        x = norm(h, w["attention_norm.weight"])
+        q = rotate((x @ w["attention.wq.weight"].T).view(bsz, seqlen, args.n_heads, head_dim))
+        k = rotate((x @ w["attention.wk.weight"].T).view(bsz, seqlen, kv_heads, head_dim))
+        v = (x @ w["attention.wv.weight"].T).view(bsz, seqlen, kv_heads, head_dim)
+        heads = []
+        for head in range(args.n_heads):
+            kv = head // n_rep
+            scores = q[:, :, head] @ k[:, :, kv].transpose(1, 2) / head_dim**0.5 + causal  # (bsz, seqlen, seqlen)
+            heads.append(torch.softmax(scores, dim=-1) @ v[:, :, kv])  # (bsz, seqlen, head_dim)
+        h = h + torch.cat(heads, dim=-1) @ w["attention.wo.weight"].T
+        x = norm(h, w["ffn_norm.weight"])
+        gate, up = x @ w["feed_forward.w1.weight"].T, x @ w["feed_forward.w3.weight"].T
+        h = h + (gate * torch.sigmoid(gate) * up) @ w["feed_forward.w2.weight"].T
+    return norm(h, weights["norm.weight"]) @ weights["output.weight"].T  # (bsz, seqlen, vocab)

@@ -5,6 +5,7 @@ error. Meta's layout is checked against helpers.split_state_dict, an independent
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 import warnings
@@ -20,8 +21,9 @@ from llama.hf import from_hf, to_hf
 from llama.layout import meta_device
 from llama.shards import load_shard
 
-# 8 query heads over 4 key/value heads, FFN width 192, vocabulary 400: everything divides by 1, 2 and 4.
-ARGS = small_args(n_heads=8, n_kv_heads=4)
+# 8 query heads over 4 key/value heads, FFN width 192, vocabulary 400: everything divides by 1, 2 and 4. A norm_eps
+# far from the usual 1e-5 and 1e-6, so that a conversion that loses it changes the logits well beyond rounding.
+ARGS = small_args(n_heads=8, n_kv_heads=4, norm_eps=1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -245,18 +247,24 @@ def test_folded_norm_weights_give_the_same_logits_and_are_all_ones(tmp_path, sta
 # ---- safe writing ----------------------------------------------------------------------------------------------
 
 
-def fail_on_call(monkeypatch, module, function_name, number, error):
-    """Make module.function_name raise `error` on its `number`-th call."""
+def fail_midway(monkeypatch, module, function_name, number, error):
+    """Make the writer module.function_name(tensors, path, ...) stop with `error` on its `number`-th call halfway
+    through its file: the file is written, cut to half its length, and then the error is raised. Returns the
+    list of (path, size) of the partial file left at the moment of the error."""
     original = getattr(module, function_name)
-    calls = []
+    calls, partial = [], []
 
-    def failing(*args, **kwargs):
+    def failing(tensors, path, *args, **kwargs):
         calls.append(1)
+        original(tensors, path, *args, **kwargs)
         if len(calls) == number:
+            size = path.stat().st_size // 2
+            os.truncate(path, size)
+            partial.append((path, size))
             raise error
-        return original(*args, **kwargs)
 
     monkeypatch.setattr(module, function_name, failing)
+    return partial
 
 
 INTERRUPTIONS = [
@@ -286,9 +294,11 @@ def test_interrupted_write_leaves_the_source_untouched_and_no_destination(
     }[command]
     before = file_hashes(source)
     entries = sorted(tmp_path.iterdir())
-    fail_on_call(monkeypatch, module, function_name, number, error)
+    partial = fail_midway(monkeypatch, module, function_name, number, error)
     with pytest.raises(type(error)):
         run()
+    ((path, size),) = partial
+    assert size > 0 and ".tmp-" in path.parent.name, "the error came halfway through a file of the new folder"
     assert file_hashes(source) == before, "the source changed"
     assert sorted(tmp_path.iterdir()) == entries, "a destination or temporary folder was left behind"
 

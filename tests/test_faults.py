@@ -4,6 +4,7 @@ it); a destination that is a file, a link, the current folder or inside a file i
 
 import hashlib
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -103,6 +104,44 @@ def test_the_next_run_after_a_killed_one_removes_its_temporary_folder(tmp_path, 
         "consolidated.00.pth",
         "consolidated.01.pth",
     ]
+
+
+def limit_file_size(limit):
+    """For a child process: files it writes may not grow past `limit` bytes, a write that would is refused with
+    EFBIG (File too large) instead of the signal that would end the process."""
+
+    def preexec():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return preexec
+
+
+@pytest.mark.parametrize("command", ["reshard", "to-hf"])
+def test_a_write_the_system_refuses_midway_through_a_file_ends_in_one_line_and_leaves_no_folder(
+    tmp_path, source, command
+):
+    """The operating system stops the first weights file 50 kB in (of about 130 kB): torch's and safetensors'
+    writers fail in the middle of a file, and the command still reports one line and leaves no partial folder."""
+    weights = (source / "consolidated.00.pth").stat().st_size
+    assert weights > 100_000, "the limit falls inside the first weights file"
+    before = hashes(source)
+    destination = tmp_path / "out"
+    extra = ["--model-parallel-size", "2"] if command == "reshard" else []
+    done = subprocess.run(
+        [sys.executable, "-m", "llama", command, str(source), str(destination), *extra],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        preexec_fn=limit_file_size(50_000),
+    )
+    assert done.returncode == 1, done.stderr
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
+    first_file = "consolidated.00.pth" if command == "reshard" else "model.safetensors"
+    assert f"cannot write '{tmp_path}" in done.stderr and f"{first_file}'" in done.stderr, done.stderr
+    assert not destination.exists() and leftovers(tmp_path) == []
+    assert hashes(source) == before
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from helpers import random_model, small_args
 from llama.chat_format import UNSAFE_REQUEST_ERROR, Llama2ChatFormat
 from llama.decoding import EagerStep, completions
 from llama.generation import Llama
-from llama.sampling import SamplingParams, sample_top_p
+from llama.sampling import SamplingParams, sample, sample_top_p
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +39,15 @@ class EosAt(torch.nn.Module):
         return logits
 
 
-def greedy_without_cache(model, prompt, steps):
-    """Greedy decoding by argmax of a full forward pass over everything so far: no cache, no batching."""
+def greedy_without_cache(model, prompt, steps, forbidden):
+    """Greedy decoding by argmax of a full forward pass over everything so far, the cache neither read nor
+    written (use_cache=False), one prompt at a time; token `forbidden` is never chosen."""
     tokens = list(prompt)
     with torch.no_grad():
         for _ in range(steps):
-            tokens.append(int(model(torch.tensor([tokens]), 0)[0, -1].argmax()))
+            logits = model(torch.tensor([tokens]), 0, use_cache=False)[0, -1]
+            logits[forbidden] = float("-inf")
+            tokens.append(int(logits.argmax()))
     return tokens[len(prompt) :]
 
 
@@ -52,30 +55,36 @@ PROMPTS = [[1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 50], [1, 60, 61, 62, 63]]
 
 
 def test_greedy_generation_equals_argmax_of_full_forward_passes(generator):
-    forbid_eos = Llama(EosAt(generator.model, generator.tokenizer.eos_id, forbid=True), generator.tokenizer)
+    eos = generator.tokenizer.eos_id
+    forbid_eos = Llama(EosAt(generator.model, eos, forbid=True), generator.tokenizer)
     out, _ = forbid_eos.generate(PROMPTS, max_gen_len=10, temperature=0)
     for prompt, tokens in zip(PROMPTS, out):
-        assert tokens == greedy_without_cache(forbid_eos.model, prompt, 10)
+        assert tokens == greedy_without_cache(generator.model, prompt, 10, forbidden=eos)
 
 
 class AllLogits(torch.nn.Module):
-    """Wraps a model and always computes the logits of every position, as before `last_only` existed."""
+    """Wraps a model and computes the logits of every position, whatever `last_only` asks (recorded in `asked`)."""
 
-    def __init__(self, model):
+    def __init__(self, model, honour_last_only=False):
         super().__init__()
-        self.inner, self.params = model, model.params
+        self.inner, self.params, self.honour = model, model.params, honour_last_only
+        self.asked = []
 
     def forward(self, tokens, start_pos=0, last_only=False):
-        return self.inner(tokens, start_pos)
+        self.asked.append(last_only)
+        return self.inner(tokens, start_pos, last_only=last_only and self.honour)
 
 
 def test_generation_computing_only_last_position_logits_gives_the_tokens_of_all_logits(generator, tokenizer):
-    for temperature, logprobs in ((0, False), (1.0, False), (1.0, True)):
+    """Without logprobs every step asks for the last position only; with all positions' logits instead, the
+    tokens are the same (greedy and sampled). (With logprobs every position is computed: see the logprob tests.)"""
+    for temperature in (0, 1.0):
         # Fresh generators with the same seed: the samples are the same when the logits are.
-        last_only = Llama(generator.model, tokenizer, seed=5)
+        last_only = Llama(AllLogits(generator.model, honour_last_only=True), tokenizer, seed=5)
         everything = Llama(AllLogits(generator.model), tokenizer, seed=5)
-        expected = everything.generate(PROMPTS, 10, temperature, logprobs=logprobs, echo=True)
-        assert last_only.generate(PROMPTS, 10, temperature, logprobs=logprobs, echo=True) == expected
+        expected = everything.generate(PROMPTS, 10, temperature, echo=True)
+        assert last_only.generate(PROMPTS, 10, temperature, echo=True) == expected
+        assert all(last_only.model.asked), "every step computed only the last position"
 
 
 def test_batch_of_prompts_of_different_lengths_gives_the_same_greedy_tokens_as_each_alone(generator):
@@ -178,11 +187,22 @@ def test_max_gen_len_defaults_to_fill_the_context(generator):
     assert len(result["tokens"]) == generator.model.params.max_seq_len - prompt_len
 
 
-def test_completion_logprobs_come_with_the_text_of_each_token(generator):
-    result = generator.text_completion(["Once upon"], temperature=0.7, max_gen_len=6, logprobs=True)[0]
-    assert len(result["tokens"]) == len(result["logprobs"]) <= 6
-    assert all(isinstance(piece, str) for piece in result["tokens"])
-    assert all(value <= 0.0 for value in result["logprobs"])
+def test_completion_logprobs_are_log_softmax_of_a_full_forward_for_each_returned_token(generator, tokenizer):
+    """echo=False: each returned token comes with its text and the log-probability that a full forward pass
+    (no cache) gives it at the position that predicts it, for prompts of different lengths in one batch."""
+    model = EosAt(generator.model, tokenizer.eos_id, forbid=True)
+    prompts = ["Once upon", "The quick brown fox jumps over"]
+    results = Llama(model, tokenizer, seed=2).text_completion(prompts, temperature=0.8, max_gen_len=7, logprobs=True)
+    prompt_tokens = [tokenizer.encode(prompt, bos=True, eos=False) for prompt in prompts]
+    generated, _ = Llama(model, tokenizer, seed=2).generate(prompt_tokens, max_gen_len=7, temperature=0.8)
+    for prompt, new_tokens, result in zip(prompt_tokens, generated, results):
+        assert len(new_tokens) == 7 and result["tokens"] == [tokenizer.decode([token]) for token in new_tokens]
+        with torch.no_grad():
+            logits = generator.model(torch.tensor([prompt + new_tokens]), 0, use_cache=False)[0]
+        logits[:, tokenizer.eos_id] = float("-inf")  # as the wrapper forbids it
+        log_probs = F.log_softmax(logits, dim=-1)
+        expected = [float(log_probs[len(prompt) + i - 1, token]) for i, token in enumerate(new_tokens)]
+        torch.testing.assert_close(torch.tensor(result["logprobs"]), torch.tensor(expected), rtol=1e-4, atol=1e-4)
 
 
 def test_same_seed_gives_the_same_samples_and_leaves_the_global_rng_alone(generator, tokenizer):
@@ -193,7 +213,19 @@ def test_same_seed_gives_the_same_samples_and_leaves_the_global_rng_alone(genera
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
-# ---- nucleus sampling --------------------------------------------------------------------------------------
+# ---- temperature and nucleus sampling -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampled_frequencies_follow_softmax_of_the_logits_over_the_temperature(temperature):
+    """20,000 draws (fixed seed) land on each token as often as softmax(logits / T) says, to within 0.015 (over
+    four standard deviations); ignoring T (T = 1) would be off by 0.27 at T = 0.5 and 0.19 at T = 2."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    draws = sample(logits.repeat(20000, 1), temperature, top_p=1.0, generator=torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(draws, minlength=5).double() / len(draws)
+    expected = torch.softmax(logits[0].double() / temperature, dim=-1)
+    assert (expected - torch.softmax(logits[0].double(), dim=-1)).abs().max() > 0.15, "T changes the distribution"
+    torch.testing.assert_close(frequencies, expected, atol=0.015, rtol=0)
 
 
 def sample_frequencies(probs, p, draws=20000):

@@ -1,5 +1,7 @@
 """Claims about the architecture, each checked numerically against a second formulation of the same maths."""
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -7,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fairscale_layers
 
-from helpers import random_model, small_args
+from helpers import random_model, small_args, write_checkpoint, written_out_logits
+from llama import Llama
 from llama.layout import meta_device
 from llama.model import (
     Attention,
@@ -84,11 +87,16 @@ def test_llama_2_configurations_have_the_published_parameter_counts_and_ffn_widt
 
 
 def test_rmsnorm_divides_by_the_root_mean_square_then_scales():
+    """Inputs whose mean square is about eps, so that a norm without eps (or with another) is off by far more
+    than float32 rounding."""
     torch.manual_seed(0)
-    norm = RMSNorm(16, eps=1e-5)
+    eps = 1e-5
+    norm = RMSNorm(16, eps=eps)
     torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
-    x = torch.randn(4, 16, dtype=torch.float64)
-    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+    x = torch.randn(4, 16, dtype=torch.float64) * eps**0.5
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + eps) * norm.weight.double()
+    without_eps = x / torch.sqrt((x**2).mean(-1, keepdim=True)) * norm.weight.double()
+    assert (expected - without_eps).abs().max() > 0.1, "eps matters at this scale"
     torch.testing.assert_close(norm(x.float()).double(), expected, **TOLERANCE)
 
 
@@ -200,34 +208,21 @@ def test_value_path_is_linear_each_head_acts_through_one_dim_by_dim_matrix():
     torch.testing.assert_close(output, expected, **TOLERANCE)
 
 
-def plain_attention(query, key, value, attn_mask=None):
-    """Attention written out: softmax(q k^T / sqrt(head_dim) + mask) in float32, then the weighted values."""
-    scores = query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1])
-    if attn_mask is not None:
-        scores = scores + attn_mask
-    return F.softmax(scores.float(), dim=-1).type_as(query) @ value
-
-
-def test_fused_attention_kernel_gives_the_logits_of_the_plain_softmax_formula(monkeypatch):
-    """The model's scaled_dot_product_attention equals the formula, for a full pass, chunked prefill at
-    start_pos > 0 (explicit mask over the cached prefix) and token-by-token decoding with the cache."""
+def test_fused_attention_kernel_gives_the_logits_of_a_written_out_forward():
+    """The model (scaled_dot_product_attention, complex rotary products, F.rms_norm) gives the logits of the
+    whole network written out from the published formulas in float64 (helpers.written_out_logits: explicit
+    softmax(q k^T / sqrt(head_dim)), real rotations, one head at a time): for a full pass, for chunked prefill at
+    start_pos > 0 (mask over the cached prefix) and for token-by-token decoding with the cache."""
     args = small_args(n_heads=8, n_kv_heads=2)
     model = random_model(args, seed=8)
     tokens = torch.randint(0, args.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     chunks = [(0, 6), (6, 7), (7, 15), (15, 16), (16, 17), (17, 20)]
-
-    def passes():
-        with torch.no_grad():
-            full = model(tokens, 0)
-            chunked = torch.cat([model(tokens[:, start:end], start) for start, end in chunks], dim=1)
-        return full, chunked
-
-    fused_full, fused_chunked = passes()
-    monkeypatch.setattr(F, "scaled_dot_product_attention", plain_attention)
-    plain_full, plain_chunked = passes()
-    torch.testing.assert_close(fused_full, plain_full, **TOLERANCE)
-    torch.testing.assert_close(fused_chunked, plain_chunked, **TOLERANCE)
-    torch.testing.assert_close(fused_chunked, fused_full, **TOLERANCE)
+    expected = written_out_logits(args, model.state_dict(), tokens).float()
+    with torch.no_grad():
+        full = model(tokens, 0)
+        chunked = torch.cat([model(tokens[:, start:end], start) for start, end in chunks], dim=1)
+    torch.testing.assert_close(full, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunked, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_single_rank_linear_layers_compute_what_fairscale_computes():
@@ -269,6 +264,19 @@ def test_chunked_prefill_with_start_pos_matches_full_forward():
         chunks = [(0, 6), (6, 7), (7, 15), (15, 20)]
         chunked = torch.cat([model(tokens[:, start:end], start) for start, end in chunks], dim=1)
     torch.testing.assert_close(chunked, full, **TOLERANCE)
+
+
+def test_key_value_cache_holds_only_the_key_value_heads():
+    """With 8 query heads over 2 key/value heads, every layer caches 2 heads: a quarter of the memory of
+    caching what the query heads read."""
+    args = small_args(n_heads=8, n_kv_heads=2)
+    model = random_model(args)
+    with torch.no_grad():
+        model(torch.randint(0, args.vocab_size, (2, 9)), 0)
+    for layer in model.layers:
+        cache = layer.attention.kv_cache
+        expected = (args.max_batch_size, args.max_seq_len, args.n_kv_heads, args.head_dim)
+        assert cache.keys.shape == cache.values.shape == expected
 
 
 def test_kv_cache_update_writes_at_the_positions_and_returns_the_first_cache_len_entries():
@@ -358,6 +366,22 @@ def test_forward_beyond_the_cache_raises_a_clear_error():
         model(torch.zeros(1, 4, dtype=torch.long), 6)
     with pytest.raises(ValueError, match="max_batch_size=2"):
         model(torch.zeros(3, 1, dtype=torch.long), 0)
+
+
+def test_norm_eps_from_params_json_changes_the_logits_as_a_written_out_norm_does(tmp_path, tokenizer_path):
+    """A checkpoint whose params.json gives norm_eps=0.5 (large, so that its effect is far above rounding) loads
+    into a model whose logits are those of the written-out forward with that eps, and not those with Llama 2's."""
+    args = small_args(norm_eps=0.5)
+    state = random_model(args, seed=13).state_dict()
+    folder = write_checkpoint(tmp_path / "eps", args, state, tokenizer_path=tokenizer_path)
+    assert json.loads((folder / "params.json").read_text())["norm_eps"] == 0.5
+    model = Llama.build(folder, folder / "tokenizer.model", max_seq_len=32, max_batch_size=2, device="cpu").model
+    tokens = torch.randint(0, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(tokens, 0)
+    torch.testing.assert_close(logits, written_out_logits(args, state, tokens).float(), rtol=1e-4, atol=1e-4)
+    llama_2_eps = written_out_logits(dataclasses.replace(args, norm_eps=1e-5), state, tokens).float()
+    assert (logits - llama_2_eps).abs().max() > 0.05, "the eps changes the logits by far more than the tolerance"
 
 
 def test_model_moved_to_bfloat16_keeps_the_rotary_table_in_float32():

@@ -3,8 +3,10 @@ message; Unicode edge cases round-trip; and many generations in one process do n
 
 import gc
 import json
+import math
 import threading
 import warnings
+from typing import Optional
 
 import pytest
 import torch
@@ -12,10 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import meta_params, random_model, small_args, write_checkpoint
+from llama.chat_format import UNSAFE_REQUEST_ERROR
 from llama.cli import main
 from llama.generation import Llama
-
-DOCUMENTED = (TypeError, ValueError)
 
 
 @pytest.fixture(scope="module")
@@ -52,48 +53,218 @@ def test_lone_surrogates_fail_cleanly_naming_the_prompt(llama, text):
         llama.chat_completion([[{"role": "user", "content": text}]], max_gen_len=2)
 
 
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@FAST
-@given(
-    prompts=st.lists(st.text(max_size=40), min_size=0, max_size=5),
-    temperature=st.one_of(st.floats(allow_nan=True), st.integers(-2, 2)),
-    top_p=st.one_of(st.floats(allow_nan=True), st.just(0.9)),
-    top_k=st.one_of(st.integers(-3, 500), st.just(0)),
-    stop=st.one_of(st.none(), st.lists(st.text(max_size=4), max_size=3), st.text(max_size=3)),
-    echo=st.booleans(),
+# derandomize: the same examples on every run, so that how many reach generation is fixed too
+FAST = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-def test_random_completion_calls_raise_only_documented_errors(llama, prompts, temperature, top_p, top_k, stop, echo):
-    try:
-        results = llama.text_completion(
-            prompts, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, echo=echo, max_gen_len=3
+
+
+class Counting(torch.nn.Module):
+    """Wraps a model and counts its forward passes: a refused call must be refused before the first one."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.params, self.calls = model, model.params, 0
+
+    def forward(self, tokens, start_pos=0, last_only=False):
+        self.calls += 1
+        return self.inner(tokens, start_pos, last_only=last_only)
+
+
+@pytest.fixture(scope="module")
+def counted(llama):
+    return Llama(Counting(llama.model), llama.tokenizer)
+
+
+def refused(call, counted: Llama, expected: Optional[tuple[type, str]], runs: bool = True) -> bool:
+    """Run `call`; if `expected` is (error type, regular expression), it must raise exactly that, before any
+    forward pass; else it must run the model if `runs`, and not otherwise. Returns whether it reached generation."""
+    before = counted.model.calls
+    if expected is None:
+        call()
+        assert (counted.model.calls > before) == runs, "a valid call runs the model, unless it has nothing to run"
+        return runs
+    error_type, message = expected
+    with pytest.raises(error_type, match=message):
+        call()
+    assert counted.model.calls == before, "the error was raised where arguments enter, before any forward pass"
+    return False
+
+
+def expected_completion_error(prompts, temperature, top_p, top_k, stop, tokenizer, max_prompt_len):
+    """The documented error for these text_completion arguments, as (type, message pattern), or None: the
+    settings checked in the order of the signature, then the prompts (generation.md's table of rules)."""
+    number = (int, float)
+    if not isinstance(temperature, number) or not 0 <= temperature < math.inf:
+        return ValueError, "temperature must be a finite number >= 0"
+    if not isinstance(top_p, number) or not 0 < top_p <= 1:
+        return ValueError, r"top_p must be in \(0, 1\]"
+    if top_k < 0:
+        return ValueError, "top_k must be an integer >= 0"
+    if isinstance(stop, str):
+        return TypeError, "stop must be a list of strings"
+    if stop is not None and not all(stop):
+        return TypeError, "stop must be a list of non-empty strings"
+    if not prompts:
+        return ValueError, "no prompts given"
+    for index, prompt in enumerate(prompts):
+        if len(tokenizer.encode(prompt, bos=True, eos=False)) > max_prompt_len:
+            return ValueError, f"prompt {index} is \\d+ tokens long"
+    return None
+
+
+SOME_NUMBERS = st.one_of(st.floats(allow_nan=True), st.integers(-2, 2))
+VALID_SETTINGS = dict(
+    prompts=st.lists(st.text(max_size=16), min_size=1, max_size=4),
+    temperature=st.one_of(st.sampled_from([0, 0.7, 1.0]), st.floats(0.05, 2.0)),
+    top_p=st.floats(0.05, 1.0),
+    top_k=st.integers(0, 50),
+    stop=st.one_of(st.none(), st.lists(st.text(min_size=1, max_size=3), max_size=2)),
+)
+ANY_SETTINGS = dict(
+    prompts=st.lists(st.text(max_size=40), max_size=4),  # none, or too long
+    temperature=SOME_NUMBERS,
+    top_p=SOME_NUMBERS,
+    top_k=st.integers(-3, 500),
+    stop=st.one_of(st.lists(st.text(max_size=2), max_size=3), st.text(max_size=3)),  # empty strings, or a string
+)
+
+
+def test_random_completion_calls_raise_only_the_documented_error_before_generating(counted):
+    """Valid arguments, or valid ones with one drawn from anything: each call either generates (its texts
+    stopping before any stop sequence) or raises the one error the documentation gives for its first bad
+    argument, before any forward pass. At least a quarter of the calls reach generation."""
+    max_prompt_len = counted.model.params.max_seq_len - 1
+    reached = []
+
+    @FAST
+    @given(
+        settings=st.fixed_dictionaries(VALID_SETTINGS),
+        replaced=st.sampled_from([None, None, None, *ANY_SETTINGS]),
+        echo=st.booleans(),
+        data=st.data(),
+    )
+    def check(settings, replaced, echo, data):
+        if replaced is not None:
+            settings[replaced] = data.draw(ANY_SETTINGS[replaced], label=replaced)
+        expected = expected_completion_error(**settings, tokenizer=counted.tokenizer, max_prompt_len=max_prompt_len)
+        results = []
+        prompts, stop = settings.pop("prompts"), settings["stop"]
+        reached.append(
+            refused(
+                lambda: results.extend(counted.text_completion(prompts, **settings, echo=echo, max_gen_len=3)),
+                counted,
+                expected,
+            )
         )
-    except DOCUMENTED as error:
-        assert str(error)
-        return
-    assert len(results) == len(prompts) and all(isinstance(r["generation"], str) for r in results)
+        if results:
+            assert len(results) == len(prompts)
+            for prompt, result in zip(prompts, results):
+                generated = result["generation"][len(prompt) :] if echo else result["generation"]
+                assert not any(sequence in generated for sequence in stop or ()), (stop, generated)
+
+    check()
+    assert sum(reached) >= len(reached) / 4, f"only {sum(reached)} of {len(reached)} calls reached generation"
 
 
-message = st.fixed_dictionaries(
-    {
-        "role": st.sampled_from(["system", "user", "assistant", "bot", ""]),
-        "content": st.one_of(st.text(max_size=30), st.sampled_from(["[INST]", "<</SYS>>", "hi"]), st.integers()),
-    }
-)
-dialog = st.one_of(st.lists(message, max_size=5), st.just("not a dialog"), st.just([["nested"]]))
+CONTENT = st.one_of(*[st.text(max_size=8)] * 3, st.sampled_from(["[INST]", "<</SYS>>", "hi", "ok"]))
 
 
-@FAST
-@given(dialogs=st.lists(dialog, max_size=4))
-def test_random_chat_calls_raise_only_documented_errors(llama, dialogs):
-    try:
-        results = llama.chat_completion(dialogs, temperature=0, max_gen_len=3)
-    except DOCUMENTED as error:
-        assert str(error)
-        return
-    assert len(results) == len(dialogs)
-    assert all(r["generation"]["role"] == "assistant" and isinstance(r["generation"]["content"], str) for r in results)
+@st.composite
+def valid_dialogs(draw):
+    """An optional system message, then user/assistant exchanges, then a user message."""
+    dialog = [{"role": "system", "content": draw(CONTENT)}] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(0, 1))):
+        dialog += [{"role": "user", "content": draw(CONTENT)}, {"role": "assistant", "content": draw(CONTENT)}]
+    return dialog + [{"role": "user", "content": draw(CONTENT)}]
+
+
+@st.composite
+def broken_dialogs(draw):
+    """A valid dialog with one mistake, or something that is no dialog at all."""
+    dialog = draw(valid_dialogs())
+    index = draw(st.integers(0, len(dialog) - 1))
+    mistake = draw(st.sampled_from(["role", "content", "not a dict", "no content", "last", "nothing", "a string"]))
+    if mistake == "role":
+        dialog[index] = {"role": draw(st.sampled_from(["system", "user", "assistant", "bot", ""])), "content": "x"}
+    elif mistake == "content":
+        dialog[index] = {"role": dialog[index]["role"], "content": draw(st.one_of(st.integers(), st.none()))}
+    elif mistake == "not a dict":
+        dialog[index] = ["nested"]
+    elif mistake == "no content":
+        dialog[index] = {"role": "user"}
+    elif mistake == "last":
+        dialog = dialog[:-1]
+    return {"nothing": [], "a string": "not a dialog"}.get(mistake, dialog)
+
+
+def holds_a_tag(dialog) -> bool:
+    """Whether a message holds one of the Llama 2 format's tags (such a dialog gets the error text, unrun)."""
+    return any(tag in message["content"] for message in dialog for tag in ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"))
+
+
+def expected_chat_error(dialogs, chat_format, max_prompt_len):
+    """The documented error for these dialogs (check_dialog's rules, dialog by dialog, then each prompt's
+    length), as (type, message pattern), or None."""
+    if not dialogs:
+        return ValueError, "no dialogs given"
+    for index, dialog in enumerate(dialogs):
+        if not isinstance(dialog, list) or not dialog:
+            return ValueError, f"dialog {index} must be a non-empty list of messages"
+        for number, message in enumerate(dialog):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                return TypeError, f"dialog {index}, message {number}: expected a dict with 'role' and 'content'"
+            if not isinstance(message["content"], str):
+                return TypeError, f"dialog {index}, message {number}: content must be a str"
+        roles = [message["role"] for message in dialog]
+        turns = roles[1:] if roles[0] == "system" else roles
+        if not turns:
+            return ValueError, f"dialog {index} has only a system message"
+        if any(role != ("user" if number % 2 == 0 else "assistant") for number, role in enumerate(turns)):
+            return ValueError, f"dialog {index}: roles must go system \\(optional\\), user, assistant"
+        if turns[-1] != "user":
+            return ValueError, f"dialog {index} must end with a user message"
+    for index, dialog in enumerate(dialogs):
+        if not holds_a_tag(dialog) and len(chat_format.encode_dialog_prompt(dialog)) > max_prompt_len:
+            return ValueError, f"dialog {index} is \\d+ tokens long"
+    return None
+
+
+def test_random_dialogs_get_answers_or_the_documented_error_before_generating(counted):
+    """Valid dialogs, or with one of them broken, or none: each call either answers every dialog (those holding
+    a tag of the format with the error text) or raises the one error the documentation gives for the first
+    mistake, before any forward pass. At least a quarter of the calls reach generation."""
+    max_prompt_len = counted.model.params.max_seq_len - 1
+    reached = []
+
+    @FAST
+    @given(
+        dialogs=st.lists(valid_dialogs(), min_size=1, max_size=3),
+        broken=st.sampled_from([None, None, None, "one dialog", "none at all"]),
+        data=st.data(),
+    )
+    def check(dialogs, broken, data):
+        if broken == "one dialog":
+            dialogs[data.draw(st.integers(0, len(dialogs) - 1))] = data.draw(broken_dialogs())
+        elif broken == "none at all":
+            dialogs = []
+        expected = expected_chat_error(dialogs, counted.chat_format, max_prompt_len)
+        results = []
+        runs = expected is None and not all(map(holds_a_tag, dialogs))  # refused dialogs are not run
+        call = lambda: results.extend(counted.chat_completion(dialogs, temperature=0, max_gen_len=3))  # noqa: E731
+        reached.append(refused(call, counted, expected, runs))
+        if results:
+            assert len(results) == len(dialogs)
+            for dialog, result in zip(dialogs, results):
+                assert result["generation"]["role"] == "assistant"
+                assert (result["generation"]["content"] == UNSAFE_REQUEST_ERROR) == holds_a_tag(dialog)
+
+    check()
+    assert sum(reached) >= len(reached) / 4, f"only {sum(reached)} of {len(reached)} calls reached generation"
 
 
 def resident_bytes() -> int:

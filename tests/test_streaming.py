@@ -237,6 +237,48 @@ def test_minus_infinity_logits_only_rule_tokens_out(tokenizer):
         Llama(Forbid([]), tokenizer).generate([[1, 5]], max_gen_len=2, temperature=1.0)
 
 
+class Broken(torch.nn.Module):
+    """Wraps a model and, from absolute position `position` on (the position a logit predicts), makes row 1's
+    logits +inf at one token, or -inf at every token."""
+
+    def __init__(self, model, kind, position):
+        super().__init__()
+        self.inner, self.params, self.kind, self.position = model, model.params, kind, position
+
+    def forward(self, tokens, start_pos=0, last_only=False):
+        logits = self.inner(tokens, start_pos, last_only=last_only)
+        first = start_pos + tokens.shape[1] - logits.shape[1] + 1  # the position logits[:, 0] predicts
+        broken = logits[1, max(self.position - first, 0) :]
+        if self.kind == "+inf":
+            broken[:, 7] = float("inf")
+        else:
+            broken[:] = float("-inf")
+        return logits
+
+
+@pytest.mark.parametrize("temperature", [0, 0.8])
+@pytest.mark.parametrize("kind", ["+inf", "all -inf"])
+def test_plus_infinity_or_no_possible_token_raises_floating_point_error(tokenizer, kind, temperature):
+    """As documented: logits holding +inf, or ruling out every token, raise FloatingPointError naming the
+    sequence and the step, greedy or sampled (never a silent argmax of +inf, nor a crash inside the draw)."""
+    llama = Llama(Broken(random_model(small_args(), seed=46), kind, position=5), tokenizer)
+    with pytest.raises(FloatingPointError, match=r"sequence 1 at generation step 3 \(position 5\)"):
+        llama.generate([[1, 5, 6], [1, 8]], max_gen_len=8, temperature=temperature)
+
+
+def test_the_text_ends_before_the_earliest_of_several_stop_sequences(tokenizer):
+    """Two stop sequences that complete with the same token ("upon" and "on"): the text ends before the one that
+    starts first."""
+    llama = scripted(tokenizer, ["A"], [" Once upon a time"])
+    full = llama.text_completion(["A"], temperature=0, max_gen_len=30)[0]["generation"]
+    stops = ["upon", "on"]
+    expected = full[: min(full.find(stop) for stop in stops)]
+    assert expected == " Once "
+    assert llama.text_completion(["A"], temperature=0, max_gen_len=30, stop=stops)[0]["generation"] == expected
+    streamed, _ = collect(llama.stream_completion(["A"], temperature=0, max_gen_len=30, stop=stops), 1)
+    assert streamed == [expected]
+
+
 def test_text_stream_holds_back_what_may_still_change(tokenizer):
     ids = tokenizer.encode("a😀\n\nb", bos=False, eos=False)
     stream = TextStream(tokenizer, stop=["\n\n"])
