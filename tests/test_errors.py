@@ -331,12 +331,17 @@ def test_weights_that_are_not_floating_point_or_differ_between_shards_are_refuse
 
 def test_build_twice_in_one_process_and_caller_defaults_untouched(checkpoint, tokenizer_path):
     first = build(checkpoint, tokenizer_path)
+    before = first.text_completion(["The sea"], temperature=0, max_gen_len=4)
     second = build(checkpoint, tokenizer_path, dtype="bfloat16")
     assert torch.get_default_dtype() == torch.float32
     assert second.model.output.weight.dtype == torch.bfloat16 and second.model.output.weight.device.type == "cpu"
-    a = first.text_completion(["The sea"], temperature=0, max_gen_len=4)
-    b = second.text_completion(["The sea"], temperature=0, max_gen_len=4)
-    assert isinstance(a[0]["generation"], str) and isinstance(b[0]["generation"], str)
+    assert first.text_completion(["The sea"], temperature=0, max_gen_len=4) == before, (
+        "the second build changed the first"
+    )
+    prompt = second.tokenizer.encode("The sea", bos=True, eos=False)
+    with torch.no_grad():
+        first_token = int(second.model(torch.tensor([prompt]), 0, use_cache=False)[0, -1].argmax())
+    assert second.generate([prompt], max_gen_len=1, temperature=0)[0][0] in ([first_token], [])  # [] if it is EOS
 
 
 def test_read_model_args_overrides_apply(checkpoint):
@@ -429,4 +434,6 @@ def test_bad_token_ids_are_refused_before_reaching_the_embedding(generator):
 
 
 def test_empty_string_prompt_generates_from_bos(generator):
-    assert isinstance(generator.text_completion([""], temperature=0, max_gen_len=3)[0]["generation"], str)
+    tokens, _ = generator.generate([[generator.tokenizer.bos_id]], max_gen_len=3, temperature=0)
+    text = generator.text_completion([""], temperature=0, max_gen_len=3)[0]["generation"]
+    assert text == generator.tokenizer.decode(tokens[0])

@@ -95,7 +95,9 @@ def test_library_conversion_equals_this_files_independent_mapping_and_inverts_ex
 
 @pytest.mark.parametrize("rope_theta", [10000.0, 1000000.0])
 def test_random_gqa_model_gives_the_same_logits_as_hugging_face_llama(rope_theta):
-    args = small_args(n_layers=3, n_heads=8, n_kv_heads=2, rope_theta=rope_theta)
+    # norm_eps well above rounding at these activations (as the pretrained test's small activations make 1e-5):
+    # a model that read another eps than its settings say would give other logits than transformers.
+    args = small_args(n_layers=3, n_heads=8, n_kv_heads=2, rope_theta=rope_theta, norm_eps=1e-2)
     ours = random_model(args, seed=11)
     theirs = hf_model(args, ours.state_dict())
     tokens = torch.randint(0, args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
