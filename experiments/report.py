@@ -19,7 +19,8 @@ def mean_and_std(values: list) -> dict:
 def summarised(experiment, results: dict) -> dict:
     """The results with "summary" (per arm: seeds, parameters, mean speed, and mean and std of every final
     figure; true/false figures must hold for every seed) and "comparisons" (every loss of every arm against
-    the baseline's: difference, spread, and whether it is meaningful by SPREAD_RULE; None with a single seed)."""
+    the baseline's: difference, spread, whether it is meaningful by SPREAD_RULE (None with a single seed), and
+    the differences paired by seed) and "commits" (those the runs were made at)."""
     summary = {}
     for arm in experiment.arms:
         runs = [run for run in results["runs"] if run["arm"] == arm.name]
@@ -37,10 +38,14 @@ def summarised(experiment, results: dict) -> dict:
             "wall_seconds": sum(run["wall_seconds"] for run in runs),
             "final": figures,
         }
-    return results | {"summary": summary, "comparisons": _comparisons(experiment.arms[0].name, summary)}
+    return results | {
+        "summary": summary,
+        "comparisons": _comparisons(experiment.arms[0].name, summary, results["runs"]),
+        "commits": sorted({str(run.get("commit")) for run in results["runs"]}),
+    }
 
 
-def _comparisons(baseline: str, summary: dict) -> list:
+def _comparisons(baseline: str, summary: dict, runs: list) -> list:
     if baseline not in summary:
         return []
     comparisons = []
@@ -61,9 +66,23 @@ def _comparisons(baseline: str, summary: dict) -> list:
                     "difference": difference,
                     "spread": spread,
                     "meaningful": abs(difference) > spread if judged else None,
+                    "paired": _paired(runs, arm, baseline, name),
                 }
             )
     return comparisons
+
+
+def _paired(runs: list, arm: str, baseline: str, name: str) -> Optional[dict]:
+    """The arm's figure minus the baseline's in the same seed (same training windows, and the same initial
+    weights where the two share modules), over the seeds both have: mean, std, and in how many it is higher.
+    Much of a seed's luck is shared by both arms, so these differences scatter less than the arms do."""
+    reference = {run["seed"]: run["final"][name] for run in runs if run["arm"] == baseline}
+    differences = [
+        run["final"][name] - reference[run["seed"]] for run in runs if run["arm"] == arm and run["seed"] in reference
+    ]
+    if len(differences) < 2:
+        return None
+    return mean_and_std(differences) | {"seeds": len(differences), "higher_in": sum(item > 0 for item in differences)}
 
 
 def _number(value: float) -> str:
@@ -105,7 +124,14 @@ def _difference_cell(comparison: Optional[dict]) -> str:
     difference = f"{comparison['difference']:+.4f}"
     if comparison["meaningful"] is None:
         return f"{difference} (one seed)"
-    return f"**{difference}**" if comparison["meaningful"] else f"{difference} (within spread)"
+    cell = f"**{difference}**" if comparison["meaningful"] else f"{difference} (within spread)"
+    paired = comparison.get("paired")
+    if paired:
+        cell += (
+            f"; paired by seed {paired['mean']:+.4f} ± {paired['std']:.4f}, higher in {paired['higher_in']} of "
+            f"{paired['seeds']}"
+        )
+    return cell
 
 
 def plot(results: dict, path: Path) -> Optional[Path]:

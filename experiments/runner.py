@@ -144,6 +144,7 @@ def run_experiment(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{experiment.name}.json"
     results = _fresh_results(experiment, data, budget)
+    commit = _commit()
     kept = _previous_runs(path, results)
     if kept:
         log(f"{experiment.name}: keeping {len(kept)} finished runs from {path}")
@@ -152,7 +153,7 @@ def run_experiment(
         for arm in experiment.arms:
             if any(run["arm"] == arm.name and run["seed"] == seed for run in kept):
                 continue
-            run = run_arm(experiment, arm, data, budget, seed)
+            run = run_arm(experiment, arm, data, budget, seed) | {"commit": commit}
             results["runs"].append(run)
             log(
                 f"{experiment.name} | {arm.name} | seed {seed}: validation loss {run['final']['val_loss']:.4f} "
@@ -177,18 +178,19 @@ def _fresh_results(experiment: Experiment, data: TrainingData, budget: TrainConf
         "val_tokens": len(data.val_tokens),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "commit": _commit(),
     }
 
 
 def _previous_runs(path: Path, fresh: dict) -> list:
-    """The runs of an earlier results file made with the same settings, text and arms; none otherwise."""
+    """The runs of an earlier results file made with the same settings, text and arms, each with the commit it
+    was made at; none otherwise."""
     try:
         previous = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return []
     same = all(previous.get(key) == fresh[key] for key in ("settings", "context_multiple", "text_sha256", "arms"))
-    return previous.get("runs", []) if same else []
+    # Files written before runs recorded their own commit named one for all of them.
+    return [{"commit": previous.get("commit")} | run for run in previous.get("runs", [])] if same else []
 
 
 def _write_json(path: Path, results: dict) -> None:

@@ -239,3 +239,5 @@ def test_a_difference_within_the_seeds_spread_is_not_called_meaningful():
     comparisons = {item["arm"]: item for item in summarised(experiment, {"runs": runs})["comparisons"]}
     assert comparisons["b"]["meaningful"] is False and comparisons["c"]["meaningful"] is True
     assert comparisons["c"]["difference"] == pytest.approx(1.51 - 2.1)
+    assert comparisons["b"]["paired"]["higher_in"] == 2, "b is above a in both seeds, paired by seed"
+    assert comparisons["b"]["paired"]["mean"] == pytest.approx(0.1)
