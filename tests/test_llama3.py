@@ -4,6 +4,7 @@ at the end of a turn; Llama 3.1's scaled rotary frequencies follow the published
 models give Hugging Face's logits, and their checkpoints go to Hugging Face's layout and back bit for bit, tied
 embeddings, rotary scaling and tokenizer included."""
 
+import base64
 import json
 import math
 import shutil
@@ -82,6 +83,38 @@ def test_special_token_text_in_content_stays_text(llama3_tokenizer):
 def test_the_llama_3_chat_format_is_metas_token_for_token(llama3_tokenizer):
     dialog = [{"role": "system", "content": SENTENCE}, {"role": "user", "content": " This is a response. "}]
     assert Llama3ChatFormat(llama3_tokenizer).encode_dialog_prompt(dialog) == DIALOG_IDS
+
+
+@pytest.fixture(scope="module")
+def byte_tiktoken_tokenizer(tmp_path_factory):
+    """A tiktoken model file written here (no merges: the 256 bytes are the tokens), so that the Llama 3 format
+    is checked without Meta's tokenizer; the library takes it for a Llama 3 tokenizer, as it does Meta's."""
+    path = tmp_path_factory.mktemp("tiktoken") / "tokenizer.model"
+    path.write_text("".join(f"{base64.b64encode(bytes([byte])).decode()} {byte}\n" for byte in range(256)))
+    tokenizer = Tokenizer(path)
+    assert isinstance(tokenizer, TiktokenTokenizer) and tokenizer.n_words == 256 + 256
+    return tokenizer
+
+
+def test_the_llama_3_chat_format_is_metas_prompt_text_on_a_generated_tokenizer(byte_tiktoken_tokenizer):
+    """The prompt tokens are tiktoken's encoding of the prompt as Meta documents it, written out as text with its
+    special tokens (contents stripped, an open assistant header at the end)."""
+    dialog = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": " This is a response. "},
+        {"role": "assistant", "content": "Fine."},
+        {"role": "user", "content": "And now?"},
+    ]
+    text = (
+        "<|begin_of_text|>"
+        "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nThis is a response.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nFine.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nAnd now?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    expected = byte_tiktoken_tokenizer.model.encode(text, allowed_special="all")
+    assert Llama3ChatFormat(byte_tiktoken_tokenizer).encode_dialog_prompt(dialog) == expected
 
 
 # ---- rotary scaling ----------------------------------------------------------------------------------------------

@@ -4,13 +4,15 @@
     python tools/mutate.py --list        # the mutations and the tests that should catch each, nothing run
     python tools/mutate.py --only NAME   # the mutations whose name contains NAME
     python tools/mutate.py --jobs 1      # one mutation at a time (default: two, each in its own copy)
+    python tools/mutate.py --commit HEAD # the committed source, not the working tree
 
-The repository's llama/ and tests/ (as they are in the working tree) are copied to temporary folders, and the
-source tree is never changed. The copy's tests run once unchanged (they must pass, or the check stops); then for
-each mutation one file of a copy is changed, the tests chosen for that mutation run against it (`pytest -x`,
-with the copy first on the Python path), and the file is put back. A mutation is caught when a test fails (or
-hangs past the time limit). One line per mutation, and last `N of M mutations caught`; the exit status is 0 when
-every mutation was caught.
+The repository's llama/ and tests/ (as they are in the working tree, or in a commit) are copied to temporary
+folders, and the source tree is never changed. The copy's tests run once unchanged (they must pass, or the
+check stops); then for each mutation one file of a copy is changed, the tests chosen for that mutation run
+against it (`pytest -x`, with the copy first on the Python path), and the file is put back. A mutation is caught
+when a test fails (or hangs past the time limit); tests that skip (the copy has no ../shared beside it) catch
+nothing, and say so. One line per mutation, and last `N of M mutations caught`; the exit status is 0 when every
+mutation was caught.
 
 A mutation listed with a `harmless` reason cannot change anything a caller observes; it is run and reported, and
 not counted. Not part of CI: it reruns tests many times over.
@@ -456,7 +458,7 @@ MUTATIONS = (
         "Llama 3 chat: no open assistant header at the end of the prompt",
         "llama/chat_format.py",
         (('return tokens + self._header("assistant")', "return tokens"),),
-        ("tests/test_llama3.py::test_the_llama_3_chat_format_is_metas_token_for_token",),
+        ("tests/test_llama3.py::test_the_llama_3_chat_format_is_metas_prompt_text_on_a_generated_tokenizer",),
     ),
     Mutation(
         "trimming a long dialog drops the oldest user message but keeps its answer",
@@ -467,7 +469,13 @@ MUTATIONS = (
 )
 
 
-def copy_repository(destination: Path) -> None:
+def copy_repository(destination: Path, commit: Optional[str] = None) -> None:
+    """Copy llama/, tests/ and the files the tests read into `destination`: from the working tree, or as they
+    are in `commit`."""
+    if commit is not None:
+        archive = subprocess.run(["git", "archive", commit, *COPIED], cwd=REPO_ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(destination)], input=archive.stdout, check=True)
+        return
     for name in COPIED:
         source = REPO_ROOT / name
         if source.is_dir():
@@ -477,19 +485,22 @@ def copy_repository(destination: Path) -> None:
 
 
 def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[str, str]:
-    """Run `tests` in the copy: ("passed" | "failed" | "timeout" | "error", the first failure's line)."""
+    """Run `tests` in the copy: ("passed" | "skipped" | "failed" | "timeout" | "error", the first failure's line
+    or the skip's reason). "skipped": they passed, but some were skipped (a test that did not run catches
+    nothing)."""
     # The copy first on the path: its llama is imported, not the installed (editable) one of the repository.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(copy), os.environ.get("PYTHONPATH")])))
     env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *tests]
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-rs", "-p", "no:cacheprovider", "-W", "ignore", *tests]
     try:
         done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         return "timeout", f"no result within {TIMEOUT} s"
     lines = done.stdout.splitlines()
     failure = next((line for line in lines if line.startswith(("FAILED", "ERROR"))), "")
+    skipped = next((line for line in lines if line.startswith("SKIPPED")), "")
     if done.returncode == 0:
-        return "passed", ""
+        return ("skipped", skipped) if skipped else ("passed", "")
     if done.returncode == 1:
         return "failed", failure
     return "error", failure or (lines[-1] if lines else done.stderr.strip()[-300:])
@@ -535,7 +546,9 @@ def report(mutation: Mutation, outcome: str, detail: str, seconds: float) -> Opt
         print(f"{verdict:11}  {mutation.name} ({seconds:.0f} s): {mutation.harmless}", flush=True)
         return None
     caught = outcome in ("failed", "timeout")
-    verdict = {"failed": "caught", "timeout": "caught", "passed": "SURVIVED"}.get(outcome, outcome.upper())
+    verdict = {"failed": "caught", "timeout": "caught", "passed": "SURVIVED", "skipped": "SKIPPED"}.get(
+        outcome, outcome.upper()
+    )
     print(f"{verdict:11}  {mutation.name} ({seconds:.0f} s): {detail[:140]}", flush=True)
     return caught
 
@@ -545,6 +558,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutations and their tests; run nothing")
     parser.add_argument("--only", default="", help="run only the mutations whose name contains this text")
     parser.add_argument("--jobs", type=int, default=2, help="mutations tested at once, each in its own copy (2)")
+    parser.add_argument("--commit", help="test the source as committed there (default: the working tree)")
     options = parser.parse_args(argv)
     mutations = [mutation for mutation in MUTATIONS if options.only in mutation.name]
     if options.list:
@@ -558,12 +572,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         for number in range(max(options.jobs, 1)):
             copy = Path(folder) / f"repo-{number}"
             copy.mkdir()
-            copy_repository(copy)
+            copy_repository(copy, options.commit)
             copies.put(copy)
         baseline = tuple(dict.fromkeys(test for mutation in mutations for test in mutation.tests))
         outcome, detail = run_tests(copies.queue[0], baseline)
-        if outcome != "passed":
-            print(f"the tests fail without any mutation, so nothing can be learned: {outcome} {detail}")
+        if outcome != "passed":  # a test that fails, or is skipped, already, proves nothing about a mutation
+            print(f"without any mutation the tests are not all passing, so nothing can be learned: {outcome} {detail}")
             return 2
         print(f"baseline: {len(baseline)} tests pass on the unchanged copy ({time.monotonic() - started:.0f} s)")
         with ThreadPoolExecutor(max_workers=copies.qsize()) as pool:
