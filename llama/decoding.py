@@ -160,11 +160,13 @@ class Batch:
 
 
 def _check_logprobs(logprobs: list[float], start: int, end: int, row: int) -> None:
-    """FloatingPointError if a returned logprob is NaN: the logits that gave it were (as in generation)."""
+    """FloatingPointError if a returned logprob is NaN: the logits that gave it held NaN or +inf, or ruled out
+    every token (log_softmax gives NaN for each), which generation reports as well."""
     position = next((position for position in range(start, end) if math.isnan(logprobs[position])), None)
     if position is not None:
         raise FloatingPointError(
-            f"the model's logits for sequence {row} at position {position - 1} hold NaN (the logprob of the token "
+            f"the model's logits for sequence {row} at position {position - 1} hold NaN or +inf, or rule out every "
+            f"token (the logprob of the token "
             f"at position {position} is NaN): the weights hold inf/nan or the dtype overflowed "
             f"(float16 overflows most easily; try bfloat16 or float32)"
         )

@@ -266,6 +266,18 @@ def test_plus_infinity_or_no_possible_token_raises_floating_point_error(tokenize
         llama.generate([[1, 5, 6], [1, 8]], max_gen_len=8, temperature=temperature)
 
 
+@pytest.mark.parametrize("kind", ["+inf", "all -inf"])
+def test_scoring_with_plus_infinity_or_no_possible_token_raises_like_generation(tokenizer, kind):
+    """Prompts that fill the context are only scored: logits holding +inf, or ruling out every token, raise
+    FloatingPointError naming the sequence and the position, and the message says which kinds of logits do."""
+    model = Broken(random_model(small_args(max_seq_len=12), seed=47), kind, position=5)
+    prompts = [[1, *range(20, 31)], [1, *range(40, 51)]]
+    with pytest.raises(
+        FloatingPointError, match=r"sequence 1 at position 4 hold NaN or \+inf, or rule out every token"
+    ):
+        Llama(model, tokenizer).generate(prompts, max_gen_len=4, logprobs=True, echo=True)
+
+
 def test_the_text_ends_before_the_earliest_of_several_stop_sequences(tokenizer):
     """Two stop sequences that complete with the same token ("upon" and "on"): the text ends before the one that
     starts first."""
