@@ -491,7 +491,7 @@ def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[str, str]:
     # The copy first on the path: its llama is imported, not the installed (editable) one of the repository.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(copy), os.environ.get("PYTHONPATH")])))
     env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-rs", "-p", "no:cacheprovider", "-W", "ignore", *tests]
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-rfEs", "-p", "no:cacheprovider", "-W", "ignore", *tests]
     try:
         done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
