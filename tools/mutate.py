@@ -22,6 +22,7 @@ import argparse
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -567,6 +568,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{mutation.name}{note}\n    {mutation.path}: {', '.join(t.split('::')[-1] for t in mutation.tests)}")
         return 0
     started = time.monotonic()
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))  # the copies are removed
     with tempfile.TemporaryDirectory(prefix="llama-mutate-") as folder:
         copies: queue.Queue[Path] = queue.Queue()
         for number in range(max(options.jobs, 1)):
