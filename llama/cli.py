@@ -4,11 +4,14 @@
     llama fold-norms SRC DST
     llama to-hf SRC DST
     llama from-hf SRC DST
+    llama quantize SRC DST --bits 8|4 [--group-size N]
     llama train --text-path FILE --out-dir DST
+    llama perplexity --ckpt-dir DIR --tokenizer-path FILE --text-path FILE [--quantize int8|int4]
 
-Every command writes a new folder and never changes its source, refuses an existing destination unless given
---overwrite, prints one line naming what it wrote, and reports a mistake in one line on standard error (exit
-status 1; 2 for a malformed command line). Options may also be spelled with underscores (--model_parallel_size).
+Every command but perplexity writes a new folder and never changes its source, refuses an existing destination
+unless given --overwrite, and prints one line naming what it wrote; perplexity prints its figures. A mistake is
+reported in one line on standard error (exit status 1; 2 for a malformed command line). Options may also be
+spelled with underscores (--model_parallel_size).
 """
 
 import argparse
@@ -22,8 +25,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple, NoReturn, Optional
 
-from llama.convert import fold_norms, reshard
+from llama.convert import fold_norms, quantize, reshard
+from llama.data import read_text
+from llama.generation import Llama
 from llama.hf import from_hf, to_hf
+from llama.perplexity import text_perplexity
 from llama.train import TrainConfig, train
 
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
@@ -63,10 +69,23 @@ class Command(NamedTuple):
     run: Callable[..., object]  # the library function, called with the options as keyword arguments
     source: Optional[str]  # what SRC is; None for a command that takes no SRC and DST (it writes --out-dir)
     options: tuple[tuple[str, dict], ...] = ()  # (flag, add_argument's keyword arguments)
+    writes: bool = True  # False: the command reports a result (run returns the line to print)
 
 
 def _train(text_path: str, out_dir: str, device: Optional[str], overwrite: bool, **settings) -> None:
     train(text_path, out_dir, TrainConfig(**settings), device, overwrite)
+
+
+def _perplexity(
+    ckpt_dir: str, tokenizer_path: Optional[str], text_path: str, max_seq_len: int, stride: Optional[int], **build
+) -> str:
+    text = read_text(text_path)
+    tokenizer_path = tokenizer_path or str(Path(ckpt_dir) / "tokenizer.model")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the demo model was trained on")
+        generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, **build)
+    stride = max(1, max_seq_len // 2) if stride is None else stride
+    return str(text_perplexity(generator.model, generator.tokenizer, text, max_seq_len, stride))
 
 
 def _option(flag: str, help: str, **settings) -> tuple[str, dict]:
@@ -98,6 +117,23 @@ _MODEL_PARALLEL_SIZE = _option(
     type=int, required=True, metavar="N",
 )  # fmt: skip
 
+_QUANTIZE_OPTIONS = (
+    _option("--bits", "8: int8 with a scale per output channel; 4: int4 with a scale and zero per group",
+            type=int, required=True, metavar="N"),
+    _option("--group-size", "int4's group of input channels: 32, 64 or 128 (default 32)", type=int, metavar="N"),
+)  # fmt: skip
+_PERPLEXITY_OPTIONS = (
+    _option("--ckpt-dir", "the Meta-layout checkpoint folder", required=True, metavar="DIR"),
+    _option("--tokenizer-path", "its tokenizer.model (default: DIR/tokenizer.model)", metavar="FILE"),
+    _option("--text-path", "the UTF-8 text file to score", required=True, metavar="FILE"),
+    _option("--max-seq-len", "the window of tokens the model reads at once", type=int, default=512, metavar="N"),
+    _option("--stride", "tokens between the starts of windows (default: half the window)", type=int, metavar="N"),
+    _option("--quantize", "int8 or int4: quantize the linear layers as they load", metavar="NAME"),
+    _option("--group-size", "int4's group of input channels: 32, 64 or 128 (default 32)", type=int, metavar="N"),
+    _option("--device", "cpu or cuda (default: CUDA when available)", metavar="NAME"),
+    _option("--dtype", "float32, bfloat16 or float16 (default: float32 on the CPU)", metavar="NAME"),
+)  # fmt: skip
+
 COMMANDS = {
     "reshard": Command(
         "write a checkpoint with another number of shards", reshard, "Meta-layout checkpoint", (_MODEL_PARALLEL_SIZE,)
@@ -107,8 +143,12 @@ COMMANDS = {
         "convert a checkpoint to Hugging Face's Llama layout", to_hf, "Meta-layout checkpoint", _TO_HF_OPTIONS
     ),
     "from-hf": Command("convert a Hugging Face Llama model to Meta's layout", from_hf, "Hugging Face Llama model"),
+    "quantize": Command("quantize a checkpoint's linear layers to int8 or int4", quantize, "Meta-layout checkpoint",
+                        _QUANTIZE_OPTIONS),
     "train": Command("train a small model and its tokenizer on a text file", _train, None, _TRAIN_OPTIONS),
-}
+    "perplexity": Command("score a text file with a model: perplexity, nats per token, bits per character",
+                          _perplexity, None, _PERPLEXITY_OPTIONS, writes=False),
+}  # fmt: skip
 
 
 def _add_options(parser: argparse.ArgumentParser, command: Command) -> None:
@@ -117,6 +157,8 @@ def _add_options(parser: argparse.ArgumentParser, command: Command) -> None:
         parser.add_argument("dst", help="the folder to write; it appears only once complete")
     for flag, settings in command.options:
         parser.add_argument(flag, **settings)
+    if not command.writes:
+        return
     parser.add_argument(
         "--overwrite",
         action=argparse.BooleanOptionalAction,
@@ -125,15 +167,21 @@ def _add_options(parser: argparse.ArgumentParser, command: Command) -> None:
     )
 
 
-def _run(command: Command, options: argparse.Namespace) -> Path:
-    """Run the command with the options given; the folder it wrote."""
+def _run(command: Command, options: argparse.Namespace) -> str:
+    """Run the command with the options given; the line to print: what it found, or the folder it wrote."""
     values = {flag[2:].replace("-", "_"): None for flag, _ in command.options}
     values = {name: getattr(options, name) for name in values}
+    if not command.writes:
+        return command.run(**values)
     if command.source is None:
         command.run(**values, overwrite=options.overwrite)
-        return Path(options.out_dir)
-    command.run(options.src, options.dst, **values, overwrite=options.overwrite)
-    return Path(options.dst)
+        written = Path(options.out_dir)
+    else:
+        command.run(options.src, options.dst, **values, overwrite=options.overwrite)
+        written = Path(options.dst)
+    files = sorted(path.name for path in written.iterdir())
+    listed = ", ".join(files[:6]) + (f" and {len(files) - 6} more files" if len(files) > 6 else "")
+    return f"wrote {written}: {listed}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,7 +281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"give a command: {', '.join(COMMANDS)}")
     try:
         with _signals_interrupt():
-            written = _run(COMMANDS[options.command], options)
+            report = _run(COMMANDS[options.command], options)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -241,7 +289,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         number = interruption.signal if isinstance(interruption, Interrupted) else signal.SIGINT
         print(f"interrupted by {signal.Signals(number).name}: nothing was written", file=sys.stderr)
         return 128 + number
-    files = sorted(path.name for path in written.iterdir())
-    listed = ", ".join(files[:6]) + (f" and {len(files) - 6} more files" if len(files) > 6 else "")
-    print(f"wrote {written}: {listed}")
+    print(report)
     return 0

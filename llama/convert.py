@@ -1,15 +1,17 @@
-"""Rewriting a Meta-layout checkpoint as another one: for another number of model-parallel ranks (`reshard`), or
-with the RMSNorm weights folded into the layers they feed (`fold_norms`). Each reads its source through
-`ShardedCheckpoint`, transforms state dicts, and writes a new folder through `staged_folder`; neither changes
-its source."""
+"""Rewriting a Meta-layout checkpoint as another one: for another number of model-parallel ranks (`reshard`),
+with the RMSNorm weights folded into the layers they feed (`fold_norms`), or with its linear layers quantized
+(`quantize`). Each reads its source through `ShardedCheckpoint`, transforms state dicts, and writes a new folder
+through `staged_folder`; none changes its source."""
 
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from llama.atomic import staged_folder
-from llama.layout import PARAMS_FILE, TOKENIZER_FILE, PathLike
+from llama.layout import PARAMS_FILE, TOKENIZER_FILE, PathLike, copy_params, expected_shapes, split_dim
+from llama.quantize import check_divisible, int8_scales, is_quantized, quantization, quantize_weight, quantized_names
 from llama.shards import open_checkpoint, save_shard
 from llama.values import whole_number
 
@@ -53,6 +55,8 @@ def reshard(src: PathLike, dst: PathLike, model_parallel_size: int, overwrite: b
     src = Path(src)
     args, checkpoint = open_checkpoint(src)
     args.validate(model_parallel_size)
+    if checkpoint.scheme is not None:
+        check_divisible(expected_shapes(args), checkpoint.scheme, model_parallel_size)
     suffix = checkpoint.paths[0].suffix
     with staged_folder(dst, overwrite, source=src) as staging:
         for rank in range(model_parallel_size):
@@ -68,10 +72,50 @@ def fold_norms(src: PathLike, dst: PathLike, overwrite: bool = False) -> None:
     `src` is never changed. Raises as `open_checkpoint` and `staged_folder` do."""
     src = Path(src)
     _, checkpoint = open_checkpoint(src)
+    checkpoint.require_floating_point("folding the norm weights")
     with staged_folder(dst, overwrite, source=src) as staging:
         for path, shard in zip(checkpoint.paths, checkpoint.shards):
             save_shard(fold_norm_weights(shard), staging / path.name)
         _copy_companions(src, staging)
+
+
+def quantize(
+    src: PathLike, dst: PathLike, bits: int, group_size: Optional[int] = None, overwrite: bool = False
+) -> None:
+    """Write the floating-point Meta-layout checkpoint `src` to the new folder `dst` with every linear layer's
+    weight quantized to `bits` (8: int8 per output channel; 4: int4 in groups of `group_size` input channels,
+    default 32; see llama/quantize.py): same shard count and format, params.json recording the scheme, and
+    tokenizer.model copied. `Llama.build` loads the result quantized, on any number of ranks that keeps int4's
+    groups whole. One tensor is quantized at a time, and one output shard is held in memory. `dst` appears only
+    when complete; `src` is never changed. Raises ValueError for an unknown scheme or group size, a group size
+    that does not divide a layer's input channels, or a source that is already quantized, and as
+    `open_checkpoint` and `staged_folder` do."""
+    scheme = quantization(bits, group_size)
+    src = Path(src)
+    _, checkpoint = open_checkpoint(src)
+    if checkpoint.scheme is not None:
+        raise ValueError(
+            f"{str(src)!r} is already quantized ({checkpoint.scheme}): quantize its floating-point original instead"
+        )
+    check_divisible(checkpoint.shapes, scheme, len(checkpoint.paths))
+    with staged_folder(dst, overwrite, source=src) as staging:
+        world_size = len(checkpoint.paths)
+        for rank, path in enumerate(checkpoint.paths):
+            shard = {}
+            for name in checkpoint.shapes:
+                if not is_quantized(name):
+                    shard[name] = checkpoint.slice(name, rank, world_size)
+                    continue
+                scales = None
+                if scheme.bits == 8 and split_dim(name) == 1:  # a row's scale covers all of its columns
+                    scales = int8_scales(checkpoint.slice(name, 0, 1))
+                parts = quantize_weight(checkpoint.slice(name, rank, world_size), scheme, scales)
+                shard.update(zip(quantized_names(name, scheme), parts.values()))
+                checkpoint.release_all()
+            save_shard(shard, staging / path.name)
+        copy_params(src, staging, scheme)
+        if (src / TOKENIZER_FILE).is_file():
+            shutil.copyfile(src / TOKENIZER_FILE, staging / TOKENIZER_FILE)
 
 
 def _copy_companions(source: Path, destination: Path) -> None:

@@ -17,6 +17,7 @@ from llama.distributed import is_main_process, resolve_dtype, setup_model_parall
 from llama.loading import load_model, model_args_for
 from llama.model import Transformer
 from llama.prompts import check_token_prompts, encode_dialogs, encode_prompts
+from llama.quantize import quantization
 from llama.sampling import SamplingParams
 from llama.tokenizer import Tokenizer
 from llama.turns import Turns
@@ -48,6 +49,8 @@ class Llama:
         dtype: Union[str, torch.dtype, None] = None,
         progress: Optional[bool] = None,
         cuda_graphs: Optional[bool] = None,
+        quantize: Optional[str] = None,
+        group_size: Optional[int] = None,
     ) -> "Llama":
         """Load a Meta-layout checkpoint folder and its tokenizer, ready to generate.
 
@@ -58,24 +61,29 @@ class Llama:
         the CPU. `seed` fixes sampling (the same on every rank, so the ranks agree on every token). `progress`
         reports loading and the batches of a long run on standard error (default: when it is a terminal, on rank
         0). `cuda_graphs` records each decoding step as a CUDA graph and replays it (see llama/cuda_graphs.py;
-        default: on a CUDA device with one process). The caller's torch defaults are left alone, and build may
+        default: on a CUDA device with one process). `quantize` ("int8" or "int4", with `group_size` 32, 64 or 128
+        for int4) quantizes the linear layers' weights as they load (see llama/quantize.py), so that memory holds
+        the quantized model, never the floating-point one; a checkpoint written quantized by `python -m llama
+        quantize` loads quantized without it. The caller's torch defaults are left alone, and build may
         be called again in the same process. Raises FileNotFoundError for a missing folder, params.json, shard
         or tokenizer, and ValueError for anything that does not fit: a malformed params.json, a model-parallel
         size that does not divide the model, a corrupt shard, shards that disagree, a tensor of the wrong shape,
-        a tokenizer of another vocabulary size, or non-positive sizes.
+        a tokenizer of another vocabulary size, non-positive sizes, an unknown quantization or group size, or
+        quantize= for a checkpoint that is already quantized.
         """
         max_seq_len = whole_number(max_seq_len, "max_seq_len")
         max_batch_size = whole_number(max_batch_size, "max_batch_size")
         seed = whole_number(seed, "seed", minimum=None)
         if model_parallel_size is not None:
             model_parallel_size = whole_number(model_parallel_size, "model_parallel_size")
+        scheme = None if quantize is None and group_size is None else quantization(quantize, group_size)
         device = setup_model_parallel(model_parallel_size, device)
         dtype = resolve_dtype(dtype, device)
         tokenizer = Tokenizer(tokenizer_path)
         args = model_args_for(ckpt_dir, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         if progress is None:
             progress = sys.stderr.isatty() and is_main_process()
-        model = load_model(ckpt_dir, args, torch.distributed.get_rank(), device, dtype, progress=progress)
+        model = load_model(ckpt_dir, args, torch.distributed.get_rank(), device, dtype, progress, scheme)
         return Llama(model, tokenizer, seed, progress=progress, cuda_graphs=cuda_graphs)
 
     def __init__(

@@ -290,6 +290,7 @@ def to_hf(
     max_position_embeddings = whole_number(max_position_embeddings, "max_position_embeddings")
     max_file_bytes = whole_number(max_file_bytes, "max_file_bytes")
     args, checkpoint = open_checkpoint(src)
+    checkpoint.require_floating_point("conversion to Hugging Face's layout")
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.n_words != args.vocab_size:
         raise ValueError(

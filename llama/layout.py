@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama.args import ModelArgs
 from llama.model import Transformer
+from llama.quantize import Quantization, scheme_from_params
 
 PathLike = Union[str, Path]
 
@@ -33,6 +34,9 @@ PARAM_KEYS = (
     "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps",
     "rope_theta",
 )  # fmt: skip
+
+# The key of params.json that records how a quantized checkpoint's weights are stored (see llama/quantize.py).
+QUANTIZATION_KEY = "quantization"
 
 # Keys Meta's checkpoints may hold that are not weights of the model: the 7B shards carry the rotary table
 # (`rope.freqs`), which the model computes itself.
@@ -72,7 +76,7 @@ def read_model_args(ckpt_dir: PathLike, **overrides) -> ModelArgs:
     )
 
     known = {field.name for field in dataclasses.fields(ModelArgs)}
-    unknown = sorted(set(params) - known)
+    unknown = sorted(set(params) - known - {QUANTIZATION_KEY})
     if unknown:
         warnings.warn(
             f"{params_path}: ignoring settings this library does not know: {', '.join(unknown)}", stacklevel=2
@@ -89,6 +93,16 @@ def read_model_args(ckpt_dir: PathLike, **overrides) -> ModelArgs:
     return args
 
 
+def read_quantization(ckpt_dir: PathLike) -> Optional[Quantization]:
+    """The scheme a quantized checkpoint's params.json records, or None for a floating-point checkpoint.
+    Raises as `read_settings` does, and ValueError for a malformed entry."""
+    params_path = Path(ckpt_dir) / PARAMS_FILE
+    params = read_settings(params_path, "a Meta-layout checkpoint folder holds params.json")
+    if QUANTIZATION_KEY not in params:
+        return None
+    return scheme_from_params(params[QUANTIZATION_KEY], repr(str(params_path)))
+
+
 def write_params(folder: PathLike, args: ModelArgs) -> None:
     """Write `folder/params.json` for `args` as Meta writes it: the architecture under PARAM_KEYS, leaving out
     settings that are None (no key/value grouping, no FFN multiplier), and the rotary scaling only where it is
@@ -101,11 +115,23 @@ def write_params(folder: PathLike, args: ModelArgs) -> None:
     (Path(folder) / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
 
 
-def split_dim(name: str) -> Optional[int]:
-    """The dimension along which Meta's model-parallel shards split tensor `name`: 0 for the column-parallel
-    layers (each rank holds some output rows: wq, wk, wv, w1, w3, output), 1 for the row-parallel layers and the
-    embedding (each rank holds some input columns: wo, w2, tok_embeddings), None for tensors every rank holds
-    whole (the norms, rope.freqs)."""
+def copy_params(source: PathLike, destination: PathLike, scheme: Quantization) -> None:
+    """Copy `source/params.json` to `destination` as it is, recording the quantization `scheme`."""
+    params = read_settings(Path(source) / PARAMS_FILE, "a Meta-layout checkpoint folder holds params.json")
+    params[QUANTIZATION_KEY] = scheme.params()
+    (Path(destination) / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
+
+
+def split_dim(name: str, ndim: int = 2) -> Optional[int]:
+    """The dimension along which Meta's model-parallel shards split tensor `name` (of `ndim` dimensions): 0 for
+    the column-parallel layers (each rank holds some output rows: wq, wk, wv, w1, w3, output), 1 for the
+    row-parallel layers and the embedding (each rank holds some input columns: wo, w2, tok_embeddings), None for
+    tensors every rank holds whole (the norms, rope.freqs). A quantized layer's `scales` and `zeros` (see
+    llama/quantize.py) split as its weight does when they are per group (2-D), and with its output rows when
+    they are per output channel (1-D), so a row-parallel layer's per-channel scales are held whole."""
+    if name.endswith((".scales", ".zeros")):
+        dim = split_dim(name.rsplit(".", 1)[0] + ".weight")
+        return None if ndim == 1 and dim == 1 else dim
     if name == "output.weight" or name.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight")):
         return 0
     if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")):
@@ -115,7 +141,7 @@ def split_dim(name: str) -> Optional[int]:
 
 def unsplit_shape(name: str, local_shape: torch.Size, model_parallel_size: int) -> torch.Size:
     """The whole tensor's shape, from the shape of one rank's slice of it when split over that many ranks."""
-    dim = split_dim(name)
+    dim = split_dim(name, len(local_shape))
     if dim is None:
         return local_shape
     return local_shape[:dim] + (local_shape[dim] * model_parallel_size,) + local_shape[dim + 1 :]

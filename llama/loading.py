@@ -22,9 +22,21 @@ from llama.layout import (
     meta_device,
     parameter_count,
     read_model_args,
+    read_quantization,
     split_dim,
 )
 from llama.model import Transformer
+from llama.quantize import (
+    Quantization,
+    QuantizedLinear,
+    check_divisible,
+    int8_scales,
+    quantize_model,
+    quantize_weight,
+    quantized_bytes,
+    quantized_names,
+    quantized_shapes,
+)
 from llama.shards import ShardedCheckpoint
 from llama.tokenizer import Tokenizer
 
@@ -83,7 +95,13 @@ def model_args_for(ckpt_dir: PathLike, tokenizer: Tokenizer, max_seq_len: int, m
 
 
 def load_model(
-    ckpt_dir: PathLike, args: ModelArgs, rank: int, device: torch.device, dtype: torch.dtype, progress: bool = False
+    ckpt_dir: PathLike,
+    args: ModelArgs,
+    rank: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = False,
+    quantize: Optional[Quantization] = None,
 ) -> Transformer:
     """The Transformer for model-parallel `rank`, with its slice of the checkpoint's weights, on `device` in
     `dtype`, whatever the number of shards: each rank reads only the slices it needs from the shards that hold
@@ -94,17 +112,34 @@ def load_model(
     copied into place from the memory-mapped shards, whose pages are released as soon as they are copied, so
     host memory holds the weights about once while loading. (The parameters are copies, not the mapped file
     itself: a model that used the file's pages would crash with a bus error if the file were rewritten in
-    place.) With progress=True, a line on standard error shows the shard being read and the share of tensors
-    copied. Raises ValueError for a corrupt shard, shards that disagree, or missing, unexpected or mis-shaped
-    tensors.
+    place.) With `quantize`, each linear layer's weight is quantized as it is read (see llama/quantize.py), so
+    memory holds the quantized weights and one floating-point tensor at a time; a quantized checkpoint (its
+    params.json says so) loads quantized as it is. With progress=True, a line on standard error shows the shard
+    being read and the share of tensors copied. Raises ValueError for a corrupt shard, shards that disagree,
+    missing, unexpected or mis-shaped tensors, `quantize` given for a quantized checkpoint, or groups that do
+    not divide a rank's input channels.
     """
     world_size = fs_init.get_model_parallel_world_size()
-    check_memory(args, device, dtype, world_size, f"the model of {str(Path(ckpt_dir) / PARAMS_FILE)!r}")
-    checkpoint = ShardedCheckpoint(ckpt_dir)
+    stored = read_quantization(ckpt_dir)
+    if stored is not None and quantize is not None:
+        raise ValueError(
+            f"{str(ckpt_dir)!r} is already quantized ({stored}): load it without quantize= (quantizing again "
+            "would only lose precision), or quantize its floating-point original"
+        )
+    scheme = stored or quantize
+    check_memory(args, device, dtype, world_size, f"the model of {str(Path(ckpt_dir) / PARAMS_FILE)!r}", scheme)
+    checkpoint = ShardedCheckpoint(ckpt_dir, stored)
     check_layer_count(checkpoint.shapes, args, f"checkpoint {str(ckpt_dir)!r}")
     with meta_device():
         model = Transformer(args)
-    check_shapes(checkpoint.shapes, expected_shapes(args, model), f"checkpoint {str(ckpt_dir)!r}")
+    expected = expected_shapes(args, model)
+    check_shapes(
+        checkpoint.shapes,
+        expected if stored is None else quantized_shapes(expected, stored),
+        f"checkpoint {str(ckpt_dir)!r}",
+    )
+    if scheme is not None:
+        check_divisible(expected, scheme, world_size)
     if len(checkpoint.paths) != world_size and rank == 0:
         warnings.warn(
             f"{str(ckpt_dir)!r} has {len(checkpoint.paths)} shard(s) and this run has model-parallel size "
@@ -112,20 +147,43 @@ def load_model(
             f"To load without reslicing, make a matching copy once: {reshard_command(ckpt_dir, world_size)}",
             stacklevel=3,
         )
+    layers = quantize_model(model, scheme) if scheme is not None else []
     model = model.to(dtype=dtype).to_empty(device=device)
-    _copy_weights(model, checkpoint, rank, world_size, progress)
     for buffer in model.buffers():  # the key/value caches
         buffer.zero_()
+    loaders = [_loader(parameter, name, checkpoint, rank, world_size) for name, parameter in model.named_parameters()]
+    stored_as = scheme if stored is not None else None
+    loaders += [
+        _quantized_loader(layer, name, checkpoint, stored_as, rank, world_size, dtype) for name, layer in layers
+    ]
+    with torch.no_grad():
+        for index, load in enumerate(loaders, 1):
+            shard = checkpoint.paths[load()].name
+            if progress:
+                print(f"\rloading {shard}: {index}/{len(loaders)} tensors", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
     return model
 
 
-def check_memory(args: ModelArgs, device: torch.device, dtype: torch.dtype, world_size: int, source: str) -> None:
-    """Raise ValueError, before anything is allocated, when this process's share of the weights and the
-    key/value cache does not fit the memory available on `device` (on the CPU, shared by the processes of this
-    machine). `source` names the model in the message. Nothing is checked where the available memory cannot be
-    read."""
+def check_memory(
+    args: ModelArgs,
+    device: torch.device,
+    dtype: torch.dtype,
+    world_size: int,
+    source: str,
+    scheme: Optional[Quantization] = None,
+) -> None:
+    """Raise ValueError, before anything is allocated, when this process's share of the weights (its linear
+    layers quantized with `scheme`, if given) and the key/value cache does not fit the memory available on
+    `device` (on the CPU, shared by the processes of this machine). `source` names the model in the message.
+    Nothing is checked where the available memory cannot be read."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    weights = parameter_count(args) * itemsize // world_size
+    floating = (
+        parameter_count(args) if scheme is None else args.vocab_size * args.dim + (2 * args.n_layers + 1) * args.dim
+    )
+    weights = floating * itemsize + quantized_bytes(parameter_count(args) - floating, scheme)
+    weights //= world_size
     cache = 2 * args.n_layers * args.max_batch_size * args.max_seq_len * args.kv_heads * args.head_dim * itemsize
     cache = cache // world_size + 2 * args.max_seq_len * args.head_dim // 2 * 8  # and the complex64 rotary table
     available = _available_memory(device)
@@ -134,7 +192,8 @@ def check_memory(args: ModelArgs, device: torch.device, dtype: torch.dtype, worl
     if available is not None and weights + cache > available:
         raise ValueError(
             f"{source} needs {(weights + cache) / 1e9:,.1f} GB on {device} ({weights / 1e9:,.1f} GB of weights in "
-            f"{str(dtype).removeprefix('torch.')}, {cache / 1e9:,.1f} GB of key/value cache for max_batch_size="
+            f"{str(dtype).removeprefix('torch.')}{'' if scheme is None else f', linear layers in {scheme}'}, "
+            f"{cache / 1e9:,.1f} GB of key/value cache for max_batch_size="
             f"{args.max_batch_size} x max_seq_len={args.max_seq_len}) but {available / 1e9:,.1f} GB are available: "
             f"lower max_seq_len or max_batch_size, use a smaller dtype, or more processes"
         )
@@ -161,21 +220,52 @@ def _local_processes() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-@torch.no_grad()
-def _copy_weights(
-    model: Transformer, checkpoint: ShardedCheckpoint, rank: int, world_size: int, progress: bool
-) -> None:
-    parameters = list(model.named_parameters())
-    for index, (name, parameter) in enumerate(parameters, 1):
-        dim, start = split_dim(name) or 0, 0
-        # Each piece goes straight to its place in the parameter (no joined copy in between), and its file
-        # pages are let go as soon as it is copied.
+def _loader(parameter: torch.Tensor, name: str, checkpoint: ShardedCheckpoint, rank: int, world_size: int):
+    """Copy this rank's slice of `name` into `parameter`: each piece straight to its place (no joined copy in
+    between), its file pages let go as soon as it is copied. The loader returns the number of the last shard
+    read."""
+
+    def load() -> int:
+        dim, start = split_dim(name, parameter.dim()) or 0, 0
         for number, view in checkpoint.pieces(name, rank, world_size):
             parameter.narrow(dim, start, view.shape[dim]).copy_(view)
             start += view.shape[dim]
             checkpoint.release(name, number)
-            if progress:
-                shard = checkpoint.paths[number].name
-                print(f"\rloading {shard}: {index}/{len(parameters)} tensors", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+        return number
+
+    return load
+
+
+def _quantized_loader(
+    layer: QuantizedLinear,
+    name: str,
+    checkpoint: ShardedCheckpoint,
+    stored_as: Optional[Quantization],
+    rank: int,
+    world_size: int,
+    dtype: torch.dtype,
+):
+    """Fill the quantized `layer` with this rank's slice: read as stored (`stored_as` the checkpoint's scheme),
+    or quantized from the floating-point weight as it is read (the same values `quantize_state_dict` writes:
+    int8's per-row scales come from the whole row, also where a rank holds only some of its columns). The
+    loader returns the number of the last shard read."""
+    weight_name, scheme = f"{name}.weight", layer.scheme
+    names = quantized_names(weight_name, scheme) if stored_as is not None else [weight_name]
+
+    def load() -> int:
+        if stored_as is not None:
+            parts = {
+                key: checkpoint.slice(part, rank, world_size) for key, part in zip(("weight", "scales", "zeros"), names)
+            }
+        else:
+            scales = None
+            if scheme.bits == 8 and split_dim(weight_name) == 1 and world_size > 1:
+                scales = int8_scales(checkpoint.slice(weight_name, 0, 1))
+            parts = quantize_weight(checkpoint.slice(weight_name, rank, world_size), scheme, scales)
+        layer.load(parts, dtype)
+        for part in names:
+            for number in range(len(checkpoint.paths)):
+                checkpoint.release(part, number)
+        return checkpoint.pieces(weight_name if stored_as is None else names[0], rank, world_size)[-1][0]
+
+    return load

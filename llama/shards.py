@@ -20,8 +20,10 @@ from llama.layout import (
     check_shapes,
     expected_shapes,
     read_model_args,
+    read_quantization,
     split_dim,
 )
+from llama.quantize import Quantization, is_quantized, quantized_shapes
 
 # madvise(2), to let go of file pages already copied (see ShardedCheckpoint.release); None where unavailable.
 try:
@@ -108,11 +110,13 @@ class ShardedCheckpoint:
     tensor's unsplit shape, and `slice(name, rank, world_size)` gives any rank's part for any number of ranks,
     reading only the shards that hold it. Loading (on the fly) and `reshard` (to files) both use it."""
 
-    def __init__(self, ckpt_dir: PathLike):
-        """Open the shards of `ckpt_dir`. Raises as `find_shards` and `load_shard` do, and ValueError naming
-        the tensor and the files when the shards disagree: a tensor only some shards hold, a whole tensor whose
-        shape differs between shards, or a split tensor whose other dimensions differ."""
+    def __init__(self, ckpt_dir: PathLike, scheme: Optional[Quantization] = None):
+        """Open the shards of `ckpt_dir`, a checkpoint quantized with `scheme` if given. Raises as `find_shards`
+        and `load_shard` do, and ValueError naming the tensor and the files when the shards disagree (a tensor
+        only some shards hold, a whole tensor whose shape differs between shards, a split tensor whose other
+        dimensions differ) or a tensor has a dtype its checkpoint cannot hold."""
         self.folder = Path(ckpt_dir)
+        self.scheme = scheme
         self.paths = find_shards(self.folder)
         self.shards, self.mapped = zip(*(_read_shard(path) for path in self.paths))
         self.shapes: dict[str, torch.Size] = {}
@@ -127,7 +131,7 @@ class ShardedCheckpoint:
                 )
         for name in self.shards[0]:
             self._check_dtypes(name)
-            dim = split_dim(name)
+            dim = split_dim(name, self.shards[0][name].dim())
             shapes = [shard[name].shape for shard in self.shards]
             kept = [shape if dim is None else shape[:dim] + shape[dim + 1 :] for shape in shapes]
             for path, shape, other in zip(self.paths, shapes, kept):
@@ -145,12 +149,20 @@ class ShardedCheckpoint:
             self.shapes[name] = shapes[0][:dim] + (sum(sizes),) + shapes[0][dim + 1 :]
 
     def _check_dtypes(self, name: str) -> None:
-        """ValueError unless every shard holds tensor `name` in the same floating-point dtype: weights of another
-        kind would be silently changed by loading or resharding."""
+        """ValueError unless every shard holds tensor `name` in the same floating-point dtype (or, for the
+        weights of a quantized checkpoint, the scheme's integer dtype): weights of another kind would be silently
+        changed by loading or resharding."""
         dtypes = [shard[name].dtype for shard in self.shards]
         if name in IGNORED_KEYS:
             return
-        if not dtypes[0].is_floating_point:
+        if self.scheme is not None and is_quantized(name):
+            if dtypes[0] != self.scheme.weight_dtype():
+                raise ValueError(
+                    f"{str(self.folder)!r}: tensor {name} has dtype {str(dtypes[0]).removeprefix('torch.')} in "
+                    f"{self.paths[0].name}, but params.json says the weights are quantized as {self.scheme.name}, "
+                    f"stored as {str(self.scheme.weight_dtype()).removeprefix('torch.')}"
+                )
+        elif not dtypes[0].is_floating_point:
             raise ValueError(
                 f"{str(self.folder)!r}: tensor {name} has dtype {str(dtypes[0]).removeprefix('torch.')} in "
                 f"{self.paths[0].name}: a checkpoint's weights are floating point (float32, bfloat16, float16)"
@@ -163,12 +175,21 @@ class ShardedCheckpoint:
                     "from different checkpoints, or one was converted on its own"
                 )
 
+    def require_floating_point(self, what: str) -> None:
+        """Raise ValueError when the checkpoint is quantized: `what` (a conversion) needs its floating-point
+        weights."""
+        if self.scheme is not None:
+            raise ValueError(
+                f"{str(self.folder)!r} is quantized ({self.scheme}): {what} needs the floating-point weights; "
+                "run it on the checkpoint that was quantized"
+            )
+
     def pieces(self, name: str, rank: int, world_size: int) -> list[tuple[int, torch.Tensor]]:
         """Rank `rank`'s part of tensor `name` when the model is split over `world_size` ranks, as the views of
         the memory-mapped shards that hold it, in order: (shard number, view) pairs, to be joined along
         `split_dim(name)`. A whole tensor is one piece from shard 0. Raises ValueError if the split dimension
         does not divide by world_size."""
-        dim = split_dim(name)
+        dim = split_dim(name, len(self.shapes[name]))
         if name not in self._starts:
             return [(0, self.shards[0][name])]
         total = self.shapes[name][dim]
@@ -190,7 +211,7 @@ class ShardedCheckpoint:
         """Rank `rank`'s part of tensor `name` for `world_size` ranks as one tensor (see `pieces`): a view of
         the memory-mapped shard when one shard holds it all, else the pieces joined."""
         views = [view for _, view in self.pieces(name, rank, world_size)]
-        return views[0] if len(views) == 1 else torch.cat(views, split_dim(name))
+        return views[0] if len(views) == 1 else torch.cat(views, split_dim(name, views[0].dim()))
 
     def state_dict(self, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
         """Rank `rank`'s part of every tensor for `world_size` ranks (see `slice`); for one rank, the whole
@@ -224,11 +245,17 @@ def open_checkpoint(ckpt_dir: PathLike) -> tuple[ModelArgs, ShardedCheckpoint]:
     `read_model_args` and `ShardedCheckpoint` do, and ValueError naming a missing, unexpected or mis-shaped
     tensor."""
     args = read_model_args(ckpt_dir)
-    checkpoint = ShardedCheckpoint(ckpt_dir)
+    scheme = read_quantization(ckpt_dir)
+    checkpoint = ShardedCheckpoint(ckpt_dir, scheme)
     if args.vocab_size == -1 and "tok_embeddings.weight" in checkpoint.shapes:
         args.vocab_size = checkpoint.shapes["tok_embeddings.weight"][0]
     check_layer_count(checkpoint.shapes, args, f"checkpoint {str(ckpt_dir)!r}")
-    check_shapes(checkpoint.shapes, expected_shapes(args), f"checkpoint {str(ckpt_dir)!r}")
+    expected = expected_shapes(args)
+    check_shapes(
+        checkpoint.shapes,
+        expected if scheme is None else quantized_shapes(expected, scheme),
+        f"checkpoint {str(ckpt_dir)!r}",
+    )
     return args, checkpoint
 
 

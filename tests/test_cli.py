@@ -117,7 +117,9 @@ def test_malformed_command_lines_are_reported_in_one_line(tmp_path, checkpoint, 
         assert stderr.startswith("error: ") and "--help" in stderr
     assert not (tmp_path / "x").exists()
     status, _, stderr = run_main()
-    assert status == 2 and stderr.startswith("error: give a command: reshard, fold-norms, to-hf, from-hf, train")
+    assert status == 2 and stderr.startswith(
+        "error: give a command: reshard, fold-norms, to-hf, from-hf, quantize, train, perplexity"
+    )
 
 
 def test_warnings_are_printed_as_one_readable_line(tmp_path, checkpoint, run_main):
@@ -211,7 +213,9 @@ MINIMAL_COMMAND_LINES = {
     "fold-norms": ["fold-norms", "src", "dst"],
     "to-hf": ["to-hf", "src", "dst"],
     "from-hf": ["from-hf", "src", "dst"],
+    "quantize": ["quantize", "src", "dst", "--bits", "8"],
     "train": ["train", "--text-path", "text.txt", "--out-dir", "dst"],
+    "perplexity": ["perplexity", "--ckpt-dir", "src", "--text-path", "text.txt"],
 }
 YES, NO = [["{flag}"], ["{flag}=true"], ["{flag}=YES"], ["{flag}=1"], ["{flag}", "yes"]], [
     ["{flag}=false"], ["{flag}=no"], ["{flag}=0"], ["{flag}", "false"], ["--no-{name}"], []
@@ -251,7 +255,7 @@ def yes_no_options():
 def test_the_yes_no_options_are_found():
     assert {(program, flag) for program, _, _, flag in yes_no_options()} == {
         ("example_chat_completion.py", "--interactive"),
-        *((f"llama {name}", "--overwrite") for name in COMMANDS),
+        *((f"llama {name}", "--overwrite") for name, command in COMMANDS.items() if command.writes),
     }
 
 

@@ -1,0 +1,353 @@
+"""Weight-only quantization of the model's linear layers: int8 with one scale per output channel, or int4 with a
+scale and a zero point per group of input channels. Decoding one token reads every weight once, so its speed is
+bounded by the weights' bytes: int8 reads a quarter of float32's, int4 about an eighth.
+
+The schemes, stated once:
+
+    int8:  weight ~ q * scale,               q in [-127, 127], one float32 scale per output row
+    int4:  weight ~ (q - 8) * scale + zero,  q in [0, 15], a bfloat16 scale and zero per group of input channels
+
+Quantization is a transform of tensors and of state dicts (`quantize_weight`, `quantize_state_dict`), the same
+whether a checkpoint is quantized as it loads or written quantized to disk, so both give the same model. In a
+checkpoint, a quantized layer `X` keeps its name: `X.weight` holds q (int8, or for int4 two values per byte, the
+even input channel in the low four bits), beside `X.scales` and, for int4, `X.zeros`; the embedding and the
+norms stay in floating point. `QuantizedLinear` computes with PyTorch's weight-only kernels where they exist and
+agree with the plain formula, else by dequantizing and multiplying (the same results, slower).
+"""
+
+import contextlib
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
+from torch import Tensor, nn
+
+from llama.parallel import ColumnParallelLinear, RowParallelLinear
+from llama.values import whole_number
+
+GROUP_SIZES = (32, 64, 128)
+_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+_WEIGHTS_PER_BLOCK = 1 << 22  # quantized at a time: bounds the float32 temporaries of a large matrix
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """A weight-only scheme: 8 bits (per output channel) or 4 bits (per group of `group_size` input channels)."""
+
+    bits: int
+    group_size: Optional[int] = None  # 4 bits only
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    def __str__(self) -> str:
+        return self.name if self.bits == 8 else f"int4 in groups of {self.group_size}"
+
+    def params(self) -> dict:
+        """The scheme as params.json records it, under "quantization"."""
+        return {"bits": 8} if self.bits == 8 else {"bits": 4, "group_size": self.group_size}
+
+    def weight_dtype(self) -> torch.dtype:
+        return torch.int8 if self.bits == 8 else torch.uint8
+
+
+def quantization(bits, group_size=None) -> Quantization:
+    """The scheme for `bits` ("int8" or "int4", or 8 or 4) and, for int4, `group_size` (32, 64 or 128;
+    default 32). Raises ValueError naming the allowed values."""
+    number = None
+    if isinstance(bits, str):
+        number = {"int8": 8, "int4": 4, "8": 8, "4": 4}.get(bits.strip().lower())
+    elif not isinstance(bits, bool):
+        with contextlib.suppress(TypeError):
+            number = operator.index(bits)
+    if number not in (8, 4):
+        hint = ": group_size applies to quantize='int4'" if bits is None else ""
+        raise ValueError(f"quantize must be 'int8' or 'int4' (8 or 4 bits), got {bits!r}{hint}")
+    bits = number
+    if bits == 8:
+        if group_size is not None:
+            raise ValueError(f"int8 has one scale per output channel: group_size applies to int4, got {group_size!r}")
+        return Quantization(8)
+    group_size = 32 if group_size is None else whole_number(group_size, "group_size")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    return Quantization(4, group_size)
+
+
+def scheme_from_params(value, source: str) -> Quantization:
+    """The scheme that params.json's "quantization" entry records. Raises ValueError naming `source`."""
+    if not isinstance(value, dict) or set(value) - {"bits", "group_size"} or "bits" not in value:
+        raise ValueError(
+            f"{source}: quantization must be {{'bits': 8}} or {{'bits': 4, 'group_size': N}}, got {value!r}"
+        )
+    try:
+        return quantization(value["bits"], value.get("group_size"))
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+
+
+def is_quantized(name: str) -> bool:
+    """True for the weights a scheme quantizes: every linear layer's, `output` included; not the embedding or
+    the norms."""
+    return name == "output.weight" or (name.endswith(".weight") and name.split(".")[-2] in _LINEARS)
+
+
+# The schemes, tensor by tensor ------------------------------------------------------------------------------
+
+
+def quantize_weight(weight: Tensor, scheme: Quantization, scales: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """The quantized form of one (out_features, in_features) weight: {"weight": q, "scales": ..., and for int4
+    "zeros": ...} (see the module's docstring). For int8, `scales` may give each row's scale (for a slice of the
+    columns of a matrix whose rows were scaled whole). Rows are quantized a block at a time in float32."""
+    rows = max(1, _WEIGHTS_PER_BLOCK // max(1, weight.shape[1]))
+    blocks = [
+        _quantize_rows(weight[start : start + rows], scheme, scales, start) for start in range(0, len(weight), rows)
+    ]
+    return {key: torch.cat([block[key] for block in blocks]) for key in blocks[0]}
+
+
+def _quantize_rows(weight: Tensor, scheme: Quantization, scales: Optional[Tensor], start: int) -> dict[str, Tensor]:
+    weight = weight.float()
+    if scheme.bits == 8:
+        if scales is None:
+            scales = int8_scales(weight)
+        else:
+            scales = scales[start : start + len(weight)]
+        q = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        return {"weight": q, "scales": scales}
+    out_features, in_features = weight.shape
+    groups = weight.view(out_features, in_features // scheme.group_size, scheme.group_size)
+    low, high = groups.amin(dim=2), groups.amax(dim=2)  # (out, groups)
+    # The scale and zero are rounded to bfloat16 first, and q chosen for the rounded values.
+    scale = ((high - low) / 15).clamp_(min=torch.finfo(torch.bfloat16).tiny).to(torch.bfloat16)
+    zero = (low + 8 * scale.float()).to(torch.bfloat16)
+    q = torch.round((groups - zero.float()[..., None]) / scale.float()[..., None]) + 8
+    q = q.clamp_(0, 15).to(torch.uint8).view(out_features, in_features)
+    return {"weight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": scale, "zeros": zero}
+
+
+def int8_scales(weight: Tensor) -> Tensor:
+    """int8's scale of each row of `weight`: its largest magnitude maps to 127 (float32, (out_features,))."""
+    return (weight.float().abs().amax(dim=1) / 127).clamp_(min=torch.finfo(torch.float32).tiny)
+
+
+def dequantize_weight(parts: dict[str, Tensor], scheme: Quantization, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The (out_features, in_features) weight in `dtype` that the quantized `parts` stand for."""
+    if scheme.bits == 8:
+        return (parts["weight"].float() * parts["scales"].float()[:, None]).to(dtype)
+    packed = parts["weight"]  # (out, in / 2): the even input channel in the low bits
+    q = torch.stack([packed & 15, packed >> 4], dim=-1).view(len(packed), -1).float()  # (out, in)
+    scales = parts["scales"].float().repeat_interleave(scheme.group_size, dim=1)
+    zeros = parts["zeros"].float().repeat_interleave(scheme.group_size, dim=1)
+    return ((q - 8) * scales + zeros).to(dtype)
+
+
+def quantized_names(name: str, scheme: Quantization) -> list[str]:
+    """The names a quantized checkpoint holds for the weight `name`."""
+    return [name.removesuffix("weight") + key for key in part_shapes(torch.Size((0, 0)), scheme)]
+
+
+def part_shapes(shape: torch.Size, scheme: Quantization) -> dict[str, torch.Size]:
+    """The shapes of the quantized parts of an (out_features, in_features) weight."""
+    out_features, in_features = shape
+    if scheme.bits == 8:
+        return {"weight": torch.Size(shape), "scales": torch.Size((out_features,))}
+    groups = torch.Size((out_features, in_features // scheme.group_size))
+    return {"weight": torch.Size((out_features, in_features // 2)), "scales": groups, "zeros": groups}
+
+
+def quantized_shapes(shapes: dict[str, torch.Size], scheme: Quantization) -> dict[str, torch.Size]:
+    """The unsplit shapes of a quantized checkpoint, from those of the floating-point one."""
+    result = {}
+    for name, shape in shapes.items():
+        if not is_quantized(name):
+            result[name] = shape
+            continue
+        for key, part_shape in part_shapes(shape, scheme).items():
+            result[name.removesuffix("weight") + key] = part_shape
+    return result
+
+
+def quantized_bytes(weights: int, scheme: Optional[Quantization]) -> int:
+    """About how many bytes `weights` linear-layer weights take quantized with `scheme` (0 for None)."""
+    if scheme is None:
+        return 0
+    if scheme.bits == 8:
+        return weights
+    return weights // 2 + weights // scheme.group_size * 4  # two bfloat16 numbers per group
+
+
+def check_divisible(shapes: dict[str, torch.Size], scheme: Quantization, model_parallel_size: int = 1) -> None:
+    """Raise ValueError when a layer's input channels on one rank do not divide into whole groups of the
+    scheme (a group may not straddle two ranks' slices), naming the group size."""
+    if scheme.bits == 8:
+        return
+    for name, (_, in_features) in ((name, shape) for name, shape in shapes.items() if is_quantized(name)):
+        row_parallel = name.split(".")[-2] in ("wo", "w2")
+        per_rank = in_features // model_parallel_size if row_parallel else in_features
+        if per_rank % scheme.group_size:
+            where = f" on each of {model_parallel_size} ranks" if row_parallel and model_parallel_size > 1 else ""
+            raise ValueError(
+                f"{name} has {per_rank} input channels{where}, which do not divide into groups of "
+                f"group_size={scheme.group_size}: choose a group size that divides {per_rank}"
+                + (", or fewer ranks" if where else "")
+            )
+
+
+def quantize_state_dict(state: dict[str, Tensor], scheme: Quantization) -> dict[str, Tensor]:
+    """The state dict (whole, unsplit) with every linear layer's weight quantized (see `quantized_names`)."""
+    result = {}
+    for name, tensor in state.items():
+        if not is_quantized(name):
+            result[name] = tensor
+            continue
+        parts = quantize_weight(tensor, scheme)
+        result.update(zip(quantized_names(name, scheme), parts.values()))
+    return result
+
+
+# The layer --------------------------------------------------------------------------------------------------
+
+
+class QuantizedLinear(nn.Module):
+    """A drop-in for the model's column- and row-parallel linear layers with quantized weights: this rank's
+    slice of the weight, its scales (and zeros), and the same communication between ranks as the layer it
+    replaces. Built empty; `load` fills it with this rank's slice, in the form the chosen kernel reads."""
+
+    def __init__(self, layer: Union[ColumnParallelLinear, RowParallelLinear], scheme: Quantization):
+        super().__init__()
+        self.scheme = scheme
+        self.in_features, self.out_features = layer.weight.shape[1], layer.weight.shape[0]  # this rank's
+        self.row_parallel = isinstance(layer, RowParallelLinear) and fs_init.get_model_parallel_world_size() > 1
+        self.gather_output = isinstance(layer, ColumnParallelLinear) and layer.gather_output
+        self.kernel = "dequantize"  # which computation forward uses; set by load
+        for key, shape in part_shapes(
+            layer.weight.shape, scheme
+        ).items():  # placeholders, until load gives the values in the kernel's layout
+            dtype = scheme.weight_dtype() if key == "weight" else torch.float32
+            self.register_buffer(key, torch.empty(shape, dtype=dtype, device="meta"))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}, {self.kernel}"
+
+    @torch.no_grad()
+    def load(self, parts: dict[str, Tensor], dtype: torch.dtype, plain: bool = False) -> None:
+        """Hold this rank's quantized slice, `parts` as `quantize_weight` gives them, on the layer's device
+        (where `to_empty` put it), to compute in `dtype`: packed for PyTorch's kernel where one exists for this
+        device, dtype and shape and gives the plain formula's results (checked once per kind, on a small
+        example), else (or with plain=True) as they are, dequantized at each product."""
+        device = self.weight.device
+        self.kernel = "dequantize" if plain else _kernel_for(self.scheme, device, dtype, self.out_features)
+        parts = {key: tensor.to(device) for key, tensor in parts.items()}
+        if self.kernel != "dequantize":
+            try:
+                parts = _pack_for(self.kernel, parts, self.scheme, dtype)
+            except RuntimeError:  # a shape this kernel does not take
+                self.kernel = "dequantize"
+        if self.kernel == "dequantize":
+            parts = {key: tensor if key == "weight" else tensor.to(dtype) for key, tensor in parts.items()}
+        for key in ("weight", "scales", "zeros", "scales_and_zeros"):
+            if hasattr(self, key):
+                delattr(self, key)
+        for key, tensor in parts.items():
+            self.register_buffer(key, tensor.contiguous())
+
+    def forward(self, x: Tensor) -> Tensor:
+        product = _product(self.kernel, x, self._buffers, self.scheme)
+        if self.row_parallel:
+            return reduce_from_model_parallel_region(product)
+        if self.gather_output and fs_init.get_model_parallel_world_size() > 1:
+            return gather_from_model_parallel_region(product)
+        return product
+
+
+def _product(kernel: str, x: Tensor, parts: dict, scheme: Quantization) -> Tensor:
+    """x @ weight.T for the quantized weight `parts` held in the form `kernel` reads."""
+    rows = x.reshape(-1, x.shape[-1])  # (tokens, in_features)
+    if kernel == "int8":
+        out = torch.ops.aten._weight_int8pack_mm(rows, parts["weight"], parts["scales"])
+    elif kernel == "int4-cpu":
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            rows, parts["weight"], scheme.group_size, parts["scales_and_zeros"]
+        )
+    elif kernel == "int4-cuda":
+        out = torch.ops.aten._weight_int4pack_mm(rows, parts["weight"], scheme.group_size, parts["scales_and_zeros"])
+    else:
+        return F.linear(x, dequantize_weight(parts, scheme, x.dtype))
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _pack_for(kernel: str, parts: dict[str, Tensor], scheme: Quantization, dtype: torch.dtype) -> dict[str, Tensor]:
+    """`parts` in the layout `kernel` reads (the int4 kernels' packing is their own, and may change between
+    PyTorch releases; the checkpoint keeps the portable layout)."""
+    if kernel == "int8":
+        return {"weight": parts["weight"], "scales": parts["scales"].to(dtype)}
+    packed = parts["weight"]
+    q = torch.stack([packed & 15, packed >> 4], dim=-1).view(len(packed), -1)  # (out, in) in [0, 15]
+    scales_and_zeros = torch.stack([parts["scales"], parts["zeros"]], dim=-1).transpose(0, 1).contiguous()
+    if kernel == "int4-cpu":
+        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
+    else:  # the CUDA kernel takes its input packed with the even channel in the high bits
+        weight = torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+    return {"weight": weight, "scales_and_zeros": scales_and_zeros.to(dtype)}  # (groups, out, 2)
+
+
+_KERNELS: dict[tuple, str] = {}
+
+
+def _kernel_for(scheme: Quantization, device: torch.device, dtype: torch.dtype, out_features: int) -> str:
+    """The kernel a layer of `scheme` uses on `device` in `dtype`: PyTorch's own if it exists and gives the
+    dequantize-then-multiply results on a random example, else "dequantize". Checked once per kind."""
+    if scheme.bits == 8:
+        kernel = "int8"
+    else:
+        kernel = "int4-cuda" if device.type == "cuda" else "int4-cpu"
+        if device.type == "cuda" and dtype != torch.bfloat16:
+            return "dequantize"  # the CUDA int4 kernel computes in bfloat16 only
+        if device.type == "cpu" and out_features % 16:
+            return "dequantize"  # the CPU int4 kernel packs rows in blocks of 16
+    key = (kernel, scheme, device.type, dtype)
+    if key not in _KERNELS:
+        _KERNELS[key] = kernel if _kernel_agrees(kernel, scheme, device, dtype) else "dequantize"
+    return _KERNELS[key]
+
+
+def _kernel_agrees(kernel: str, scheme: Quantization, device: torch.device, dtype: torch.dtype) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 256, generator=generator)
+    x = torch.randn(3, 256, generator=generator).to(device, dtype)
+    parts = {key: tensor.to(device) for key, tensor in quantize_weight(weight, scheme).items()}
+    try:
+        fast = _product(kernel, x, _pack_for(kernel, parts, scheme, dtype), scheme)
+    except (RuntimeError, NotImplementedError, AttributeError):  # no such kernel in this build of PyTorch
+        return False
+    plain = F.linear(x.float(), dequantize_weight(parts, scheme))
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    agrees = torch.allclose(fast.float(), plain, rtol=tolerance, atol=tolerance * plain.abs().max().item())
+    if not agrees:
+        warnings.warn(
+            f"PyTorch's {kernel} kernel does not compute the {scheme.name} formula in this build "
+            f"(torch {torch.__version__}): dequantizing instead, with the same results, more slowly",
+            stacklevel=4,
+        )
+    return agrees
+
+
+def quantize_model(model: nn.Module, scheme: Quantization) -> list[tuple[str, QuantizedLinear]]:
+    """Swap every linear layer of `model` (built on the meta device, not yet loaded) for an empty
+    QuantizedLinear of `scheme`; the (name, layer) pairs to load, named as the checkpoint names them
+    (`layers.0.attention.wq`)."""
+    swapped = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (ColumnParallelLinear, RowParallelLinear)):
+                layer = QuantizedLinear(child, scheme)
+                setattr(parent, name, layer)
+                swapped.append((f"{parent_name}.{name}".lstrip("."), layer))
+    return swapped
