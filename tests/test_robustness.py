@@ -183,23 +183,32 @@ def valid_dialogs(draw):
     return dialog + [{"role": "user", "content": draw(CONTENT)}]
 
 
-@st.composite
-def broken_dialogs(draw):
-    """A valid dialog with one mistake, or something that is no dialog at all."""
-    dialog = draw(valid_dialogs())
-    index = draw(st.integers(0, len(dialog) - 1))
-    mistake = draw(st.sampled_from(["role", "content", "not a dict", "no content", "last", "nothing", "a string"]))
+# One mistake each, against a rule of check_dialog: drawn as often as one another, so that every rule is tried.
+MISTAKES = ("role", "content", "not a dict", "no content", "ends with the assistant", "only a system message", "empty",
+            "a string", "no dialogs")  # fmt: skip
+
+
+def broken(dialogs: list, mistake: str, draw) -> list:
+    """`dialogs` (valid) with `mistake` made in one of them, or no dialogs at all."""
+    if mistake == "no dialogs":
+        return []
+    index = draw(st.integers(0, len(dialogs) - 1))
+    dialog = dialogs[index]
+    message = draw(st.integers(0, len(dialog) - 1))
     if mistake == "role":
-        dialog[index] = {"role": draw(st.sampled_from(["system", "user", "assistant", "bot", ""])), "content": "x"}
+        dialog[message] = {"role": draw(st.sampled_from(["system", "user", "assistant", "bot", ""])), "content": "x"}
     elif mistake == "content":
-        dialog[index] = {"role": dialog[index]["role"], "content": draw(st.one_of(st.integers(), st.none()))}
+        dialog[message] = {"role": dialog[message]["role"], "content": draw(st.one_of(st.integers(), st.none()))}
     elif mistake == "not a dict":
-        dialog[index] = ["nested"]
+        dialog[message] = ["nested"]
     elif mistake == "no content":
-        dialog[index] = {"role": "user"}
-    elif mistake == "last":
-        dialog = dialog[:-1]
-    return {"nothing": [], "a string": "not a dialog"}.get(mistake, dialog)
+        dialog[message] = {"role": "user"}
+    elif mistake == "ends with the assistant":
+        dialog.append({"role": "assistant", "content": "x"})
+    else:
+        dialogs[index] = {"only a system message": [{"role": "system", "content": "x"}], "empty": [],
+                          "a string": "not a dialog"}[mistake]  # fmt: skip
+    return dialogs
 
 
 def holds_a_tag(dialog) -> bool:
@@ -235,7 +244,7 @@ def expected_chat_error(dialogs, chat_format, max_prompt_len):
 
 
 def test_random_dialogs_get_answers_or_the_documented_error_before_generating(counted):
-    """Valid dialogs, or with one of them broken, or none: each call either answers every dialog (those holding
+    """Valid dialogs, or with one mistake in one of them, or none: each call either answers every dialog (those holding
     a tag of the format with the error text) or raises the one error the documentation gives for the first
     mistake, before any forward pass. At least a quarter of the calls reach generation."""
     max_prompt_len = counted.model.params.max_seq_len - 1
@@ -244,14 +253,12 @@ def test_random_dialogs_get_answers_or_the_documented_error_before_generating(co
     @FAST
     @given(
         dialogs=st.lists(valid_dialogs(), min_size=1, max_size=3),
-        broken=st.sampled_from([None, None, None, "one dialog", "none at all"]),
+        mistake=st.sampled_from([None] * 6 + list(MISTAKES)),
         data=st.data(),
     )
-    def check(dialogs, broken, data):
-        if broken == "one dialog":
-            dialogs[data.draw(st.integers(0, len(dialogs) - 1))] = data.draw(broken_dialogs())
-        elif broken == "none at all":
-            dialogs = []
+    def check(dialogs, mistake, data):
+        if mistake is not None:
+            dialogs = broken(dialogs, mistake, data.draw)
         expected = expected_chat_error(dialogs, counted.chat_format, max_prompt_len)
         results = []
         runs = expected is None and not all(map(holds_a_tag, dialogs))  # refused dialogs are not run
