@@ -109,13 +109,15 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device, quantized: bool = False) -> torch.dtype:
     """The dtype to compute in: `dtype` if given (a torch.dtype or its name), else bfloat16 on GPUs that
-    support it, float16 on other GPUs, float32 on the CPU. Raises ValueError for anything else."""
+    support it, float16 on other GPUs, and on the CPU float32, or bfloat16 for a `quantized` model (PyTorch's
+    quantized CPU kernels are fast in bfloat16 only: in float32 they are slower than the plain product).
+    Raises ValueError for anything else."""
     if dtype is None:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if quantized else torch.float32
     resolved = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
     if resolved not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")

@@ -14,6 +14,7 @@ from llama.chat_format import Dialog, Message, chat_format_for
 from llama.cuda_graphs import decode_step
 from llama.decoding import Batch, Completion, StepResult, completions, decode
 from llama.distributed import is_main_process, resolve_dtype, setup_model_parallel
+from llama.layout import read_quantization
 from llama.loading import load_model, model_args_for
 from llama.model import Transformer
 from llama.prompts import check_token_prompts, encode_dialogs, encode_prompts
@@ -58,10 +59,11 @@ class Llama:
         up), with any number of shards: a count other than N is resliced as it loads (see `load_model`), as long
         as N divides the heads, key/value heads, FFN width, dim and vocabulary. `device` defaults to CUDA when
         available, else the CPU; `dtype` to bfloat16 on GPUs that support it, float16 on other GPUs, float32 on
-        the CPU. `seed` fixes sampling (the same on every rank, so the ranks agree on every token). `progress`
-        reports loading and the batches of a long run on standard error (default: when it is a terminal, on rank
-        0). `cuda_graphs` records each decoding step as a CUDA graph and replays it (see llama/cuda_graphs.py;
-        default: on a CUDA device with one process). `quantize` ("int8" or "int4", with `group_size` 32, 64 or 128
+        the CPU (bfloat16 for a quantized model, where PyTorch's kernels are fast). `seed` fixes sampling (the
+        same on every rank, so the ranks agree on every token). `progress` reports loading and the batches of a
+        long run on standard error (default: when it is a terminal, on rank 0). `cuda_graphs` records each
+        decoding step as a CUDA graph and replays it (see llama/cuda_graphs.py; default: on a CUDA device with
+        one process). `quantize` ("int8" or "int4", with `group_size` 32, 64 or 128
         for int4) quantizes the linear layers' weights as they load (see llama/quantize.py), so that memory holds
         the quantized model, never the floating-point one; a checkpoint written quantized by `python -m llama
         quantize` loads quantized without it. The caller's torch defaults are left alone, and build may
@@ -78,9 +80,9 @@ class Llama:
             model_parallel_size = whole_number(model_parallel_size, "model_parallel_size")
         scheme = None if quantize is None and group_size is None else quantization(quantize, group_size)
         device = setup_model_parallel(model_parallel_size, device)
-        dtype = resolve_dtype(dtype, device)
         tokenizer = Tokenizer(tokenizer_path)
         args = model_args_for(ckpt_dir, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        dtype = resolve_dtype(dtype, device, quantized=scheme is not None or read_quantization(ckpt_dir) is not None)
         if progress is None:
             progress = sys.stderr.isatty() and is_main_process()
         model = load_model(ckpt_dir, args, torch.distributed.get_rank(), device, dtype, progress, scheme)

@@ -243,7 +243,9 @@ class QuantizedLinear(nn.Module):
         device, dtype and shape and gives the plain formula's results (checked once per kind, on a small
         example), else (or with plain=True) as they are, dequantized at each product."""
         device = self.weight.device
-        self.kernel = "dequantize" if plain else _kernel_for(self.scheme, device, dtype, self.out_features)
+        self.kernel = (
+            "dequantize" if plain else _kernel_for(self.scheme, device, dtype, (self.out_features, self.in_features))
+        )
         parts = {key: tensor.to(device) for key, tensor in parts.items()}
         if self.kernel != "dequantize":
             try:
@@ -301,11 +303,15 @@ def _pack_for(kernel: str, parts: dict[str, Tensor], scheme: Quantization, dtype
 _KERNELS: dict[tuple, str] = {}
 
 
-def _kernel_for(scheme: Quantization, device: torch.device, dtype: torch.dtype, out_features: int) -> str:
-    """The kernel a layer of `scheme` uses on `device` in `dtype`: PyTorch's own if it exists and gives the
-    dequantize-then-multiply results on a random example, else "dequantize". Checked once per kind."""
+def _kernel_for(scheme: Quantization, device: torch.device, dtype: torch.dtype, shape: tuple[int, int]) -> str:
+    """The kernel a layer of `scheme` and (out_features, in_features) `shape` uses on `device` in `dtype`:
+    PyTorch's own if it takes the shape, exists, and gives the dequantize-then-multiply results on a random
+    example (checked once per kind), else "dequantize"."""
+    out_features, in_features = shape
     if scheme.bits == 8:
         kernel = "int8"
+        if in_features % 8:
+            return "dequantize"  # the CPU kernel reads its input in blocks of 8 (in bfloat16 it crashes otherwise)
     else:
         kernel = "int4-cuda" if device.type == "cuda" else "int4-cpu"
         if device.type == "cuda" and dtype != torch.bfloat16:

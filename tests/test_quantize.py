@@ -112,12 +112,18 @@ def test_the_plain_path_computes_the_dequantized_product(scheme):
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_shape_the_int4_kernel_cannot_pack_takes_the_plain_path():
-    layer = quantized_layer(INT4, weights(rows=40, columns=64), torch.float32)  # the CPU kernel packs 16 rows
+@pytest.mark.parametrize(
+    "scheme, rows, columns",
+    [(INT8, 64, 100), (INT4, 40, 64)],
+    ids=["int8: 100 input channels (the kernel reads blocks of 8)", "int4: 40 rows (the kernel packs 16)"],
+)
+def test_a_shape_the_kernel_cannot_take_takes_the_plain_path(scheme, rows, columns):
+    weight = weights(rows=rows, columns=columns)
+    layer = quantized_layer(scheme, weight, torch.bfloat16)
     assert layer.kernel == "dequantize"
-    x = torch.randn(2, 64)
-    expected = F.linear(x, dequantize_weight(quantize_weight(weights(rows=40, columns=64), INT4), INT4))
-    torch.testing.assert_close(layer(x), expected)
+    x = torch.randn(2, columns).bfloat16()
+    expected = F.linear(x.float(), dequantize_weight(quantize_weight(weight, scheme), scheme))
+    torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
 def logits_of(generator: Llama) -> torch.Tensor:
@@ -187,6 +193,25 @@ def test_int8_demo_model_writes_the_float_text_for_the_first_50_tokens():
                                        max_gen_len=50, temperature=0)  # fmt: skip
         texts[scheme] = tokens
     assert texts["int8"] == texts[None]
+
+
+def test_a_quantized_model_streams_chats_and_scores(quantized, tokenizer_path):
+    generator = build(quantized["int4"], tokenizer_path)
+    prompts = ["The quick brown fox", "Once upon a time"]
+    settings = dict(max_gen_len=12, temperature=0)
+    pieces = list(generator.stream_completion(prompts, **settings))
+    completed = generator.text_completion(prompts, **settings)
+    assert ["".join(step[row] for step in pieces) for row in range(2)] == [c["generation"] for c in completed]
+    answer = generator.chat_completion([[{"role": "user", "content": "What is two plus two?"}]], max_gen_len=8)
+    assert answer[0]["generation"]["role"] == "assistant"
+    # Scores of the prompt's own tokens (the first, BOS, which nothing predicts, gets 0): log-softmax of one
+    # forward pass over the prompt.
+    scored = generator.text_completion(["The quick brown fox"], max_gen_len=1, logprobs=True, echo=True)[0]
+    tokens = generator.tokenizer.encode("The quick brown fox", bos=True, eos=False)
+    with torch.no_grad():
+        logits = generator.model(torch.tensor([tokens]), use_cache=False)[0].float()
+    expected = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(scored["logprobs"][1 : len(tokens)]), expected, rtol=0, atol=0.05)
 
 
 def test_int8_stories260k_writes_the_float_text_for_the_first_50_tokens(stories_dir):
