@@ -153,3 +153,22 @@ def test_a_gpu_the_machine_lacks_is_refused_with_the_fix():
 
     with pytest.raises(ValueError, match="start at most that many processes"):
         resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_model_on_the_gpu_with_graphs_writes_the_eager_text(tmp_path, tokenizer_path, scheme):
+    """Quantized layers on CUDA (PyTorch's kernels where they agree with the plain formula) inside recorded
+    graphs decode what eager decoding on the same device decodes, and the layers use a kernel, not the plain
+    path."""
+    from llama.quantize import QuantizedLinear
+
+    args = small_args(dim=256, n_heads=4, n_kv_heads=2, multiple_of=128)
+    folder = write_checkpoint(tmp_path / "model", args, random_model(args, seed=3).state_dict())
+    results = {}
+    for graphs in (False, True):
+        generator = Llama.build(folder, tokenizer_path, max_seq_len=64, max_batch_size=3, device="cuda",
+                                dtype="bfloat16", quantize=scheme, cuda_graphs=graphs)  # fmt: skip
+        kernels = {layer.kernel for layer in generator.model.modules() if isinstance(layer, QuantizedLinear)}
+        assert "dequantize" not in kernels, kernels
+        results[graphs], _ = generator.generate(PROMPTS, max_gen_len=24, temperature=0)
+    assert results[True] == results[False]
