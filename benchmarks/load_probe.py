@@ -1,6 +1,7 @@
-"""Run by bench.py in a fresh process: time `Llama.build` of a checkpoint and measure the peak resident memory it
-takes above the process's baseline, after the build and after a first generation (which reads every weight).
-Prints the figures as one line of JSON.
+"""Run by bench.py and laptop_7b.py in a fresh process: time `Llama.build` of a checkpoint (quantized as it
+loads with --quantize) and measure the peak resident memory it takes above the process's baseline, after the
+build and after a first generation (which reads every weight); then the decoding speed at batch 1. Prints the
+figures as one line of JSON.
 
     python benchmarks/load_probe.py CKPT_DIR TOKENIZER_PATH --dtype float32 --device cpu --max-seq-len 640
 """
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--quantize", help="int8 or int4: quantize the linear layers as they load")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     # The baseline: imports, the process group, and the ~800 modules (70 MB) the first dispatch mode imports.
@@ -63,21 +65,32 @@ def main() -> None:
     baseline = peak_rss()
     synchronize(options.device)
     start = time.perf_counter()
-    llama = Llama.build(
-        options.ckpt_dir, options.tokenizer_path, options.max_seq_len, 1, device=options.device, dtype=options.dtype
-    )
+    llama = Llama.build(options.ckpt_dir, options.tokenizer_path, options.max_seq_len, 1, device=options.device,
+                        dtype=options.dtype, quantize=options.quantize)  # fmt: skip
     synchronize(options.device)
     load_s = time.perf_counter() - start
     load_peak = peak_rss()
     prompt = [[1] + [3 + i % 200 for i in range(options.prompt_len - 1)]]
-    list(llama.generate_steps(prompt, SamplingParams(temperature=0, max_gen_len=options.new_tokens, ignore_eos=True)))
+    seconds = {}
+    for count in (1, options.new_tokens):
+        start = time.perf_counter()
+        list(llama.generate_steps(prompt, SamplingParams(temperature=0, max_gen_len=count, ignore_eos=True)))
+        synchronize(options.device)
+        seconds[count] = time.perf_counter() - start
+    caches = {name for name, _ in llama.model.named_buffers() if "cache" in name}
     figures = {
         "load_s": load_s,
         "load_peak_rss_above_baseline": load_peak - baseline,
         "baseline_rss": baseline,
         "peak_rss_build_and_generate": peak_rss(),
         "peak_rss_build_and_generate_above_baseline": peak_rss() - baseline,
-        "cache_bytes": sum(buffer.numel() * buffer.element_size() for buffer in llama.model.buffers()),
+        "cache_bytes": sum(b.numel() * b.element_size() for n, b in llama.model.named_buffers() if n in caches),
+        "model_bytes": sum(
+            t.numel() * t.element_size()
+            for n, t in [*llama.model.named_parameters(), *llama.model.named_buffers()]
+            if n not in caches
+        ),  # fmt: skip
+        "decode_tokens_per_s": (options.new_tokens - 1) / (seconds[options.new_tokens] - seconds[1]),
     }
     print(json.dumps(figures))
 

@@ -16,7 +16,8 @@ from typing import Optional, Union
 
 import torch
 
-from llama.decoding import EagerStep
+from llama.compiled import CompiledStep
+from llama.decoding import EagerStep, cache_window
 from llama.model import Transformer
 
 
@@ -90,10 +91,7 @@ class DecodeGraphs:
     def window(self, start_pos: int) -> int:
         """The cache window for a token at start_pos: the smallest power of two (at least min_window) that
         holds positions 0..start_pos, capped at max_seq_len."""
-        window = self.min_window
-        while window < start_pos + 1:
-            window *= 2
-        return min(window, self.model.params.max_seq_len)
+        return cache_window(start_pos, self.min_window, self.model.params.max_seq_len)
 
     def replay(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Logits (bsz, 1, vocab) for `tokens` (bsz, 1) at position start_pos, as model.forward gives them.
@@ -141,15 +139,21 @@ class DecodeGraphs:
         return _Captured(graph, static_tokens, static_positions, logits)
 
 
-def decode_step(model: torch.nn.Module, cuda_graphs: Optional[bool]) -> Union[DecodeGraphs, EagerStep]:
-    """The decoding step for `model`: DecodeGraphs, or EagerStep for eager decoding. cuda_graphs=None: graphs
-    for a Transformer on a CUDA device with one model-parallel process (with several, each step's all-reduces
-    would be recorded too, which is not tested here); True: graphs, or ValueError where they cannot run; False:
-    eager."""
+def decode_step(
+    model: torch.nn.Module, cuda_graphs: Optional[bool], compile: bool = False
+) -> Union[DecodeGraphs, CompiledStep, EagerStep]:
+    """The decoding step for `model`: DecodeGraphs, CompiledStep with compile=True, or EagerStep for eager
+    decoding. cuda_graphs=None: graphs for a Transformer on a CUDA device with one model-parallel process
+    (with several, each step's all-reduces would be recorded too, which is not tested here) unless compiling;
+    True: graphs, or ValueError where they cannot run; False: no graphs."""
     on_cuda = next(model.parameters()).device.type == "cuda"
+    if compile and cuda_graphs:
+        raise ValueError("compile=True and cuda_graphs=True are two ways to the same end: choose one")
     if cuda_graphs is None:
         world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        cuda_graphs = on_cuda and world_size == 1 and isinstance(model, Transformer)
+        cuda_graphs = on_cuda and world_size == 1 and isinstance(model, Transformer) and not compile
     elif cuda_graphs and not on_cuda:
         raise ValueError("cuda_graphs=True needs the model on a CUDA device; use cuda_graphs=False or None")
-    return DecodeGraphs(model) if cuda_graphs else EagerStep(model)
+    if cuda_graphs:
+        return DecodeGraphs(model)
+    return CompiledStep(model) if compile else EagerStep(model)

@@ -1,9 +1,9 @@
 """The decoding loop: a batch of prompts advanced one position per step, each step a forward pass, a draw and
 the bookkeeping of every sequence (its end at EOS or a stop sequence, its text, its logprobs).
 
-The forward pass is a `Step`: `EagerStep` runs the model as it is asked; `llama.cuda_graphs.DecodeGraphs`
-replays a recorded CUDA graph and queues the next step while the host reads this one's tokens. The loop is
-the same for both.
+The forward pass is a `Step`: `EagerStep` runs the model as it is asked; `llama.compiled.CompiledStep` runs
+a compiled one-token step; `llama.cuda_graphs.DecodeGraphs` replays a recorded CUDA graph and queues the next
+step while the host reads this one's tokens. The loop is the same for all.
 """
 
 import math
@@ -42,6 +42,16 @@ class EagerStep:
 
     def fetch(self, values: torch.Tensor, tokens: torch.Tensor, next_pos: Optional[int]) -> list:
         return values.tolist()
+
+
+def cache_window(start_pos: int, min_window: int, max_seq_len: int) -> int:
+    """The cache window a one-token step at start_pos reads when the window must come from a few fixed sizes
+    (a recorded graph, a compiled step): the smallest power of two times min_window that holds positions
+    0..start_pos, capped at max_seq_len. A step so reads at most twice the cache it needs."""
+    window = min_window
+    while window < start_pos + 1:
+        window *= 2
+    return min(window, max_seq_len)
 
 
 class Completion(NamedTuple):

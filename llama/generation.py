@@ -22,7 +22,7 @@ from llama.quantize import quantization
 from llama.sampling import SamplingParams
 from llama.tokenizer import Tokenizer
 from llama.turns import Turns
-from llama.values import whole_number
+from llama.values import flag, whole_number
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -52,6 +52,7 @@ class Llama:
         cuda_graphs: Optional[bool] = None,
         quantize: Optional[str] = None,
         group_size: Optional[int] = None,
+        compile: bool = False,
     ) -> "Llama":
         """Load a Meta-layout checkpoint folder and its tokenizer, ready to generate.
 
@@ -63,7 +64,8 @@ class Llama:
         same on every rank, so the ranks agree on every token). `progress` reports loading and the batches of a
         long run on standard error (default: when it is a terminal, on rank 0). `cuda_graphs` records each
         decoding step as a CUDA graph and replays it (see llama/cuda_graphs.py; default: on a CUDA device with
-        one process). `quantize` ("int8" or "int4", with `group_size` 32, 64 or 128
+        one process); `compile` compiles it with torch.compile instead (see llama/compiled.py: tens of seconds
+        to compile, then a faster step on the CPU). `quantize` ("int8" or "int4", with `group_size` 32, 64 or 128
         for int4) quantizes the linear layers' weights as they load (see llama/quantize.py), so that memory holds
         the quantized model, never the floating-point one; a checkpoint written quantized by `python -m llama
         quantize` loads quantized without it. The caller's torch defaults are left alone, and build may
@@ -86,7 +88,7 @@ class Llama:
         if progress is None:
             progress = sys.stderr.isatty() and is_main_process()
         model = load_model(ckpt_dir, args, torch.distributed.get_rank(), device, dtype, progress, scheme)
-        return Llama(model, tokenizer, seed, progress=progress, cuda_graphs=cuda_graphs)
+        return Llama(model, tokenizer, seed, progress=progress, cuda_graphs=cuda_graphs, compile=compile)
 
     def __init__(
         self,
@@ -95,13 +97,14 @@ class Llama:
         seed: int = 1,
         progress: bool = False,
         cuda_graphs: Optional[bool] = None,
+        compile: bool = False,
     ):
         """A generator for a model already built (a Transformer, or any module with its call and `params`) and
         its tokenizer; the arguments as in `build`."""
         self.model = model
         self.tokenizer = tokenizer
         self.chat_format = chat_format_for(tokenizer)
-        self.decode_step = decode_step(model, cuda_graphs)
+        self.decode_step = decode_step(model, cuda_graphs, flag(compile, "compile"))
         self.progress = progress
         self.device = next(model.parameters()).device
         # A private generator: sampling is reproducible without touching the caller's global RNG state, and

@@ -34,3 +34,20 @@ def test_benchmark_smoke_run_writes_all_figures_and_both_libraries_agree_on_gree
     assert figures["greedy_tokens_agree"] and all(figures["greedy_tokens_agree"].values()), figures[
         "greedy_tokens_agree"
     ]
+
+
+def test_side_by_side_decoding_benchmark_runs_every_arm_with_the_kernels(tmp_path):
+    """benchmarks/decode_side_by_side.py: float32, bfloat16, int8 and int4 of this library and Hugging Face's
+    float32 and bfloat16 on one random model; the quantized arms use PyTorch's kernels, and this library's
+    float32 decodes Hugging Face's float32 tokens."""
+    output = tmp_path / "side.json"
+    arguments = ["--shape", "tiny", "--repeats", "1", "--new_tokens", "4", "--threads", "1", "--json", str(output)]
+    done = run_python(["benchmarks/decode_side_by_side.py", *arguments])
+    assert done.returncode == 0, done.stderr
+    arms = json.loads(output.read_text())["arms"]
+    assert set(arms) == {"float32", "bfloat16", "int8", "int4", "hf float32", "hf bfloat16"}
+    assert arms["int8"]["kernels"] == ["int8"] and arms["int4"]["kernels"] == ["int4-cpu"]
+    assert arms["float32"]["greedy_tokens"] == arms["hf float32"]["greedy_tokens"]
+    for figures in arms.values():
+        assert {"decode_tokens_per_s", "ratio", "bytes_per_step", "percent_of_floor"} <= set(figures)
+    assert arms["int4"]["bytes_per_step"] < arms["int8"]["bytes_per_step"] < arms["bfloat16"]["bytes_per_step"]

@@ -1,0 +1,184 @@
+"""Decoding speed at batch 1, every way of holding the weights side by side in one run: this library in
+float32, bfloat16, int8 and int4 (quantized as they load), Hugging Face transformers in float32 and bfloat16,
+on the same random weights; against this machine's memory bandwidth.
+
+    python benchmarks/decode_side_by_side.py --shape 110m --threads 2
+
+What it measures (medians over --repeats rounds; within a round every arm runs once, in an order that
+alternates between rounds, so that a load change on the machine affects all alike):
+
+- decode tokens/s at batch 1: greedy, --new_tokens tokens after a short prompt, EOS ignored; the time of a
+  one-token generation is subtracted, so the figure is the decoding steps alone. Ratios are to HF float32.
+- the bytes one step reads (every linear weight in its stored form, one embedding row) and so the GB/s each
+  arm achieves and its percentage of the floor: the bandwidth of a streaming read (a sum over 1 GiB), with the
+  bandwidth of a float32 matrix-vector product over 1 GiB beside it.
+- the share of one of our decoding steps spent in matrix products (PyTorch's profiler), and which kernel
+  each of our arms used.
+- with --compile, each of our arms also with its decoding step compiled (`Llama.build(compile=True)`).
+
+Peak memory per arm is not measured here (the arms share one process); `benchmarks/bench.py` measures loading.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import SHAPES, hf_model, our_generate, prepare_checkpoint, random_prompts, their_generate  # noqa: E402
+
+from llama import Llama  # noqa: E402
+from llama.quantize import QuantizedLinear  # noqa: E402
+
+OURS = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8"),
+        "int4": (torch.bfloat16, "int4")}  # fmt: skip
+THEIRS = {"hf float32": torch.float32, "hf bfloat16": torch.bfloat16}
+MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm",
+                   "aten::_weight_int4pack_mm", "aten::_weight_int4pack_mm_for_cpu")  # fmt: skip
+
+
+def bandwidth(gib: float = 1.0, count: int = 5) -> dict[str, float]:
+    """Bytes per second of a streaming read (a sum over `gib` GiB of float32) and of a float32
+    matrix-vector product over as many bytes; medians of `count`."""
+    matrix = torch.randn(int(gib * 2**30 / 4 / 8192), 8192)
+    vector = torch.randn(8192)
+    figures = {}
+    for name, work in (("sum", lambda: matrix.sum()), ("matrix-vector product", lambda: torch.mv(matrix, vector))):
+        work()
+        seconds = []
+        for _ in range(count):
+            start = time.perf_counter()
+            work()
+            seconds.append(time.perf_counter() - start)
+        figures[name] = matrix.numel() * 4 / statistics.median(seconds)
+    return figures
+
+
+def bytes_per_step(llama: Llama) -> int:
+    """The bytes one decoding step reads: every weight and quantized buffer except the embedding (one row)."""
+    model, total = llama.model, 0
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name == "tok_embeddings.weight":
+            total += tensor.shape[1] * tensor.element_size()
+        elif "cache" not in name:
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def matrix_product_share(llama: Llama, steps: int = 8) -> float:
+    """The share of a decoding step's time spent in matrix products, over `steps` steps at batch 1."""
+    model = llama.model
+    token = torch.tensor([[5]])
+    with torch.inference_mode():
+        model(torch.tensor([[1, 5, 6, 7]]), 0)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            start = time.perf_counter()
+            for position in range(4, 4 + steps):
+                model(token, position)
+            wall = time.perf_counter() - start
+    products = sum(event.self_cpu_time_total for event in profile.key_averages() if event.key in MATRIX_PRODUCTS)
+    return products / 1e6 / wall
+
+
+def kernels(llama: Llama) -> list[str]:
+    return sorted({layer.kernel for layer in llama.model.modules() if isinstance(layer, QuantizedLinear)})
+
+
+def run(options: argparse.Namespace, workdir: Path) -> dict:
+    torch.set_num_threads(options.threads)
+    options.dtype, options.ckpt_dir = "bfloat16", None  # the checkpoint is written in bfloat16, as Meta's are
+    ckpt_dir, tokenizer_path = prepare_checkpoint(options, workdir)
+    max_seq_len = options.prompt_len + options.new_tokens + 1
+    arms, bytes_read, details = {}, {}, {}
+    for name, (dtype, scheme) in OURS.items():
+        llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device="cpu", dtype=dtype, quantize=scheme)
+        arms[name], bytes_read[name] = our_generate(llama), bytes_per_step(llama)
+        details[name] = {"matrix_product_share": matrix_product_share(llama), "kernels": kernels(llama)}
+        if options.compile:
+            compiled = Llama(llama.model, llama.tokenizer, compile=True)
+            arms[f"{name} compiled"], bytes_read[f"{name} compiled"] = our_generate(compiled), bytes_read[name]
+            details[f"{name} compiled"] = {"kernels": details[name]["kernels"]}
+        if name == "float32":
+            state, args = llama.model.state_dict(), llama.model.params
+    if not options.no_hf:
+        for name, dtype in THEIRS.items():
+            arms[name] = their_generate(hf_model(args, state, dtype, torch.device("cpu")), torch.device("cpu"))
+            bytes_read[name] = bytes_read["float32" if dtype == torch.float32 else "bfloat16"]
+    prompt = random_prompts(1, options.prompt_len, args.vocab_size, seed=2)
+    times = {name: {"one": [], "all": []} for name in arms}
+    tokens = {}
+    for round_number in range(options.repeats + 1):  # the first round warms up
+        order = list(arms) if round_number % 2 == 0 else list(reversed(arms))
+        for name in order:
+            for job, count in (("one", 1), ("all", options.new_tokens)):
+                start = time.perf_counter()
+                tokens[name, job] = arms[name](prompt, count)
+                if round_number:
+                    times[name][job].append(time.perf_counter() - start)
+    probe = bandwidth()
+    result = {"shape": options.shape, "threads": options.threads, "new_tokens": options.new_tokens,
+              "repeats": options.repeats, "bandwidth_gb_per_s": {k: v / 1e9 for k, v in probe.items()},
+              "arms": {}}  # fmt: skip
+    for name in arms:
+        seconds = statistics.median(times[name]["all"]) - statistics.median(times[name]["one"])
+        speed = (options.new_tokens - 1) / seconds
+        result["arms"][name] = {
+            "decode_tokens_per_s": speed,
+            "bytes_per_step": bytes_read[name],
+            "achieved_gb_per_s": speed * bytes_read[name] / 1e9,
+            "percent_of_floor": 100 * speed * bytes_read[name] / probe["sum"],
+            "greedy_tokens": tokens[name, "all"][0],
+            **details.get(name, {}),
+        }
+    reference = result["arms"].get("hf float32", result["arms"]["float32"])
+    for figures in result["arms"].values():
+        figures["ratio"] = figures["decode_tokens_per_s"] / reference["decode_tokens_per_s"]
+    return result
+
+
+def table(result: dict) -> str:
+    lines = [
+        f"shape {result['shape']}, {result['threads']} threads, batch 1, {result['new_tokens']} new tokens, "
+        f"medians of {result['repeats']}; bandwidth: sum {result['bandwidth_gb_per_s']['sum']:.1f} GB/s, "
+        f"matrix-vector {result['bandwidth_gb_per_s']['matrix-vector product']:.1f} GB/s",
+        "| arm | tokens/s | x HF float32 | MB per step | GB/s | % of floor | matrix products | kernels |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, arm in result["arms"].items():
+        share = f"{100 * arm['matrix_product_share']:.0f}%" if "matrix_product_share" in arm else ""
+        lines.append(
+            f"| {name} | {arm['decode_tokens_per_s']:.1f} | {arm['ratio']:.2f} | {arm['bytes_per_step'] / 1e6:.0f} | "
+            f"{arm['achieved_gb_per_s']:.1f} | {arm['percent_of_floor']:.0f} | {share} | "
+            f"{', '.join(arm.get('kernels', []))} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="110m")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt_len", type=int, default=16)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--no_hf", action="store_true", help="measure only this library")
+    parser.add_argument("--compile", action="store_true", help="also each of our arms with a compiled step")
+    parser.add_argument("--json", help="write the figures to this file")
+    options = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as workdir:
+        result = run(options, Path(workdir))
+    print(table(result))
+    if options.json:
+        Path(options.json).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

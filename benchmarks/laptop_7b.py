@@ -1,0 +1,96 @@
+"""A Llama 2 7B-shaped model on the CPU, quantized as it loads: a random checkpoint in bfloat16 (as Meta ships
+the 7B model, 13.5 GB) is written once into --workdir, then loaded with quantize="int8" and "int4", each in a
+fresh process (benchmarks/load_probe.py): load time, peak resident memory against the quantized model plus its
+key/value cache, and decode tokens/s at batch 1 as a percentage of the streaming-read floor.
+
+    python benchmarks/laptop_7b.py --workdir /var/tmp/llama-7b --threads 2
+
+The checkpoint is written as two shards, one at a time, so that writing it never holds the whole model in memory;
+loading reads both into one process (the same tensors Meta's single 7B shard holds).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import SHAPES, write_tokenizer  # noqa: E402
+from decode_side_by_side import bandwidth  # noqa: E402
+
+from llama.layout import expected_shapes, split_dim, write_params  # noqa: E402
+
+SHARDS = 2
+
+
+def write_random_7b(folder: Path) -> Path:
+    """A random 7B-shaped Meta-layout checkpoint in bfloat16, unless `folder` already holds one."""
+    args = SHAPES["7b"]
+    if (folder / f"consolidated.{SHARDS - 1:02d}.pth").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    write_params(folder, args)
+    write_tokenizer(folder / "tokenizer.model", args.vocab_size)
+    generator = torch.Generator().manual_seed(0)
+    for rank in range(SHARDS):
+        shard = {}
+        for name, shape in expected_shapes(args).items():
+            dim = split_dim(name)
+            if dim is not None:
+                shape = shape[:dim] + (shape[dim] // SHARDS,) + shape[dim + 1 :]
+            if name.endswith("norm.weight"):
+                shard[name] = torch.ones(shape, dtype=torch.bfloat16)
+            else:  # unit-scale activations: the embedding N(0, 1), each layer N(0, 1 / its input width)
+                scale = 1.0 if name == "tok_embeddings.weight" else expected_shapes(args)[name][1] ** -0.5
+                shard[name] = (torch.randn(shape, generator=generator) * scale).to(torch.bfloat16)
+        torch.save(shard, folder / f"consolidated.{rank:02d}.pth.tmp")
+        (folder / f"consolidated.{rank:02d}.pth.tmp").rename(folder / f"consolidated.{rank:02d}.pth")
+        del shard
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="where the random checkpoint is written (kept for reruns)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--schemes", default="int4,int8")
+    parser.add_argument("--json", help="write the figures to this file")
+    options = parser.parse_args()
+    folder = write_random_7b(Path(options.workdir))
+    torch.set_num_threads(options.threads)
+    floor_bandwidth = bandwidth()["sum"]
+    results = {"threads": options.threads, "streaming_read_gb_per_s": floor_bandwidth / 1e9, "schemes": {}}
+    for scheme in options.schemes.split(","):
+        probe = Path(__file__).resolve().parent / "load_probe.py"
+        command = [sys.executable, str(probe), str(folder), str(folder / "tokenizer.model"), "--dtype", "bfloat16",
+                   "--max-seq-len", "256", "--prompt-len", "8", "--new-tokens", str(options.new_tokens),
+                   "--threads", str(options.threads), "--quantize", scheme]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise SystemExit(f"{scheme}: {done.stderr.strip().splitlines()[-1]}")
+        figures = json.loads(done.stdout.strip().splitlines()[-1])
+        needed = figures["model_bytes"] + figures["cache_bytes"]
+        figures["peak_rss_over_model_and_cache"] = figures["peak_rss_build_and_generate"] / needed
+        # A step reads every weight but the embedding (bfloat16), of which it reads one row.
+        args = SHAPES["7b"]
+        figures["bytes_per_step"] = figures["model_bytes"] - (args.vocab_size - 1) * args.dim * 2
+        figures["percent_of_floor"] = 100 * figures["decode_tokens_per_s"] * figures["bytes_per_step"] / floor_bandwidth
+        results["schemes"][scheme] = figures
+        print(
+            f"{scheme}: load {figures['load_s']:.0f} s, peak RSS {figures['peak_rss_build_and_generate'] / 1e9:.2f} GB "
+            f"= {figures['peak_rss_over_model_and_cache']:.2f}x model {figures['model_bytes'] / 1e9:.2f} GB + cache "
+            f"{figures['cache_bytes'] / 1e9:.2f} GB, decode {figures['decode_tokens_per_s']:.2f} tokens/s "
+            f"({figures['percent_of_floor']:.0f}% of the {floor_bandwidth / 1e9:.1f} GB/s floor)",
+            flush=True,
+        )
+    if options.json:
+        Path(options.json).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""The compiled decoding step (llama/compiled.py) computes what the eager step computes: the same greedy tokens
+and the same logprobs (up to float32 rounding), across a change of cache window, and the prefill stays eager."""
+
+import torch
+
+from helpers import random_model, small_args
+from llama import Llama
+from llama.compiled import CompiledStep
+
+PROMPTS = [[1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58], [1, 60, 61, 62]]
+
+
+def test_compiled_step_decodes_the_eager_tokens_and_logprobs_across_windows(tokenizer):
+    model = random_model(small_args(), seed=11)
+    eager = Llama(model, tokenizer)
+    compiled = Llama(model, tokenizer, compile=True)
+    assert isinstance(compiled.decode_step, CompiledStep)
+    compiled.decode_step.min_window = (
+        32  # windows of 32 and 64: the 20-token prompt's steps cross from one to the other
+    )
+    expected, expected_logprobs = eager.generate(PROMPTS, max_gen_len=30, temperature=0, logprobs=True)
+    tokens, logprobs = compiled.generate(PROMPTS, max_gen_len=30, temperature=0, logprobs=True)
+    assert tokens == expected
+    torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(expected_logprobs), rtol=1e-5, atol=1e-5)
