@@ -19,7 +19,7 @@ from llama import Dialog, Llama
 from llama.chat_format import trim_dialog
 from llama.cli import parse_arguments, readable_warnings
 from llama.distributed import is_main_process
-from llama.examples import build_example, example_parser
+from llama.examples import BOOLEAN_OPTIONS, build_example, example_parser
 
 DIALOGS: list[Dialog] = [
     [{"role": "user", "content": "What should I pack for a weekend of hiking in the mountains?"}],
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    return parse_arguments(build_parser(), argv, booleans=("--interactive",))
+    return parse_arguments(build_parser(), argv, booleans=("--interactive", *BOOLEAN_OPTIONS))
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import sys
 
 from llama.cli import parse_arguments, readable_warnings
 from llama.distributed import is_main_process
-from llama.examples import build_example, example_parser
+from llama.examples import BOOLEAN_OPTIONS, build_example, example_parser
 
 PROMPTS = [
     "The best way to learn a new language is",
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     readable_warnings()
-    options = parse_arguments(build_parser())
+    options = parse_arguments(build_parser(), booleans=BOOLEAN_OPTIONS)
     try:
         generator, on_demo = build_example(options, default_max_seq_len=128)
         prompts = DEMO_PROMPTS if on_demo else PROMPTS

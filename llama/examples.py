@@ -10,11 +10,14 @@ from llama.distributed import is_main_process
 from llama.generation import Llama
 from llama.loading import DEMO_CONTEXT_LEN, demo_checkpoint
 
+# The yes/no options example_parser adds, for `llama.cli.parse_arguments` to read strictly.
+BOOLEAN_OPTIONS = ("--compile",)
+
 
 def example_parser(description: str, max_seq_len: Optional[int], max_gen_len: Optional[int]) -> argparse.ArgumentParser:
     """The options the example scripts share: the checkpoint (none: the bundled demo model), sampling, context
-    and batch sizes, device and dtype. Parse with `llama.cli.parse_arguments`, so that Meta's spellings
-    (--ckpt_dir) work too."""
+    and batch sizes, device, dtype, quantization and a compiled step. Parse with `llama.cli.parse_arguments`, so
+    that Meta's spellings (--ckpt_dir) work too."""
     parser = Parser(description=description, formatter_class=HelpFormatter)
     parser.add_argument("--ckpt-dir", help="a Meta-layout checkpoint folder (default: the bundled demo model)")
     parser.add_argument("--tokenizer-path", help="its tokenizer.model (give both, or neither for the demo model)")
@@ -32,8 +35,11 @@ def example_parser(description: str, max_seq_len: Optional[int], max_gen_len: Op
     parser.add_argument("--device", help="cpu or cuda (default: CUDA when available)")
     parser.add_argument(
         "--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPUs that support it, float16 on other "
-        "GPUs, float32 on the CPU)",
+        "GPUs, float32 on the CPU; bfloat16 for a quantized model)",
     )  # fmt: skip
+    parser.add_argument("--quantize", help="int8 or int4: quantize the linear layers as they load")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="compile the decoding step (slower start, faster steps)")  # fmt: skip
     return parser
 
 
@@ -54,7 +60,6 @@ def build_example(options: argparse.Namespace, default_max_seq_len: int) -> tupl
         raise ValueError("give both --ckpt-dir and --tokenizer-path, or neither to run the bundled demo model")
     else:
         ckpt_dir, tokenizer_path = options.ckpt_dir, options.tokenizer_path
-    generator = Llama.build(
-        ckpt_dir, tokenizer_path, max_seq_len, options.max_batch_size, device=options.device, dtype=options.dtype
-    )
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, options.max_batch_size, device=options.device,
+                            dtype=options.dtype, quantize=options.quantize, compile=options.compile)  # fmt: skip
     return generator, on_demo

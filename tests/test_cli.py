@@ -255,6 +255,8 @@ def yes_no_options():
 def test_the_yes_no_options_are_found():
     assert {(program, flag) for program, _, _, flag in yes_no_options()} == {
         ("example_chat_completion.py", "--interactive"),
+        ("example_text_completion.py", "--compile"),
+        ("example_chat_completion.py", "--compile"),
         *((f"llama {name}", "--overwrite") for name, command in COMMANDS.items() if command.writes),
     }
 
