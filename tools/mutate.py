@@ -1,6 +1,6 @@
 """The mutation check: plant plausible bugs in a copy of the library, one at a time, and see the tests catch each.
 
-    python tools/mutate.py               # every mutation (about five minutes on two idle cores)
+    python tools/mutate.py               # every mutation (about 500 CPU-seconds: five minutes on two idle cores)
     python tools/mutate.py --list        # the mutations and the tests that should catch each, nothing run
     python tools/mutate.py --only NAME   # the mutations whose name contains NAME
     python tools/mutate.py --jobs 1      # one mutation at a time (default: two, each in its own copy)
