@@ -11,7 +11,9 @@ from llama.distributed import is_main_process
 
 ckpt_dir, tokenizer_path, out_path = sys.argv[1:4]
 quantize = sys.argv[4] if len(sys.argv) > 4 else None
-generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, device="cpu", quantize=quantize)
+generator = Llama.build(
+    ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32", quantize=quantize
+)
 tokens = torch.randint(0, generator.model.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     logits = generator.model(tokens, 0)
