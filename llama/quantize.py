@@ -32,7 +32,7 @@ from llama.values import whole_number
 
 GROUP_SIZES = (32, 64, 128)
 _LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-_WEIGHTS_PER_BLOCK = 1 << 22  # quantized at a time: bounds the float32 temporaries of a large matrix
+_WEIGHTS_PER_BLOCK = 1 << 20  # quantized at a time: bounds the float32 temporaries of a large matrix
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,10 @@ class Quantization:
 
     def weight_dtype(self) -> torch.dtype:
         return torch.int8 if self.bits == 8 else torch.uint8
+
+    def scale_dtype(self) -> torch.dtype:
+        """The dtype of the stored scales (and zeros): float32 per output channel, bfloat16 per group."""
+        return torch.float32 if self.bits == 8 else torch.bfloat16
 
 
 def quantization(bits, group_size=None) -> Quantization:
@@ -104,22 +108,22 @@ def is_quantized(name: str) -> bool:
 def quantize_weight(weight: Tensor, scheme: Quantization, scales: Optional[Tensor] = None) -> dict[str, Tensor]:
     """The quantized form of one (out_features, in_features) weight: {"weight": q, "scales": ..., and for int4
     "zeros": ...} (see the module's docstring). For int8, `scales` may give each row's scale (for a slice of the
-    columns of a matrix whose rows were scaled whole). Rows are quantized a block at a time in float32."""
+    columns of a matrix whose rows were scaled whole). Rows are quantized a block at a time, in one float32
+    buffer reused for every block: a large matrix needs no float32 copy of itself."""
     rows = max(1, _WEIGHTS_PER_BLOCK // max(1, weight.shape[1]))
-    blocks = [
-        _quantize_rows(weight[start : start + rows], scheme, scales, start) for start in range(0, len(weight), rows)
-    ]
+    buffer = torch.empty(min(rows, len(weight)), weight.shape[1], device=weight.device)
+    blocks = []
+    for start in range(0, len(weight), rows):
+        block = buffer[: len(weight[start : start + rows])].copy_(weight[start : start + rows])
+        blocks.append(_quantize_rows(block, scheme, None if scales is None else scales[start : start + rows]))
     return {key: torch.cat([block[key] for block in blocks]) for key in blocks[0]}
 
 
-def _quantize_rows(weight: Tensor, scheme: Quantization, scales: Optional[Tensor], start: int) -> dict[str, Tensor]:
-    weight = weight.float()
+def _quantize_rows(weight: Tensor, scheme: Quantization, scales: Optional[Tensor]) -> dict[str, Tensor]:
+    """Quantize a float32 block of rows, overwriting it."""
     if scheme.bits == 8:
-        if scales is None:
-            scales = int8_scales(weight)
-        else:
-            scales = scales[start : start + len(weight)]
-        q = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        scales = int8_scales(weight) if scales is None else scales
+        q = weight.div_(scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         return {"weight": q, "scales": scales}
     out_features, in_features = weight.shape
     groups = weight.view(out_features, in_features // scheme.group_size, scheme.group_size)
@@ -127,8 +131,8 @@ def _quantize_rows(weight: Tensor, scheme: Quantization, scales: Optional[Tensor
     # The scale and zero are rounded to bfloat16 first, and q chosen for the rounded values.
     scale = ((high - low) / 15).clamp_(min=torch.finfo(torch.bfloat16).tiny).to(torch.bfloat16)
     zero = (low + 8 * scale.float()).to(torch.bfloat16)
-    q = torch.round((groups - zero.float()[..., None]) / scale.float()[..., None]) + 8
-    q = q.clamp_(0, 15).to(torch.uint8).view(out_features, in_features)
+    q = groups.sub_(zero.float()[..., None]).div_(scale.float()[..., None]).round_().add_(8).clamp_(0, 15)
+    q = q.to(torch.uint8).view(out_features, in_features)
     return {"weight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": scale, "zeros": zero}
 
 
@@ -227,10 +231,9 @@ class QuantizedLinear(nn.Module):
         self.row_parallel = isinstance(layer, RowParallelLinear) and fs_init.get_model_parallel_world_size() > 1
         self.gather_output = isinstance(layer, ColumnParallelLinear) and layer.gather_output
         self.kernel = "dequantize"  # which computation forward uses; set by load
-        for key, shape in part_shapes(
-            layer.weight.shape, scheme
-        ).items():  # placeholders, until load gives the values in the kernel's layout
-            dtype = scheme.weight_dtype() if key == "weight" else torch.float32
+        # Placeholders, as large as what load puts in their place (in the kernel's layout).
+        for key, shape in part_shapes(layer.weight.shape, scheme).items():
+            dtype = scheme.weight_dtype() if key == "weight" else scheme.scale_dtype()
             self.register_buffer(key, torch.empty(shape, dtype=dtype, device="meta"))
 
     def extra_repr(self) -> str:
