@@ -287,7 +287,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     except (KeyboardInterrupt, Interrupted) as interruption:
         number = interruption.signal if isinstance(interruption, Interrupted) else signal.SIGINT
-        print(f"interrupted by {signal.Signals(number).name}: nothing was written", file=sys.stderr)
+        outcome = ": nothing was written" if COMMANDS[options.command].writes else ""
+        print(f"interrupted by {signal.Signals(number).name}{outcome}", file=sys.stderr)
         return 128 + number
     print(report)
     return 0
