@@ -49,6 +49,7 @@ class Mutation:
 MODEL, SAMPLING, DECODING = "llama/model.py", "llama/sampling.py", "llama/decoding.py"
 T_MODEL, T_GEN, T_STREAM = "tests/test_model.py::", "tests/test_generation.py::", "tests/test_streaming.py::"
 T_CKPT = "tests/test_checkpoint.py::"
+QUANTIZE = "llama/quantize.py"
 REFERENCE = T_MODEL + "test_fused_attention_kernel_gives_the_logits_of_a_written_out_forward"
 
 MUTATIONS = (
@@ -424,6 +425,37 @@ MUTATIONS = (
         "llama/streaming.py",
         (("context_start = max(self.settled - 1, 0)", "context_start = self.settled"),),
         (T_STREAM + "test_streamed_pieces_add_up_exactly_to_the_final_text",),
+    ),
+    # ---- quantization ---------------------------------------------------------------------------------------------
+    Mutation(
+        "int8 on several ranks: a row-parallel layer scaled by its own slice of each row",
+        "llama/loading.py",
+        (("if scheme.bits == 8 and split_dim(weight_name) == 1 and world_size > 1:", "if False:"),),
+        ("tests/test_quantize.py::test_two_processes_give_the_logits_of_one_quantized_model",),
+    ),
+    Mutation(
+        "int4 packs the even input channel in the high four bits",
+        QUANTIZE,
+        (('return {"weight": q[:, 0::2] | (q[:, 1::2] << 4)', 'return {"weight": (q[:, 0::2] << 4) | q[:, 1::2]'),),
+        ("tests/test_quantize.py::test_int4_keeps_the_even_input_channel_in_the_low_four_bits",),
+    ),
+    Mutation(
+        "int4 levels centred on the group's minimum instead of its middle",
+        QUANTIZE,
+        (("zero = (low + 8 * scale.float()).to(torch.bfloat16)", "zero = low.to(torch.bfloat16)"),),
+        ("tests/test_quantize.py::test_int4_round_trip_is_within_half_a_step_of_each_group",),
+    ),
+    Mutation(
+        "int8 scale maps the largest magnitude to 255",
+        QUANTIZE,
+        (("weight.float().abs().amax(dim=1) / 127", "weight.float().abs().amax(dim=1) / 255"),),
+        ("tests/test_quantize.py::test_int8_round_trip_is_within_half_a_step_of_each_row",),
+    ),
+    Mutation(
+        "perplexity scores each window's first token without context",
+        "llama/perplexity.py",
+        (("scored_until, start = end, start + stride", "scored_until, start = end, end"),),
+        ("tests/test_quantize.py::test_perplexity_in_windows_scores_each_token_once_given_its_window",),
     ),
     # ---- the chat format -----------------------------------------------------------------------------------------
     Mutation(
