@@ -25,7 +25,7 @@ from llama.layout import (
     read_quantization,
     split_dim,
 )
-from llama.model import Transformer
+from llama.model import KVCache, Transformer
 from llama.quantize import (
     Quantization,
     QuantizedLinear,
@@ -149,21 +149,24 @@ def load_model(
         )
     layers = quantize_model(model, scheme) if scheme is not None else []
     model = model.to(dtype=dtype).to_empty(device=device)
-    for buffer in model.buffers():  # the key/value caches
-        buffer.zero_()
+    for cache in (module for module in model.modules() if isinstance(module, KVCache)):
+        for buffer in cache.buffers():  # not the quantized layers' placeholders: loading replaces those
+            buffer.zero_()
     loaders = [_loader(parameter, name, checkpoint, rank, world_size) for name, parameter in model.named_parameters()]
-    stored_as = scheme if stored is not None else None
-    loaders += [
-        _quantized_loader(layer, name, checkpoint, stored_as, rank, world_size, dtype) for name, layer in layers
-    ]
-    with torch.no_grad():
-        for index, load in enumerate(loaders, 1):
-            shard = checkpoint.paths[load()].name
-            if progress:
-                print(f"\rloading {shard}: {index}/{len(loaders)} tensors", end="", file=sys.stderr, flush=True)
+    loaders += [_quantized_loader(layer, name, checkpoint, stored, rank, world_size, dtype) for name, layer in layers]
+    _run_loaders(loaders, checkpoint, progress)
+    return model
+
+
+@torch.no_grad()
+def _run_loaders(loaders: list, checkpoint: ShardedCheckpoint, progress: bool) -> None:
+    """Run each loader; with progress, a line on standard error shows the shard read and the share done."""
+    for index, load in enumerate(loaders, 1):
+        shard = checkpoint.paths[load()].name
+        if progress:
+            print(f"\rloading {shard}: {index}/{len(loaders)} tensors", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
-    return model
 
 
 def check_memory(
