@@ -1,6 +1,7 @@
 """Decoding speed at batch 1, every way of holding the weights side by side in one run: this library in
 float32, bfloat16, int8 and int4 (quantized as they load), Hugging Face transformers in float32 and bfloat16,
-on the same random weights; against this machine's memory bandwidth.
+and llama.cpp in f32, q8_0 and q4_0 when llama-cpp-python is installed, on the same random weights; against
+this machine's memory bandwidth.
 
     python benchmarks/decode_side_by_side.py --shape 110m --threads 2
 
@@ -15,6 +16,11 @@ alternates between rounds, so that a load change on the machine affects all alik
 - the share of one of our decoding steps spent in matrix products (PyTorch's profiler), and which kernel
   each of our arms used.
 - with --compile, each of our arms also with its decoding step compiled (`Llama.build(compile=True)`).
+- llama.cpp (optional: `CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python gguf`, a build from source
+  of 10-15 minutes on two cores): the checkpoint written as GGUF in float32 (benchmarks/to_gguf.py), and that
+  file quantized to q8_0 and q4_0 by llama.cpp's own `llama_model_quantize` with its default choices (which
+  keep the output matrix at q6_K for q4_0); greedy through llama-cpp-python's `generate`, the same prompt and
+  token counts. Its bytes per step are the GGUF tensors' sizes.
 
 Peak memory per arm is not measured here (the arms share one process); `benchmarks/bench.py` measures loading.
 """
@@ -91,6 +97,84 @@ def kernels(llama: Llama) -> list[str]:
     return sorted({layer.kernel for layer in llama.model.modules() if isinstance(layer, QuantizedLinear)})
 
 
+def llama_cpp_files(ckpt_dir: Path, tokenizer_path: Path, workdir: Path, threads: int, source: str = "f32") -> dict:
+    """The checkpoint as GGUF files in `workdir`: {source: matrices in float32 or bfloat16 ("f32", "bf16"),
+    "q8_0": ..., "q4_0": ...}, the last two quantized by llama.cpp itself from the first. Files already there
+    are kept (the 7B benchmark keeps them beside its checkpoint: writing them takes minutes)."""
+    import llama_cpp
+    from to_gguf import write_gguf
+
+    files = {source: workdir / f"model-{source}.gguf"}
+    if not files[source].exists():
+        write_gguf(ckpt_dir, tokenizer_path, files[source], source)
+    for name, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
+        files[name] = workdir / f"model-{name}.gguf"
+        if files[name].exists():
+            continue
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = ftype, threads
+        partial = files[name].with_name(files[name].name + ".partial")
+        if llama_cpp.llama_model_quantize(str(files[source]).encode(), str(partial).encode(), params):
+            raise RuntimeError(f"llama.cpp could not quantize {files[source]} to {name}")
+        partial.rename(files[name])
+    return files
+
+
+def gguf_bytes_per_step(path: Path) -> int:
+    """The bytes one llama.cpp decoding step reads from a GGUF file: every tensor, one row of the embedding."""
+    import gguf
+
+    total = 0
+    for tensor in gguf.GGUFReader(path).tensors:
+        rows = int(tensor.shape[-1]) if tensor.name == "token_embd.weight" else 1
+        total += int(tensor.n_bytes) // rows
+    return total
+
+
+def llama_cpp_generate(path: Path, threads: int, max_seq_len: int):
+    """Greedy decoding through llama-cpp-python, EOS ignored, its cache cleared before each run (as ours
+    starts each run afresh)."""
+    import llama_cpp
+
+    model = llama_cpp.Llama(str(path), n_ctx=max_seq_len, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def generate(prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+        results = []
+        for prompt in prompts:
+            model.reset()
+            tokens = []
+            for token in model.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
+                tokens.append(token)
+                if len(tokens) == new_tokens:
+                    break
+            results.append(tokens)
+        return results
+
+    return generate
+
+
+def llama_cpp_installed() -> bool:
+    """Whether llama-cpp-python and gguf can be imported; if not, says so on stderr."""
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except ImportError as error:
+        print(f"llama.cpp arms left out: {error.name} is not installed", file=sys.stderr)
+        return False
+    return True
+
+
+def llama_cpp_arms(ckpt_dir: Path, tokenizer_path: Path, options: argparse.Namespace, workdir: Path) -> tuple:
+    """({arm: generate}, {arm: bytes per step}) for llama.cpp's f32, q8_0 and q4_0, or nothing (with a note on
+    stderr) when llama-cpp-python or gguf is not installed."""
+    if not llama_cpp_installed():
+        return {}, {}
+    files = llama_cpp_files(ckpt_dir, tokenizer_path, workdir, options.threads)
+    max_seq_len = options.prompt_len + options.new_tokens + 1
+    arms = {f"llama.cpp {name}": llama_cpp_generate(path, options.threads, max_seq_len) for name, path in files.items()}
+    return arms, {f"llama.cpp {name}": gguf_bytes_per_step(path) for name, path in files.items()}
+
+
 def run(options: argparse.Namespace, workdir: Path) -> dict:
     torch.set_num_threads(options.threads)
     options.dtype, options.ckpt_dir = "bfloat16", None  # the checkpoint is written in bfloat16, as Meta's are
@@ -111,6 +195,10 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
         for name, dtype in THEIRS.items():
             arms[name] = their_generate(hf_model(args, state, dtype, torch.device("cpu")), torch.device("cpu"))
             bytes_read[name] = bytes_read["float32" if dtype == torch.float32 else "bfloat16"]
+    if not options.no_llama_cpp:
+        theirs, their_bytes = llama_cpp_arms(ckpt_dir, tokenizer_path, options, workdir)
+        arms.update(theirs)
+        bytes_read.update(their_bytes)
     prompt = random_prompts(1, options.prompt_len, args.vocab_size, seed=2)
     times = {name: {"one": [], "all": []} for name in arms}
     tokens = {}
@@ -170,6 +258,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--no_hf", action="store_true", help="measure only this library")
     parser.add_argument("--compile", action="store_true", help="also each of our arms with a compiled step")
+    parser.add_argument("--no_llama_cpp", action="store_true", help="leave out llama.cpp even when installed")
     parser.add_argument("--json", help="write the figures to this file")
     options = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as workdir:

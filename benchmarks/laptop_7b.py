@@ -1,7 +1,10 @@
 """A Llama 2 7B-shaped model on the CPU, quantized as it loads: a random checkpoint in bfloat16 (as Meta ships
 the 7B model, 13.5 GB) is written once into --workdir, then loaded with quantize="int8" and "int4", each in a
 fresh process (benchmarks/load_probe.py): load time, peak resident memory against the quantized model plus its
-key/value cache, and decode tokens/s at batch 1 as a percentage of the streaming-read floor.
+key/value cache, and decode tokens/s at batch 1 as a percentage of the streaming-read floor. With
+llama-cpp-python installed, llama.cpp on the same weights: the checkpoint written as a bfloat16 GGUF file and
+quantized to q8_0 and q4_0 by llama.cpp (kept in --workdir), each loaded and decoded in a fresh process
+(benchmarks/llama_cpp_probe.py).
 
     python benchmarks/laptop_7b.py --workdir /var/tmp/llama-7b --threads 2
 
@@ -20,11 +23,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import SHAPES, write_tokenizer  # noqa: E402
-from decode_side_by_side import bandwidth  # noqa: E402
+from decode_side_by_side import bandwidth, gguf_bytes_per_step, llama_cpp_files, llama_cpp_installed  # noqa: E402
 
 from llama.layout import expected_shapes, split_dim, write_params  # noqa: E402
 
 SHARDS = 2
+HERE = Path(__file__).resolve().parent
 
 
 def write_random_7b(folder: Path) -> Path:
@@ -53,12 +57,59 @@ def write_random_7b(folder: Path) -> Path:
     return folder
 
 
+def probe(command: list[str], what: str) -> dict:
+    """The figures a probe script prints as its last line of JSON; SystemExit with its last error line."""
+    done = subprocess.run([sys.executable, *command], capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"{what}: {done.stderr.strip().splitlines()[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ours(folder: Path, scheme: str, options: argparse.Namespace, floor_bandwidth: float) -> dict:
+    """This library loading the bfloat16 checkpoint quantized as `scheme`, in a fresh process."""
+    command = [str(HERE / "load_probe.py"), str(folder), str(folder / "tokenizer.model"), "--dtype", "bfloat16",
+               "--max-seq-len", "256", "--prompt-len", "8", "--new-tokens", str(options.new_tokens),
+               "--threads", str(options.threads), "--quantize", scheme]  # fmt: skip
+    figures = probe(command, scheme)
+    figures["peak_rss_over_model_and_cache"] = figures["peak_rss_build_and_generate"] / (
+        figures["model_bytes"] + figures["cache_bytes"]
+    )
+    # A step reads every weight but the embedding (bfloat16), of which it reads one row.
+    args = SHAPES["7b"]
+    figures["bytes_per_step"] = figures["model_bytes"] - (args.vocab_size - 1) * args.dim * 2
+    figures["percent_of_floor"] = 100 * figures["decode_tokens_per_s"] * figures["bytes_per_step"] / floor_bandwidth
+    print(
+        f"{scheme}: load {figures['load_s']:.0f} s, peak RSS {figures['peak_rss_build_and_generate'] / 1e9:.2f} GB "
+        f"= {figures['peak_rss_over_model_and_cache']:.2f}x model {figures['model_bytes'] / 1e9:.2f} GB + cache "
+        f"{figures['cache_bytes'] / 1e9:.2f} GB, decode {figures['decode_tokens_per_s']:.2f} tokens/s "
+        f"({figures['percent_of_floor']:.0f}% of the {floor_bandwidth / 1e9:.1f} GB/s floor)",
+        flush=True,
+    )
+    return figures
+
+
+def theirs(gguf_file: Path, name: str, options: argparse.Namespace, floor_bandwidth: float) -> dict:
+    """llama.cpp decoding the same weights from a GGUF file, in a fresh process."""
+    command = [str(HERE / "llama_cpp_probe.py"), str(gguf_file), "--threads", str(options.threads),
+               "--prompt-len", "8", "--new-tokens", str(options.new_tokens)]  # fmt: skip
+    figures = probe(command, f"llama.cpp {name}")
+    figures["bytes_per_step"] = gguf_bytes_per_step(gguf_file)
+    figures["percent_of_floor"] = 100 * figures["decode_tokens_per_s"] * figures["bytes_per_step"] / floor_bandwidth
+    print(
+        f"llama.cpp {name}: load {figures['load_s']:.0f} s, peak RSS {figures['peak_rss_build_and_generate'] / 1e9:.2f}"
+        f" GB, decode {figures['decode_tokens_per_s']:.2f} tokens/s ({figures['percent_of_floor']:.0f}% of floor)",
+        flush=True,
+    )
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="where the random checkpoint is written (kept for reruns)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--schemes", default="int4,int8")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="leave out llama.cpp even when installed")
     parser.add_argument("--json", help="write the figures to this file")
     options = parser.parse_args()
     folder = write_random_7b(Path(options.workdir))
@@ -66,28 +117,11 @@ def main() -> None:
     floor_bandwidth = bandwidth()["sum"]
     results = {"threads": options.threads, "streaming_read_gb_per_s": floor_bandwidth / 1e9, "schemes": {}}
     for scheme in options.schemes.split(","):
-        probe = Path(__file__).resolve().parent / "load_probe.py"
-        command = [sys.executable, str(probe), str(folder), str(folder / "tokenizer.model"), "--dtype", "bfloat16",
-                   "--max-seq-len", "256", "--prompt-len", "8", "--new-tokens", str(options.new_tokens),
-                   "--threads", str(options.threads), "--quantize", scheme]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode:
-            raise SystemExit(f"{scheme}: {done.stderr.strip().splitlines()[-1]}")
-        figures = json.loads(done.stdout.strip().splitlines()[-1])
-        needed = figures["model_bytes"] + figures["cache_bytes"]
-        figures["peak_rss_over_model_and_cache"] = figures["peak_rss_build_and_generate"] / needed
-        # A step reads every weight but the embedding (bfloat16), of which it reads one row.
-        args = SHAPES["7b"]
-        figures["bytes_per_step"] = figures["model_bytes"] - (args.vocab_size - 1) * args.dim * 2
-        figures["percent_of_floor"] = 100 * figures["decode_tokens_per_s"] * figures["bytes_per_step"] / floor_bandwidth
-        results["schemes"][scheme] = figures
-        print(
-            f"{scheme}: load {figures['load_s']:.0f} s, peak RSS {figures['peak_rss_build_and_generate'] / 1e9:.2f} GB "
-            f"= {figures['peak_rss_over_model_and_cache']:.2f}x model {figures['model_bytes'] / 1e9:.2f} GB + cache "
-            f"{figures['cache_bytes'] / 1e9:.2f} GB, decode {figures['decode_tokens_per_s']:.2f} tokens/s "
-            f"({figures['percent_of_floor']:.0f}% of the {floor_bandwidth / 1e9:.1f} GB/s floor)",
-            flush=True,
-        )
+        results["schemes"][scheme] = ours(folder, scheme, options, floor_bandwidth)
+    if not options.no_llama_cpp and llama_cpp_installed():
+        files = llama_cpp_files(folder, folder / "tokenizer.model", folder, options.threads, source="bf16")
+        for name in ("q8_0", "q4_0"):
+            results["schemes"][f"llama.cpp {name}"] = theirs(files[name], name, options, floor_bandwidth)
     if options.json:
         Path(options.json).write_text(json.dumps(results, indent=1) + "\n")
 
