@@ -146,7 +146,7 @@ def dequantize_weight(parts: dict[str, Tensor], scheme: Quantization, dtype: tor
     if scheme.bits == 8:
         return (parts["weight"].float() * parts["scales"].float()[:, None]).to(dtype)
     packed = parts["weight"]  # (out, in / 2): the even input channel in the low bits
-    q = torch.stack([packed & 15, packed >> 4], dim=-1).view(len(packed), -1).float()  # (out, in)
+    q = _unpack(packed).float()  # (out, in)
     scales = parts["scales"].float().repeat_interleave(scheme.group_size, dim=1)
     zeros = parts["zeros"].float().repeat_interleave(scheme.group_size, dim=1)
     return ((q - 8) * scales + zeros).to(dtype)
@@ -288,19 +288,33 @@ def _product(kernel: str, x: Tensor, parts: dict, scheme: Quantization) -> Tenso
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def _pack_for(kernel: str, parts: dict[str, Tensor], scheme: Quantization, dtype: torch.dtype) -> dict[str, Tensor]:
+def _pack_for(
+    kernel: str, parts: dict[str, Tensor], scheme: Quantization, dtype: torch.dtype, rows: Optional[int] = None
+) -> dict[str, Tensor]:
     """`parts` in the layout `kernel` reads (the int4 kernels' packing is their own, and may change between
-    PyTorch releases; the checkpoint keeps the portable layout)."""
+    PyTorch releases; the checkpoint keeps the portable layout). For the CPU int4 kernel, `rows` at a time (a
+    multiple of 64; by default as many as make a million weights)."""
     if kernel == "int8":
         return {"weight": parts["weight"], "scales": parts["scales"].to(dtype)}
     packed = parts["weight"]
-    q = torch.stack([packed & 15, packed >> 4], dim=-1).view(len(packed), -1)  # (out, in) in [0, 15]
     scales_and_zeros = torch.stack([parts["scales"], parts["zeros"]], dim=-1).transpose(0, 1).contiguous()
     if kernel == "int4-cpu":
-        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
+        # Packed a block of rows at a time (its packing keeps each block of 32 rows to itself; _kernel_agrees
+        # checks that it still does): the int32 copy the converter takes is 8 times the packed weight, which for
+        # a 7B model's output layer would be 0.5 GB.
+        convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+        rows = rows or max(64, _WEIGHTS_PER_BLOCK // (2 * packed.shape[1]) // 64 * 64)
+        blocks = [convert(_unpack(packed[start : start + rows]).int(), 1) for start in range(0, len(packed), rows)]
+        weight = torch.cat(blocks)
     else:  # the CUDA kernel takes its input packed with the even channel in the high bits
+        q = _unpack(packed)
         weight = torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
     return {"weight": weight, "scales_and_zeros": scales_and_zeros.to(dtype)}  # (groups, out, 2)
+
+
+def _unpack(packed: Tensor) -> Tensor:
+    """int4 values, two per byte (out, in / 2), as one per byte (out, in) in [0, 15]."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).view(len(packed), -1)
 
 
 _KERNELS: dict[tuple, str] = {}
@@ -329,11 +343,11 @@ def _kernel_for(scheme: Quantization, device: torch.device, dtype: torch.dtype, 
 
 def _kernel_agrees(kernel: str, scheme: Quantization, device: torch.device, dtype: torch.dtype) -> bool:
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(64, 256, generator=generator)
+    weight = torch.randn(144, 256, generator=generator)  # packed for the CPU int4 kernel in blocks of 64 rows
     x = torch.randn(3, 256, generator=generator).to(device, dtype)
     parts = {key: tensor.to(device) for key, tensor in quantize_weight(weight, scheme).items()}
     try:
-        fast = _product(kernel, x, _pack_for(kernel, parts, scheme, dtype), scheme)
+        fast = _product(kernel, x, _pack_for(kernel, parts, scheme, dtype, rows=64), scheme)
     except (RuntimeError, NotImplementedError, AttributeError):  # no such kernel in this build of PyTorch
         return False
     plain = F.linear(x.float(), dequantize_weight(parts, scheme))

@@ -2,6 +2,7 @@
 finds that this library and Hugging Face transformers produce the same greedy tokens (equal work). Timings are
 not checked: they depend on the machine."""
 
+import importlib.util
 import json
 
 import pytest
@@ -38,16 +39,22 @@ def test_benchmark_smoke_run_writes_all_figures_and_both_libraries_agree_on_gree
 
 def test_side_by_side_decoding_benchmark_runs_every_arm_with_the_kernels(tmp_path):
     """benchmarks/decode_side_by_side.py: float32, bfloat16, int8 and int4 of this library and Hugging Face's
-    float32 and bfloat16 on one random model; the quantized arms use PyTorch's kernels, and this library's
-    float32 decodes Hugging Face's float32 tokens."""
+    float32 and bfloat16 on one random model (and llama.cpp's f32, q8_0 and q4_0 where llama-cpp-python is
+    installed); the quantized arms use PyTorch's kernels, and this library's float32 decodes Hugging Face's
+    float32 tokens (and llama.cpp's)."""
     output = tmp_path / "side.json"
     arguments = ["--shape", "tiny", "--repeats", "1", "--new_tokens", "4", "--threads", "1", "--json", str(output)]
     done = run_python(["benchmarks/decode_side_by_side.py", *arguments])
     assert done.returncode == 0, done.stderr
     arms = json.loads(output.read_text())["arms"]
-    assert set(arms) == {"float32", "bfloat16", "int8", "int4", "hf float32", "hf bfloat16"}
+    expected = {"float32", "bfloat16", "int8", "int4", "hf float32", "hf bfloat16"}
+    if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf"):
+        expected |= {"llama.cpp f32", "llama.cpp q8_0", "llama.cpp q4_0"}
+        assert arms["llama.cpp f32"]["greedy_tokens"] == arms["float32"]["greedy_tokens"]
+    assert set(arms) == expected
     assert arms["int8"]["kernels"] == ["int8"] and arms["int4"]["kernels"] == ["int4-cpu"]
     assert arms["float32"]["greedy_tokens"] == arms["hf float32"]["greedy_tokens"]
+    assert arms["hf float32"]["tokens_as_float32"] == 4
     for figures in arms.values():
         assert {"decode_tokens_per_s", "ratio", "bytes_per_step", "percent_of_floor"} <= set(figures)
     assert arms["int4"]["bytes_per_step"] < arms["int8"]["bytes_per_step"] < arms["bfloat16"]["bytes_per_step"]

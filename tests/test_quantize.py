@@ -102,6 +102,17 @@ def test_each_kernel_computes_the_dequantized_product(scheme, dtype):
     torch.testing.assert_close(layer(x).double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max())
 
 
+def test_int4_packed_in_blocks_of_rows_equals_packed_whole(monkeypatch):
+    """Loading packs int4 weights for PyTorch's CPU kernel a block of rows at a time, to bound the converter's
+    int32 copy; the blocks' packing joined is the whole matrix's packing, a last block of 16 rows included."""
+    weight = weights(rows=144, columns=256)
+    whole = quantized_layer(INT4, weight, torch.bfloat16)
+    monkeypatch.setattr("llama.quantize._WEIGHTS_PER_BLOCK", 64 * 256)  # blocks of 64 rows: 64, 64, 16
+    blocks = quantized_layer(INT4, weight, torch.bfloat16)
+    assert whole.kernel == blocks.kernel == "int4-cpu"
+    assert torch.equal(whole.weight, blocks.weight)
+
+
 @pytest.mark.parametrize("scheme", [INT8, INT4], ids=["int8", "int4"])
 def test_the_plain_path_computes_the_dequantized_product(scheme):
     weight = weights(rows=64, columns=256)
