@@ -196,3 +196,19 @@ def written_out_logits(args: ModelArgs, state: dict[str, torch.Tensor], tokens: 
         gate, up = x @ w["feed_forward.w1.weight"].T, x @ w["feed_forward.w3.weight"].T
         h = h + (gate * torch.sigmoid(gate) * up) @ w["feed_forward.w2.weight"].T
     return norm(h, weights["norm.weight"]) @ weights["output.weight"].T  # (bsz, seqlen, vocab)
+
+
+def fixed_outputs(ckpt_dir, tokenizer_path, quantize: Optional[str] = None) -> dict:
+    """What tests/parallel_worker.py computes on every rank, here in one process: the logits of a fixed batch,
+    the greedy tokens and the sampled tokens of a few prompts."""
+    from llama import Llama
+
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, device="cpu",
+                            dtype="float32", quantize=quantize)  # fmt: skip
+    tokens = torch.randint(0, generator.model.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = generator.model(tokens, 0)
+    greedy, _ = generator.generate([[1, 5, 6, 7], [1, 9]], max_gen_len=16, temperature=0)
+    sampled, _ = generator.generate([[1, 5, 6, 7], [1, 9]], max_gen_len=16, temperature=1.0, top_p=0.9)
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return {"logits": logits, "greedy": greedy, "sampled": sampled, "world_size": world_size}

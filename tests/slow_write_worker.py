@@ -5,6 +5,7 @@ writes the file READY, then sleeps), so that a test can signal the process while
     python tests/slow_write_worker.py READY to-hf SRC DST
 """
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,9 @@ from llama.cli import main
 from llama.shards import save_shard
 
 ready = Path(sys.argv[1])
+# Ctrl-C raises KeyboardInterrupt, as in a program started from a terminal: a test run started in the
+# background (nohup, `&` in a script) hands its children SIGINT ignored, and Python then leaves it so.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pausing_save_shard(state, path, **options):

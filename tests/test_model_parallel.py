@@ -5,7 +5,7 @@ from the number of processes, resliced as it loads."""
 import pytest
 import torch
 
-from helpers import random_model, run_python, run_torchrun, small_args, write_checkpoint
+from helpers import fixed_outputs, random_model, run_torchrun, small_args, write_checkpoint
 
 N_PROCESSES = 2
 ARGS = small_args(n_layers=2, n_heads=4, n_kv_heads=2)
@@ -19,11 +19,8 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single_process(checkpoints, tokenizer_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "single.pt"
-    result = run_python(["tests/parallel_worker.py", str(checkpoints[1]), str(tokenizer_path), str(out)])
-    assert result.returncode == 0, result.stderr
-    return torch.load(out, weights_only=True)
+def single_process(checkpoints, tokenizer_path):
+    return fixed_outputs(checkpoints[1], tokenizer_path)
 
 
 @pytest.mark.parametrize("n_shards", [2, 1], ids=["two shards", "one shard resliced"])
@@ -51,6 +48,6 @@ def test_two_processes_give_the_logits_of_the_unsplit_checkpoint(
 def test_two_processes_exit_cleanly_every_time():
     """At exit the process groups are torn down: left to the interpreter's shutdown, gloo's threads raced it and
     killed a rank with SIGABRT in about one run in twenty, after its work was done."""
-    for run in range(8):
+    for run in range(6):
         result = run_torchrun(N_PROCESSES, ["tests/exit_worker.py"])
         assert result.returncode == 0, f"run {run}: {result.stderr[-2000:]}"

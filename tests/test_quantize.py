@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import random_model, run_python, run_torchrun, small_args, write_checkpoint
+from helpers import fixed_outputs, random_model, run_torchrun, small_args, write_checkpoint
 from llama import Llama
 from llama.convert import quantize, reshard
 from llama.loading import demo_checkpoint
@@ -169,16 +169,14 @@ def test_two_processes_give_the_logits_of_one_quantized_model(
 ):
     """int8's row-parallel layers (wo, w2) keep one scale per whole row: a rank holding half the row's columns
     must use the scale of the whole row, or its products differ from one process's."""
-    sources = {"disk": (quantized[scheme], []), "on load": (checkpoint, [scheme])}
-    results = []
-    for processes, source in ((1, one), (2, two)):
-        folder, extra = sources[source]
-        out = tmp_path / f"{processes}.pt"
-        arguments = ["tests/parallel_worker.py", str(folder), str(tokenizer_path), str(out), *extra]
-        result = run_python(arguments) if processes == 1 else run_torchrun(processes, arguments)
-        assert result.returncode == 0, result.stderr
-        results.append(torch.load(out, weights_only=True))
-    single, parallel = results
+    sources = {"disk": (quantized[scheme], None), "on load": (checkpoint, scheme)}
+    single = fixed_outputs(sources[one][0], tokenizer_path, sources[one][1])
+    folder, option = sources[two]
+    out = tmp_path / "parallel.pt"
+    arguments = ["tests/parallel_worker.py", str(folder), str(tokenizer_path), str(out), *([option] if option else [])]
+    result = run_torchrun(2, arguments)
+    assert result.returncode == 0, result.stderr
+    parallel = torch.load(out, weights_only=True)
     assert parallel["world_size"] == 2
     # Row-parallel layers sum partial products in another order, and the CPU int4 kernel and the plain path
     # (a rank's 200 vocabulary rows do not pack in blocks of 16) round differently.
