@@ -58,3 +58,16 @@ def test_side_by_side_decoding_benchmark_runs_every_arm_with_the_kernels(tmp_pat
     for figures in arms.values():
         assert {"decode_tokens_per_s", "ratio", "bytes_per_step", "percent_of_floor"} <= set(figures)
     assert arms["int4"]["bytes_per_step"] < arms["int8"]["bytes_per_step"] < arms["bfloat16"]["bytes_per_step"]
+
+
+def test_step_profile_splits_each_step_into_its_parts(tmp_path):
+    """benchmarks/step_profile.py on a tiny random model: one row per arm, the parts no larger than the step."""
+    done = run_python(["benchmarks/step_profile.py", "--shape", "tiny", "--threads", "1", "--rounds", "1",
+                       "--steps", "2", "--no_compile", "--arms", "float32,int8"])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| float32") or
+            line.startswith("| int8")]  # fmt: skip
+    assert [row[0].strip() for row in rows] == ["float32", "int8"]
+    for row in rows:
+        step, *parts = map(float, row[2:])
+        assert step > 0 and all(part >= 0 for part in parts)

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import run_python
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from to_gguf import write_gguf  # noqa: E402
@@ -90,6 +92,19 @@ def test_gguf_writer_refuses_a_tokenizer_that_is_not_sentencepiece(tmp_path):
     with pytest.raises(ValueError, match="not a SentencePiece model"):
         write_gguf(ckpt_dir, not_a_model, tmp_path / "out.gguf")
     assert not list(tmp_path.glob("out.gguf*"))
+
+
+def test_the_gguf_command_writes_the_file_and_refuses_to_overwrite_it(tmp_path):
+    ckpt_dir, tokenizer_path = demo_checkpoint()
+    out = tmp_path / "demo.gguf"
+    command = ["benchmarks/to_gguf.py", str(ckpt_dir), str(tokenizer_path), str(out), "--type", "bf16"]
+    done = run_python(command)
+    assert done.returncode == 0, done.stderr
+    types = {tensor.name: tensor.tensor_type.name for tensor in gguf.GGUFReader(out).tensors}
+    assert types["token_embd.weight"] == "BF16" and types["output_norm.weight"] == "F32"
+    again = run_python(command)
+    assert again.returncode == 1
+    assert again.stderr.strip() == f"error: {str(out)!r} exists; remove it or choose another name"
 
 
 def test_llama_cpp_decodes_stories260k_from_the_gguf_file_to_our_greedy_text(tmp_path, stories_dir):
