@@ -21,13 +21,15 @@ class CompiledStep:
     step's up to the summation order of fused operations and of a longer attention window (a masked position
     adds an exact zero)."""
 
-    def __init__(self, model: Transformer, min_window: int = 256):
+    def __init__(self, model: Transformer, min_window: int = 256, cpp_wrapper: Optional[bool] = None):
+        """cpp_wrapper: whether the graph calls its kernels from generated C++ rather than Python; by default on
+        the CPU, where it takes a minute more to compile the first time and 7-11% off each step of the 110m
+        model (docs/performance.md). PyTorch's profiler does not see the kernels it calls."""
         self.model = model
         self.min_window = min_window
-        # On the CPU, the graph's calls into its kernels are made from generated C++ rather than Python: a
-        # minute more to compile the first time, 7-11% off each step of the 110m model (docs/performance.md).
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        self.compiled = torch.compile(model.forward_at, dynamic=False, options={"cpp_wrapper": on_cpu})
+        if cpp_wrapper is None:
+            cpp_wrapper = next(model.parameters()).device.type == "cpu"
+        self.compiled = torch.compile(model.forward_at, dynamic=False, options={"cpp_wrapper": cpp_wrapper})
 
     def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool) -> torch.Tensor:
         if tokens.shape[1] != 1:
