@@ -452,6 +452,23 @@ MUTATIONS = (
         ("tests/test_quantize.py::test_int8_round_trip_is_within_half_a_step_of_each_row",),
     ),
     Mutation(
+        "int4 packed for the CPU kernel 16 rows at a time (its packing spans 32)",
+        QUANTIZE,
+        (("rows = rows or max(64, _WEIGHTS_PER_BLOCK", "rows = 16 or max(64, _WEIGHTS_PER_BLOCK"),),
+        ("tests/test_quantize.py::test_int4_packed_in_blocks_of_rows_equals_packed_whole",),
+    ),
+    Mutation(
+        "the compiled step rotates and caches each token one position early",
+        "llama/compiled.py",
+        (
+            (
+                "positions = torch.tensor([start_pos], device=tokens.device)",
+                "positions = torch.tensor([start_pos - 1], device=tokens.device)",
+            ),
+        ),
+        ("tests/test_compiled.py",),
+    ),
+    Mutation(
         "perplexity scores each window's first token without context",
         "llama/perplexity.py",
         (("scored_until, start = end, start + stride", "scored_until, start = end, end"),),
