@@ -21,13 +21,15 @@ alternates between rounds, so that a load change on the machine affects all alik
   file quantized to q8_0 and q4_0 by llama.cpp's own `llama_model_quantize` with its default choices (which
   keep the output matrix at q6_K for q4_0); greedy through llama-cpp-python's `generate`, the same prompt and
   token counts. Its bytes per step are the GGUF tensors' sizes.
-
-Peak memory per arm is not measured here (the arms share one process); `benchmarks/bench.py` measures loading.
+- the peak resident memory of each of our arms and of llama.cpp's, above the start of a fresh process that
+  loads the model and decodes a few tokens (benchmarks/load_probe.py, benchmarks/llama_cpp_probe.py); the timed
+  arms share one process, so their own peaks would tell nothing.
 """
 
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -168,11 +170,33 @@ def llama_cpp_arms(ckpt_dir: Path, tokenizer_path: Path, options: argparse.Names
     """({arm: generate}, {arm: bytes per step}) for llama.cpp's f32, q8_0 and q4_0, or nothing (with a note on
     stderr) when llama-cpp-python or gguf is not installed."""
     if not llama_cpp_installed():
-        return {}, {}
-    files = llama_cpp_files(ckpt_dir, tokenizer_path, workdir, options.threads)
+        return {}, {}, {}
+    files = {
+        f"llama.cpp {name}": path
+        for name, path in llama_cpp_files(ckpt_dir, tokenizer_path, workdir, options.threads).items()
+    }
     max_seq_len = options.prompt_len + options.new_tokens + 1
-    arms = {f"llama.cpp {name}": llama_cpp_generate(path, options.threads, max_seq_len) for name, path in files.items()}
-    return arms, {f"llama.cpp {name}": gguf_bytes_per_step(path) for name, path in files.items()}
+    arms = {name: llama_cpp_generate(path, options.threads, max_seq_len) for name, path in files.items()}
+    return arms, {name: gguf_bytes_per_step(path) for name, path in files.items()}, files
+
+
+def peak_memory(ckpt_dir: Path, tokenizer_path: Path, gguf_files: dict, options: argparse.Namespace) -> dict:
+    """{arm: bytes}: the peak resident memory above a fresh process's start (its imports), loading the model
+    and decoding a few tokens: our arms through load_probe.py, llama.cpp's through llama_cpp_probe.py."""
+    here, peaks = Path(__file__).resolve().parent, {}
+    common = ["--threads", str(options.threads), "--prompt-len", "4", "--new-tokens", "3"]
+    commands = {}
+    for name, (dtype, scheme) in OURS.items():
+        dtype_name = str(dtype).removeprefix("torch.")
+        commands[name] = [str(here / "load_probe.py"), str(ckpt_dir), str(tokenizer_path), "--dtype", dtype_name,
+                          "--max-seq-len", "64", *(["--quantize", scheme] if scheme else [])]  # fmt: skip
+    commands.update({name: [str(here / "llama_cpp_probe.py"), str(path)] for name, path in gguf_files.items()})
+    for name, command in commands.items():
+        done = subprocess.run([sys.executable, *command, *common], capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise RuntimeError(f"{name}: {done.stderr.strip().splitlines()[-1]}")
+        peaks[name] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_build_and_generate_above_baseline"]
+    return peaks
 
 
 def run(options: argparse.Namespace, workdir: Path) -> dict:
@@ -195,8 +219,9 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
         for name, dtype in THEIRS.items():
             arms[name] = their_generate(hf_model(args, state, dtype, torch.device("cpu")), torch.device("cpu"))
             bytes_read[name] = bytes_read["float32" if dtype == torch.float32 else "bfloat16"]
+    gguf_files = {}
     if not options.no_llama_cpp:
-        theirs, their_bytes = llama_cpp_arms(ckpt_dir, tokenizer_path, options, workdir)
+        theirs, their_bytes, gguf_files = llama_cpp_arms(ckpt_dir, tokenizer_path, options, workdir)
         arms.update(theirs)
         bytes_read.update(their_bytes)
     prompt = random_prompts(1, options.prompt_len, args.vocab_size, seed=2)
@@ -210,7 +235,7 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
                 tokens[name, job] = arms[name](prompt, count)
                 if round_number:
                     times[name][job].append(time.perf_counter() - start)
-    probe = bandwidth()
+    probe, peaks = bandwidth(), peak_memory(ckpt_dir, tokenizer_path, gguf_files, options)
     result = {"shape": options.shape, "threads": options.threads, "new_tokens": options.new_tokens,
               "repeats": options.repeats, "bandwidth_gb_per_s": {k: v / 1e9 for k, v in probe.items()},
               "arms": {}}  # fmt: skip
@@ -223,6 +248,7 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
             "achieved_gb_per_s": speed * bytes_read[name] / 1e9,
             "percent_of_floor": 100 * speed * bytes_read[name] / probe["sum"],
             "greedy_tokens": tokens[name, "all"][0],
+            **({"peak_rss_above_start": peaks[name]} if name in peaks else {}),
             **details.get(name, {}),
         }
     reference = result["arms"].get("hf float32", result["arms"]["float32"])
@@ -242,15 +268,16 @@ def table(result: dict) -> str:
         f"medians of {result['repeats']}; bandwidth: sum {result['bandwidth_gb_per_s']['sum']:.1f} GB/s, "
         f"matrix-vector {result['bandwidth_gb_per_s']['matrix-vector product']:.1f} GB/s",
         "| arm | tokens/s | x HF float32 | MB per step | GB/s | % of floor | matrix products | kernels "
-        "| first tokens as float32 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| first tokens as float32 | peak MB above start |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, arm in result["arms"].items():
         share = f"{100 * arm['matrix_product_share']:.0f}%" if "matrix_product_share" in arm else ""
+        peak = f"{arm['peak_rss_above_start'] / 1e6:.0f}" if "peak_rss_above_start" in arm else ""
         lines.append(
             f"| {name} | {arm['decode_tokens_per_s']:.1f} | {arm['ratio']:.2f} | {arm['bytes_per_step'] / 1e6:.0f} | "
             f"{arm['achieved_gb_per_s']:.1f} | {arm['percent_of_floor']:.0f} | {share} | "
-            f"{', '.join(arm.get('kernels', []))} | {arm['tokens_as_float32']} |"
+            f"{', '.join(arm.get('kernels', []))} | {arm['tokens_as_float32']} | {peak} |"
         )
     return "\n".join(lines)
 

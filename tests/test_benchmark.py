@@ -55,6 +55,9 @@ def test_side_by_side_decoding_benchmark_runs_every_arm_with_the_kernels(tmp_pat
     assert arms["int8"]["kernels"] == ["int8"] and arms["int4"]["kernels"] == ["int4-cpu"]
     assert arms["float32"]["greedy_tokens"] == arms["hf float32"]["greedy_tokens"]
     assert arms["hf float32"]["tokens_as_float32"] == 4
+    # Each arm's memory, measured in a process of its own (not Hugging Face's, which share the timed process).
+    peaks = {name for name, figures in arms.items() if figures.get("peak_rss_above_start", 0) > 0}
+    assert peaks == expected - {"hf float32", "hf bfloat16"}
     for figures in arms.values():
         assert {"decode_tokens_per_s", "ratio", "bytes_per_step", "percent_of_floor"} <= set(figures)
     assert arms["int4"]["bytes_per_step"] < arms["int8"]["bytes_per_step"] < arms["bfloat16"]["bytes_per_step"]
