@@ -191,6 +191,8 @@ def peak_memory(ckpt_dir: Path, tokenizer_path: Path, gguf_files: dict, options:
         commands[name] = [str(here / "load_probe.py"), str(ckpt_dir), str(tokenizer_path), "--dtype", dtype_name,
                           "--max-seq-len", "64", *(["--quantize", scheme] if scheme else [])]  # fmt: skip
     commands.update({name: [str(here / "llama_cpp_probe.py"), str(path)] for name, path in gguf_files.items()})
+    if options.peak_arms != "all":
+        commands = {name: command for name, command in commands.items() if name in options.peak_arms.split(",")}
     for name, command in commands.items():
         done = subprocess.run([sys.executable, *command, *common], capture_output=True, text=True, check=False)
         if done.returncode:
@@ -292,6 +294,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--no_hf", action="store_true", help="measure only this library")
     parser.add_argument("--compile", action="store_true", help="also each of our arms with a compiled step")
     parser.add_argument("--no_llama_cpp", action="store_true", help="leave out llama.cpp even when installed")
+    parser.add_argument("--peak_arms", default="all", help="the arms whose peak memory is measured (comma-separated)")
     parser.add_argument("--json", help="write the figures to this file")
     options = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as workdir:
