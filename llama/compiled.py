@@ -29,6 +29,7 @@ class CompiledStep:
         self.min_window = min_window
         if cpp_wrapper is None:
             cpp_wrapper = next(model.parameters()).device.type == "cpu"
+        self.cpp_wrapper = cpp_wrapper
         self.compiled = torch.compile(model.forward_at, dynamic=False, options={"cpp_wrapper": cpp_wrapper})
 
     def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool) -> torch.Tensor:
