@@ -271,10 +271,15 @@ def measure_load(ckpt_dir: Path, tokenizer_path: Path, options: argparse.Namespa
     arguments = [str(ckpt_dir), str(tokenizer_path), "--dtype", options.dtype, "--device", options.device]
     arguments += ["--max-seq-len", str(max_seq_len), "--threads", str(options.threads)]
     arguments += ["--prompt-len", str(options.prompt_len), "--new-tokens", str(options.new_tokens)]
-    probe = Path(__file__).resolve().parent / "load_probe.py"
-    done = subprocess.run([sys.executable, str(probe), *arguments], capture_output=True, text=True, check=False)
+    return run_probe([str(Path(__file__).resolve().parent / "load_probe.py"), *arguments], "the load probe")
+
+
+def run_probe(command: list[str], what: str) -> dict:
+    """Run a probe script (its path and arguments) in a fresh Python process and return the figures it prints as
+    its last line of JSON. Raises RuntimeError naming `what`, with the probe's errors."""
+    done = subprocess.run([sys.executable, *command], capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"the load probe failed:\n{done.stderr}")
+        raise RuntimeError(f"{what} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

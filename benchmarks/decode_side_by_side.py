@@ -29,7 +29,6 @@ alternates between rounds, so that a load change on the machine affects all alik
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import SHAPES, hf_model, our_generate, prepare_checkpoint, random_prompts, their_generate  # noqa: E402
+from bench import SHAPES, hf_model, our_generate, prepare_checkpoint, random_prompts, run_probe, their_generate  # noqa: E402
 
 from llama import Llama  # noqa: E402
 from llama.quantize import QuantizedLinear  # noqa: E402
@@ -194,10 +193,7 @@ def peak_memory(ckpt_dir: Path, tokenizer_path: Path, gguf_files: dict, options:
     if options.peak_arms != "all":
         commands = {name: command for name, command in commands.items() if name in options.peak_arms.split(",")}
     for name, command in commands.items():
-        done = subprocess.run([sys.executable, *command, *common], capture_output=True, text=True, check=False)
-        if done.returncode:
-            raise RuntimeError(f"{name}: {done.stderr.strip().splitlines()[-1]}")
-        peaks[name] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_build_and_generate_above_baseline"]
+        peaks[name] = run_probe([*command, *common], name)["peak_rss_build_and_generate_above_baseline"]
     return peaks
 
 

@@ -14,7 +14,6 @@ loading reads both into one process (the same tensors Meta's single 7B shard hol
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import SHAPES, write_tokenizer  # noqa: E402
+from bench import SHAPES, run_probe, write_tokenizer  # noqa: E402
 from decode_side_by_side import bandwidth, gguf_bytes_per_step, llama_cpp_files, llama_cpp_installed  # noqa: E402
 
 from llama.layout import expected_shapes, split_dim, write_params  # noqa: E402
@@ -57,20 +56,12 @@ def write_random_7b(folder: Path) -> Path:
     return folder
 
 
-def probe(command: list[str], what: str) -> dict:
-    """The figures a probe script prints as its last line of JSON; SystemExit with its last error line."""
-    done = subprocess.run([sys.executable, *command], capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(f"{what}: {done.stderr.strip().splitlines()[-1]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def ours(folder: Path, scheme: str, options: argparse.Namespace, floor_bandwidth: float) -> dict:
     """This library loading the bfloat16 checkpoint quantized as `scheme`, in a fresh process."""
     command = [str(HERE / "load_probe.py"), str(folder), str(folder / "tokenizer.model"), "--dtype", "bfloat16",
                "--max-seq-len", "256", "--prompt-len", "8", "--new-tokens", str(options.new_tokens),
                "--threads", str(options.threads), "--quantize", scheme]  # fmt: skip
-    figures = probe(command, scheme)
+    figures = run_probe(command, scheme)
     figures["peak_rss_over_model_and_cache"] = figures["peak_rss_build_and_generate"] / (
         figures["model_bytes"] + figures["cache_bytes"]
     )
@@ -92,7 +83,7 @@ def theirs(gguf_file: Path, name: str, options: argparse.Namespace, floor_bandwi
     """llama.cpp decoding the same weights from a GGUF file, in a fresh process."""
     command = [str(HERE / "llama_cpp_probe.py"), str(gguf_file), "--threads", str(options.threads),
                "--prompt-len", "8", "--new-tokens", str(options.new_tokens)]  # fmt: skip
-    figures = probe(command, f"llama.cpp {name}")
+    figures = run_probe(command, f"llama.cpp {name}")
     figures["bytes_per_step"] = gguf_bytes_per_step(gguf_file)
     figures["percent_of_floor"] = 100 * figures["decode_tokens_per_s"] * figures["bytes_per_step"] / floor_bandwidth
     print(
@@ -127,4 +118,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RuntimeError as error:  # a probe failed: its own errors say why
+        raise SystemExit(f"error: {error}") from None
