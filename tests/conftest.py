@@ -36,10 +36,13 @@ def run_main(capsys, monkeypatch):
     monkeypatch.setattr("warnings.showwarning", warnings.showwarning)  # main() replaces it
 
     def run(*arguments) -> tuple[int, str, str]:
-        try:
-            status = main([str(argument) for argument in arguments])
-        except SystemExit as exit:
-            status = exit.code
+        # Python's default for warnings, whatever PYTHONWARNINGS or pytest's filters say: tests check warnings.
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            try:
+                status = main([str(argument) for argument in arguments])
+            except SystemExit as exit:
+                status = exit.code
         out, err = capsys.readouterr()
         return status, out, err
 

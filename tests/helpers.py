@@ -134,13 +134,22 @@ def write_checkpoint(
     return folder
 
 
-def run_python(args: list[str], timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
-    """Run `python ARGS...` from the repository root with this interpreter; output captured as text."""
-    # The repository first; an existing PYTHONPATH after it (where packages may be installed)
+def child_env() -> dict[str, str]:
+    """The environment of a child process: this one's, with the repository first on the Python path (an existing
+    PYTHONPATH after it, where packages may be installed), one thread, and Python's own warning settings: tests
+    check warnings that a PYTHONWARNINGS=ignore in the caller's environment would silence."""
     pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=pythonpath, OMP_NUM_THREADS="1")
+    env.pop("PYTHONWARNINGS", None)
+    return env
+
+
+def run_python(args: list[str], timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python ARGS...` from the repository root with this interpreter (in `child_env()`); output captured
+    as text."""
     return subprocess.run(
-        [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs
+        [sys.executable, *args], cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout,
+        **kwargs,
     )
 
 
@@ -149,6 +158,19 @@ def run_torchrun(nproc: int, args: list[str], timeout: float = 900) -> subproces
     return run_python(
         ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args], timeout=timeout
     )
+
+
+def run_parallel_jobs(nproc: int, jobs: list[tuple], out_path: Path) -> tuple[list[dict], list[str]]:
+    """Run tests/parallel_worker.py's JOBS ((checkpoint folder, tokenizer path, scheme or None), ...) in one
+    torchrun launch of NPROC processes: what fixed_outputs gives for each job, and the part of rank 0's standard
+    error that each job wrote. Fails the test if the launch fails or does not end cleanly."""
+    jobs_json = json.dumps([[str(folder), str(tokenizer), scheme] for folder, tokenizer, scheme in jobs])
+    launched = run_torchrun(nproc, ["tests/parallel_worker.py", str(out_path), jobs_json])
+    assert launched.returncode == 0, launched.stderr
+    results = torch.load(out_path, weights_only=True)
+    messages = [launched.stderr.partition(f"job {number}\n")[2] for number in range(len(jobs))]
+    messages = [message.partition(f"job {number + 1}\n")[0] for number, message in enumerate(messages)]
+    return results, messages
 
 
 def written_out_logits(args: ModelArgs, state: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:

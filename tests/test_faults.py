@@ -3,7 +3,6 @@ source and any existing destination byte for byte as they were, and no partial f
 it); a destination that is a file, a link, the current folder or inside a file is refused in one line."""
 
 import hashlib
-import os
 import resource
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from helpers import REPO_ROOT, random_model, small_args, write_checkpoint
+from helpers import REPO_ROOT, child_env, random_model, small_args, write_checkpoint
 from llama.hf import to_hf
 
 ARGS = small_args(n_heads=8, n_kv_heads=4)
@@ -35,11 +34,10 @@ def leftovers(folder):
 def start_slow_write(tmp_path, command):
     """The command line running `command`, paused after its first weights file; returns the process once paused."""
     ready = tmp_path / "READY"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     process = subprocess.Popen(
         [sys.executable, "tests/slow_write_worker.py", str(ready), *map(str, command)],
         cwd=REPO_ROOT,
-        env=env,
+        env=child_env(),
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -131,6 +129,7 @@ def test_a_write_the_system_refuses_midway_through_a_file_ends_in_one_line_and_l
     done = subprocess.run(
         [sys.executable, "-m", "llama", command, str(source), str(destination), *extra],
         cwd=REPO_ROOT,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=900,
@@ -166,7 +165,9 @@ def test_a_disk_that_fills_up_ends_in_one_line_and_keeps_source_and_old_destinat
     (previous / "notes.txt").write_text("mine")
     before_source, before_previous = hashes(source), hashes(previous)
     command = [sys.executable, "-m", "llama", "reshard", str(source), str(previous), "--model-parallel-size", "1"]
-    done = subprocess.run([*command, "--overwrite"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [*command, "--overwrite"], cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 1
     assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("error: cannot write "), done.stderr
     assert "its disk is full" in done.stderr or "No space left on device" in done.stderr, done.stderr

@@ -5,7 +5,7 @@ from the number of processes, resliced as it loads."""
 import pytest
 import torch
 
-from helpers import fixed_outputs, random_model, run_torchrun, small_args, write_checkpoint
+from helpers import fixed_outputs, random_model, run_parallel_jobs, run_torchrun, small_args, write_checkpoint
 
 N_PROCESSES = 2
 ARGS = small_args(n_layers=2, n_heads=4, n_kv_heads=2)
@@ -23,21 +23,24 @@ def single_process(checkpoints, tokenizer_path):
     return fixed_outputs(checkpoints[1], tokenizer_path)
 
 
-@pytest.mark.parametrize("n_shards", [2, 1], ids=["two shards", "one shard resliced"])
-def test_two_processes_give_the_logits_of_the_unsplit_checkpoint(
-    checkpoints, single_process, tokenizer_path, tmp_path, n_shards
-):
-    out = tmp_path / "parallel.pt"
-    parallel = run_torchrun(
-        N_PROCESSES, ["tests/parallel_worker.py", str(checkpoints[n_shards]), str(tokenizer_path), str(out)]
-    )
-    assert parallel.returncode == 0, parallel.stderr
-    notices = parallel.stderr.count("resharded on the fly")
-    assert notices == (0 if n_shards == N_PROCESSES else 1), f"rank 0 alone tells once:\n{parallel.stderr}"
-    if n_shards != N_PROCESSES:
-        assert f"--model-parallel-size {N_PROCESSES}" in parallel.stderr
+@pytest.fixture(scope="module")
+def two_processes(checkpoints, tokenizer_path, tmp_path_factory):
+    """Both checkpoints run by N_PROCESSES processes, in one torchrun launch: {shard count: (outputs, messages)}."""
+    counts = sorted(checkpoints)
+    jobs = [(checkpoints[count], tokenizer_path, None) for count in counts]
+    results, messages = run_parallel_jobs(N_PROCESSES, jobs, tmp_path_factory.mktemp("parallel") / "outputs.pt")
+    return dict(zip(counts, zip(results, messages)))
 
-    expected, actual = single_process, torch.load(out, weights_only=True)
+
+@pytest.mark.parametrize("n_shards", [2, 1], ids=["two shards", "one shard resliced"])
+def test_two_processes_give_the_logits_of_the_unsplit_checkpoint(single_process, two_processes, n_shards):
+    actual, messages = two_processes[n_shards]
+    notices = messages.count("resharded on the fly")
+    assert notices == (0 if n_shards == N_PROCESSES else 1), f"rank 0 alone tells once:\n{messages}"
+    if n_shards != N_PROCESSES:
+        assert f"--model-parallel-size {N_PROCESSES}" in messages
+
+    expected = single_process
     assert expected["world_size"] == 1 and actual["world_size"] == N_PROCESSES
     # Row-parallel layers sum partial products across ranks: the same sums in another order.
     torch.testing.assert_close(actual["logits"], expected["logits"], rtol=1e-5, atol=1e-5)

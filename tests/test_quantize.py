@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import fixed_outputs, random_model, run_torchrun, small_args, write_checkpoint
+from helpers import fixed_outputs, random_model, run_parallel_jobs, small_args, write_checkpoint
 from llama import Llama
 from llama.convert import quantize, reshard
 from llama.loading import demo_checkpoint
@@ -163,20 +163,32 @@ def test_quantized_logits_stay_close_to_the_floating_point_ones(checkpoint, toke
     assert 0 < relative < bound, f"{scheme}: relative error {relative:.4f}"
 
 
-@pytest.mark.parametrize("scheme, one, two", [("int8", "disk", "on load"), ("int4", "on load", "disk")])
+PARALLEL_CASES = [("int8", "disk", "on load"), ("int4", "on load", "disk")]
+
+
+def quantized_sources(checkpoint, quantized, scheme):
+    """Where a quantized model comes from: its checkpoint on disk, or the float one quantized as it loads."""
+    return {"disk": (quantized[scheme], None), "on load": (checkpoint, scheme)}
+
+
+@pytest.fixture(scope="module")
+def two_processes(checkpoint, quantized, tokenizer_path, tmp_path_factory):
+    """Each case's second source run by 2 processes, all in one torchrun launch: {scheme: outputs}."""
+    sources = [quantized_sources(checkpoint, quantized, scheme)[two] for scheme, _, two in PARALLEL_CASES]
+    jobs = [(folder, tokenizer_path, option) for folder, option in sources]
+    results, _ = run_parallel_jobs(2, jobs, tmp_path_factory.mktemp("parallel") / "outputs.pt")
+    return {scheme: result for (scheme, _, _), result in zip(PARALLEL_CASES, results)}
+
+
+@pytest.mark.parametrize("scheme, one, two", PARALLEL_CASES)
 def test_two_processes_give_the_logits_of_one_quantized_model(
-    checkpoint, quantized, tokenizer_path, tmp_path, scheme, one, two
+    checkpoint, quantized, tokenizer_path, two_processes, scheme, one, two
 ):
     """int8's row-parallel layers (wo, w2) keep one scale per whole row: a rank holding half the row's columns
     must use the scale of the whole row, or its products differ from one process's."""
-    sources = {"disk": (quantized[scheme], None), "on load": (checkpoint, scheme)}
-    single = fixed_outputs(sources[one][0], tokenizer_path, sources[one][1])
-    folder, option = sources[two]
-    out = tmp_path / "parallel.pt"
-    arguments = ["tests/parallel_worker.py", str(folder), str(tokenizer_path), str(out), *([option] if option else [])]
-    result = run_torchrun(2, arguments)
-    assert result.returncode == 0, result.stderr
-    parallel = torch.load(out, weights_only=True)
+    folder, option = quantized_sources(checkpoint, quantized, scheme)[one]
+    single = fixed_outputs(folder, tokenizer_path, option)
+    parallel = two_processes[scheme]
     assert parallel["world_size"] == 2
     # Row-parallel layers sum partial products in another order, and the CPU int4 kernel and the plain path
     # (a rank's 200 vocabulary rows do not pack in blocks of 16) round differently.
