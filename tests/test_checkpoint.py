@@ -399,7 +399,7 @@ def test_import_reads_only_inside_its_source_and_refuses_a_malformed_index(tmp_p
     assert not (tmp_path / "out").exists()
 
 
-def test_conversion_mistakes_end_in_one_line_on_the_command_line(tmp_path, one_shard):
+def test_conversion_mistakes_end_in_one_line_on_the_command_line(tmp_path, one_shard, run_main):
     to_hf(one_shard, tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config | {"rope_parameters": "default"}))
@@ -411,6 +411,6 @@ def test_conversion_mistakes_end_in_one_line_on_the_command_line(tmp_path, one_s
             "is not a SentencePiece model",
         ),
     ):
-        result = run_python(["-m", "llama", *map(str, command)])
-        assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
-        assert result.stderr.startswith("error: ") and message in result.stderr
+        status, _, stderr = run_main(*command)
+        assert status == 1 and len(stderr.splitlines()) == 1, stderr
+        assert stderr.startswith("error: ") and message in stderr

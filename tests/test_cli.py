@@ -55,18 +55,17 @@ def test_each_commands_help_explains_every_option_with_its_default(command, run_
                 assert f"(default: {action.default})" in " ".join(stdout.split()), action.option_strings[0]
 
 
-def test_reshard_prints_what_it_wrote_and_refuses_to_overwrite_in_one_line(tmp_path, checkpoint):
+def test_reshard_prints_what_it_wrote_and_refuses_to_overwrite_in_one_line(tmp_path, checkpoint, run_main):
     destination = tmp_path / "two"
-    result = llama_command("reshard", checkpoint, destination, "--model-parallel-size", "2")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"wrote {destination}: consolidated.00.pth, consolidated.01.pth, params.json, " + (
+    status, stdout, stderr = run_main("reshard", checkpoint, destination, "--model-parallel-size", "2")
+    assert status == 0, stderr
+    assert stdout.strip() == f"wrote {destination}: consolidated.00.pth, consolidated.01.pth, params.json, " + (
         "tokenizer.model"
     )
-    assert result.stderr == ""
-    again = llama_command("reshard", checkpoint, destination, "--model_parallel_size", "2")  # underscores work too
-    assert again.returncode == 1 and "Traceback" not in again.stderr
-    assert again.stderr.strip() == f"error: {str(destination)!r} already exists: " + (
-        "choose another destination, or pass --overwrite to replace it"
+    assert stderr == ""
+    status, _, stderr = run_main("reshard", checkpoint, destination, "--model_parallel_size", "2")  # underscores too
+    assert status == 1 and stderr == f"error: {str(destination)!r} already exists: " + (
+        "choose another destination, or pass --overwrite to replace it\n"
     )
 
 

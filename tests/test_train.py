@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import random_model, run_python, small_args
+from helpers import random_model, small_args
 from llama import Llama, demo_checkpoint
 from llama.layout import PARAM_KEYS
 from llama.train import TrainConfig, learning_rate_at, train
@@ -218,11 +218,8 @@ def test_bad_inputs_are_refused_before_training_with_a_clear_error(tmp_path, tex
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
 
 
-def test_command_line_reports_a_bad_input_in_one_line(tmp_path):
-    result = run_python(
-        ["-m", "llama", "train", "--text-path", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "m")]
-    )
-    assert result.returncode == 1
-    assert result.stderr.strip().startswith("error: text file") and "Traceback" not in result.stderr
-    result = run_python(["-m", "llama", "train", "--text-path", "t.txt", "--out-dir", "m", "--dim", "0"])
-    assert result.returncode == 1 and result.stderr.strip() == "error: dim must be a positive whole number, got 0"
+def test_command_line_reports_a_bad_input_in_one_line(tmp_path, run_main):
+    status, _, stderr = run_main("train", "--text-path", tmp_path / "missing.txt", "--out-dir", tmp_path / "m")
+    assert status == 1 and len(stderr.splitlines()) == 1 and stderr.startswith("error: text file"), stderr
+    status, _, stderr = run_main("train", "--text-path", "t.txt", "--out-dir", "m", "--dim", "0")
+    assert status == 1 and stderr == "error: dim must be a positive whole number, got 0\n"
