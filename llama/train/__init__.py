@@ -325,4 +325,3 @@ def train(
     )
     write_checkpoint(out_dir, model, config, data.tokenizer_model, metrics, overwrite)
     return metrics
-
