@@ -91,9 +91,12 @@ class Batch:
         max_seq_len: int,
         device: torch.device,
         text_of: Optional[Tokenizer] = None,
+        generators: Optional[Sequence[torch.Generator]] = None,
     ):
-        """`text_of`: follow each sequence's text, as this tokenizer decodes it (with params.stop applied)."""
+        """`text_of`: follow each sequence's text, as this tokenizer decodes it (with params.stop applied).
+        `generators`: each sequence's own random generator, for sampling (None: greedy)."""
         self.params = params
+        self.generators = generators
         self.streams = None
         if text_of is not None:
             self.streams = [TextStream(text_of, prompt if params.echo else (), params.stop) for prompt in prompts]
@@ -111,6 +114,13 @@ class Batch:
         # end[row]: one past the row's last returned token; it shrinks when the row stops early.
         self.end = [min(length + max_gen_len, self.total_len) for length in self.prompt_lens]
         self.done = [length >= end for length, end in zip(self.prompt_lens, self.end)]
+
+    def generators_at(self, position: int) -> Optional[list[Optional[torch.Generator]]]:
+        """Each sequence's generator where `position` is generated, None where the sequence still reads its
+        prompt: it draws nothing there, so that its draws do not depend on the prompts beside it."""
+        if self.generators is None:
+            return None
+        return [own if position >= length else None for own, length in zip(self.generators, self.prompt_lens)]
 
     def place(self, position: int, sampled: torch.Tensor) -> torch.Tensor:
         """Write the tokens of `position` (bsz,): the sampled ones, except where a prompt still has its own."""
@@ -182,9 +192,7 @@ def _check_logprobs(logprobs: list[float], start: int, end: int, row: int) -> No
         )
 
 
-def decode(
-    step: Step, batch: Batch, stop_ids: frozenset[int], generator: Optional[torch.Generator] = None
-) -> Iterator[StepResult]:
+def decode(step: Step, batch: Batch, stop_ids: frozenset[int]) -> Iterator[StepResult]:
     """Decode `batch` to the end. Yields a StepResult per position when the batch follows its text, and one at
     the end that holds every sequence's Completion (and the text held back until then)."""
     params = batch.params
@@ -195,7 +203,7 @@ def decode(
     for position in range(batch.min_prompt_len, batch.total_len):
         # (bs, position - previous, vocab) for logprobs, else (bs, 1, vocab): the next token needs the last
         logits = step.forward(batch.tokens[:, previous:position], previous, last_only=not params.logprobs)
-        sampled, usable = sample_usable(logits[:, -1], params, generator)
+        sampled, usable = sample_usable(logits[:, -1], params, batch.generators_at(position))
         column = batch.place(position, sampled)
         if params.logprobs:
             batch.record_logprobs(logits, previous)

@@ -108,7 +108,8 @@ class Llama:
         self.progress = progress
         self.device = next(model.parameters()).device
         # A private generator: sampling is reproducible without touching the caller's global RNG state, and
-        # every rank, seeded alike and seeing the same logits, draws the same tokens.
+        # every rank, seeded alike and seeing the same logits, draws the same tokens. It seeds the generator of
+        # each sequence of a call that gives no seed of its own.
         self.generator = torch.Generator(device=self.device).manual_seed(whole_number(seed, "seed", minimum=None))
         self._turns = Turns()
 
@@ -123,6 +124,7 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
         top_k: int = 0,
+        seed: Optional[int] = None,
     ) -> tuple[list[list[int]], Optional[list[list[float]]]]:
         """Continue each prompt (a list of token ids) by up to `max_gen_len` tokens, stopping a sequence at EOS.
 
@@ -130,31 +132,36 @@ class Llama:
         greedy. Returns the new tokens of each prompt (the prompt too with echo=True, EOS cut off), and with
         logprobs=True, for each returned token, the log-probability the model gave it at the position that
         predicted it (0.0 for a prompt's first token, which nothing predicts). A prompt may fill the whole
-        context (max_seq_len tokens): nothing is generated then, which with echo and logprobs scores it.
-        Raises ValueError for an empty batch, bad token ids, a prompt longer than max_seq_len or bad sampling
-        settings, and FloatingPointError if the model's logits are not finite.
+        context (max_seq_len tokens): nothing is generated then, which with echo and logprobs scores it. `seed`
+        seeds each prompt's own sampling, so that its tokens do not depend on the other prompts of the call
+        (None: seeds drawn from the `seed` the Llama was built with). Raises ValueError for an empty batch, bad
+        token ids, a prompt longer than max_seq_len or bad sampling settings, and FloatingPointError if the
+        model's logits are not finite.
         """
-        params = SamplingParams(temperature, top_p, top_k, max_gen_len, logprobs=logprobs, echo=echo)
+        params = SamplingParams(temperature, top_p, top_k, max_gen_len, logprobs=logprobs, echo=echo, seed=seed)
         results = completions(self._steps(check_token_prompts(prompt_tokens, self.model.params), params, False))
         return [result.tokens for result in results], ([result.logprobs for result in results] if logprobs else None)
 
     def text_completion(
         self, prompts: list[str], temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
         logprobs: bool = False, echo: bool = False, top_k: int = 0, stop: Optional[list[str]] = None,
-        truncate: bool = False,
+        truncate: bool = False, seed: Optional[int] = None,
     ) -> list[CompletionPrediction]:  # fmt: skip
         """Complete each prompt string; any number of prompts, results in input order.
 
         `max_gen_len` defaults to max_seq_len - 1. A sequence ends at EOS, or when its text contains one of
         the `stop` strings (the returned text ends before it). A prompt must leave room for one new token
-        (at most max_seq_len - 1 tokens); with truncate=True a longer one keeps BOS and its last tokens.
-        Returns one {"generation": str} per prompt (the prompt included with echo=True), plus "tokens" (the
-        text of each token) and "logprobs" with logprobs=True. Raises TypeError for a non-string prompt or
+        (at most max_seq_len - 1 tokens); with truncate=True one keeps BOS and as many of its last tokens as leave
+        room for max_gen_len new ones (see `llama.prompts.truncated_len`). `seed`
+        seeds each prompt's own sampling, as in `generate`. Returns one {"generation": str} per prompt (the
+        prompt included with echo=True), plus "tokens" (the text of each token) and "logprobs" with
+        logprobs=True. Raises TypeError for a non-string prompt or
         stop list, ValueError for an empty list, bad sampling settings or a prompt that is too long (naming
         it), and FloatingPointError if the model's logits are not finite.
         """
-        params = SamplingParams(temperature, top_p, top_k, max_gen_len, stop, logprobs, echo)
-        steps = self._steps(encode_prompts(self.tokenizer, prompts, self.model.params, truncate), params, bool(stop))
+        params = SamplingParams(temperature, top_p, top_k, max_gen_len, stop, logprobs, echo, seed=seed)
+        prompt_tokens = encode_prompts(self.tokenizer, prompts, self.model.params, truncate, params.max_gen_len)
+        steps = self._steps(prompt_tokens, params, bool(stop))
         return [self._prediction(result, logprobs) for result in completions(steps)]
 
     def stream_completion(self, prompts: list[str], **settings) -> Iterator[list[str]]:
@@ -162,23 +169,24 @@ class Llama:
         step, a list with the new text of each prompt ("" where there is none). The pieces of a prompt add up
         to its final "generation" exactly. Arguments are checked, and errors raised, before the first step."""
         params, truncate = _settings("text_completion", settings)
-        prompt_tokens = encode_prompts(self.tokenizer, prompts, self.model.params, truncate)
+        prompt_tokens = encode_prompts(self.tokenizer, prompts, self.model.params, truncate, params.max_gen_len)
         return _pieces(self._steps(prompt_tokens, params, follow_text=True, streaming=True))
 
     def chat_completion(
         self, dialogs: list[Dialog], temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
         logprobs: bool = False, top_k: int = 0, stop: Optional[list[str]] = None, truncate: bool = False,
+        seed: Optional[int] = None,
     ) -> list[ChatPrediction]:  # fmt: skip
         """Answer each dialog as the assistant, in the model's chat format (`chat_format`); any number of dialogs.
 
         Returns one {"generation": {"role": "assistant", "content": str}} per dialog, plus "tokens" and
         "logprobs" with logprobs=True. A dialog the format refuses (for Llama 2, one containing a tag of the
-        format) is not run; its answer is the format's error text. `stop` and `truncate` work as in
+        format) is not run; its answer is the format's error text. `stop`, `truncate` and `seed` work as in
         `text_completion`. Raises ValueError or TypeError for malformed dialogs (see `check_dialog`) and as
         `text_completion` does.
         """
-        params = SamplingParams(temperature, top_p, top_k, max_gen_len, stop, logprobs)
-        prompts, refusals = encode_dialogs(self.chat_format, dialogs, self.model.params, truncate)
+        params = SamplingParams(temperature, top_p, top_k, max_gen_len, stop, logprobs, seed=seed)
+        prompts, refusals = encode_dialogs(self.chat_format, dialogs, self.model.params, truncate, params.max_gen_len)
         answers = iter(completions(self._steps(prompts, params, follow_text=bool(stop))))
         results: list[ChatPrediction] = []
         for refusal in refusals:
@@ -192,7 +200,7 @@ class Llama:
         the new answer text of each dialog ("" where there is none); the pieces add up to the final content
         exactly (for a refused dialog, the error text comes in the first list)."""
         params, truncate = _settings("chat_completion", settings)
-        prompts, refusals = encode_dialogs(self.chat_format, dialogs, self.model.params, truncate)
+        prompts, refusals = encode_dialogs(self.chat_format, dialogs, self.model.params, truncate, params.max_gen_len)
         return _merge_refusals(_pieces(self._steps(prompts, params, follow_text=True, streaming=True)), refusals)
 
     def generate_steps(
@@ -234,8 +242,9 @@ class Llama:
                 print(f"generating batch {number + 1}/{len(starts)}", file=sys.stderr, flush=True)
             batch_prompts = prompts[start : start + size]
             text_of = self.tokenizer if follow_text else None
-            batch = Batch(batch_prompts, params, self.model.params.max_seq_len, self.device, text_of)
-            steps = decode(self.decode_step, batch, self.tokenizer.stop_ids, self.generator)
+            generators = self._row_generators(params, len(batch_prompts))
+            batch = Batch(batch_prompts, params, self.model.params.max_seq_len, self.device, text_of, generators)
+            steps = decode(self.decode_step, batch, self.tokenizer.stop_ids)
             if len(batch_prompts) == len(prompts):
                 yield from steps
                 continue
@@ -243,6 +252,17 @@ class Llama:
                 before, after = [""] * start, [""] * (len(prompts) - start - len(batch_prompts))
                 finished = [(start + row, completion) for row, completion in step.finished]
                 yield StepResult(before + step.pieces + after, finished)
+
+    def _row_generators(self, params: SamplingParams, count: int) -> Optional[list[torch.Generator]]:
+        """A generator per sequence of a batch, seeded with params.seed or else from the Llama's generator (a
+        row's draws then never depend on another row's); None for greedy decoding, which draws nothing."""
+        if params.temperature == 0:
+            return None
+        if params.seed is None:
+            seeds = torch.randint(2**62, (count,), generator=self.generator, device=self.device).tolist()
+        else:
+            seeds = [params.seed] * count
+        return [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
 
 
 def _settings(method: str, settings: dict) -> tuple[SamplingParams, bool]:
