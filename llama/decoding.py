@@ -56,11 +56,14 @@ def cache_window(start_pos: int, min_window: int, max_seq_len: int) -> int:
 
 class Completion(NamedTuple):
     """One sequence's result: its tokens (with the prompt's if echoed; without EOS or a stop sequence's),
-    their logprobs (with logprobs=True), and their text when it was followed (else None: decode(tokens))."""
+    their logprobs (with logprobs=True), and their text when it was followed (else None: decode(tokens)).
+    With top_logprobs=k, for each returned token the k most likely tokens at its position, as (token id,
+    logprob) pairs, most likely first ([] for a prompt's first token, which nothing predicts)."""
 
     tokens: list[int]
     logprobs: Optional[list[float]]
     text: Optional[str]
+    top_logprobs: Optional[list[list[tuple[int, float]]]] = None
 
 
 @dataclass
@@ -111,6 +114,7 @@ class Batch:
         self.is_prompt = self.tokens != pad_id
         self.host = [list(prompt) for prompt in prompts]
         self.logprobs = torch.zeros(self.tokens.shape, device=device) if params.logprobs else None
+        self.top_ids = self.top_logprobs = None  # (bsz, total_len, k) each, with params.top_logprobs = k
         # end[row]: one past the row's last returned token; it shrinks when the row stops early.
         self.end = [min(length + max_gen_len, self.total_len) for length in self.prompt_lens]
         self.done = [length >= end for length, end in zip(self.prompt_lens, self.end)]
@@ -131,9 +135,15 @@ class Batch:
     def record_logprobs(self, logits: torch.Tensor, start: int) -> None:
         """Log-probabilities of the tokens that logits (bsz, n, vocab) predict: logits[:, i] predicts the token
         at position start + 1 + i."""
-        targets = self.tokens[:, start + 1 : start + 1 + logits.shape[1]]
-        picked = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        self.logprobs[:, start + 1 : start + 1 + logits.shape[1]] = picked
+        columns = slice(start + 1, start + 1 + logits.shape[1])
+        log_probs = F.log_softmax(logits, dim=-1)  # (bsz, n, vocab)
+        self.logprobs[:, columns] = log_probs.gather(-1, self.tokens[:, columns].unsqueeze(-1)).squeeze(-1)
+        if self.params.top_logprobs:
+            top = log_probs.topk(min(self.params.top_logprobs, log_probs.shape[-1]), dim=-1)  # (bsz, n, k) each
+            if self.top_ids is None:  # k is known now: at most the vocabulary
+                shape = (*self.tokens.shape, top.indices.shape[-1])  # (bsz, total_len, k)
+                self.top_ids, self.top_logprobs = self.tokens.new_zeros(shape), self.logprobs.new_zeros(shape)
+            self.top_ids[:, columns], self.top_logprobs[:, columns] = top.indices, top.values
 
     def advance(self, position: int, new_tokens: list[int], usable: list[bool], stop_ids: frozenset[int]) -> list[str]:
         """The host's part of a step, given the tokens now at `position`: end sequences at a stop id (EOS, or
@@ -165,6 +175,7 @@ class Batch:
         """The text not handed out yet, and every sequence's Completion."""
         pieces = [""] * len(self.host) if self.streams is None else [stream.finish() for stream in self.streams]
         logprobs = self.logprobs.tolist() if self.logprobs is not None else None
+        top = None if self.top_ids is None else (self.top_ids.tolist(), self.top_logprobs.tolist())
         finished = []
         for row, length in enumerate(self.prompt_lens):
             start = 0 if self.params.echo else length
@@ -174,9 +185,15 @@ class Batch:
                 tokens=self.host[row][start : self.end[row]],
                 logprobs=logprobs[row][start : self.end[row]] if logprobs is not None else None,
                 text=None if self.streams is None else self.streams[row].text,
+                top_logprobs=None if top is None else _top_pairs(top[0][row], top[1][row], start, self.end[row]),
             )
             finished.append((row, completion))
         return StepResult(pieces, finished)
+
+
+def _top_pairs(ids: list, logprobs: list, start: int, end: int) -> list[list[tuple[int, float]]]:
+    """The (token id, logprob) pairs of positions start .. end - 1; none for position 0, which nothing predicts."""
+    return [list(zip(ids[position], logprobs[position])) if position else [] for position in range(start, end)]
 
 
 def _check_logprobs(logprobs: list[float], start: int, end: int, row: int) -> None:

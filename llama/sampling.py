@@ -11,6 +11,9 @@ import torch
 from llama.values import flag, real_number, whole_number
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API: enough to show the alternatives, never a copy of the distribution
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """The settings of one generation call, checked when made.
@@ -23,6 +26,8 @@ class SamplingParams:
     generating after EOS (benchmarks, which need every sequence to run its full length). seed: seeds each
     sequence's own random generator, so that its samples depend on its prompt, the settings and the seed only,
     never on the other prompts of its batch (None: each sequence's seed is drawn from the generator's own).
+    top_logprobs: with logprobs, also the top_logprobs most likely tokens and their log-probabilities at each
+    returned position (0 to 20, as OpenAI's API allows).
 
     Raises ValueError for a value out of range, TypeError for `stop` that is not a list of non-empty strings
     or a flag that is not a bool.
@@ -37,6 +42,7 @@ class SamplingParams:
     echo: bool = False
     ignore_eos: bool = False
     seed: Optional[int] = None
+    top_logprobs: int = 0
 
     def __post_init__(self):
         settings = {
@@ -49,7 +55,12 @@ class SamplingParams:
             "stop": _checked_stop(self.stop),
             **{name: flag(getattr(self, name), name) for name in ("logprobs", "echo", "ignore_eos")},
             "seed": None if self.seed is None else _checked_seed(self.seed),
+            "top_logprobs": whole_number(self.top_logprobs, "top_logprobs", minimum=0),
         }
+        if not settings["top_logprobs"] <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {self.top_logprobs!r}")
+        if settings["top_logprobs"] and not settings["logprobs"]:
+            raise ValueError(f"top_logprobs={self.top_logprobs!r} needs logprobs=True")
         for name, value in settings.items():
             object.__setattr__(self, name, value)  # frozen: set once, here
 

@@ -79,3 +79,53 @@ def test_a_token_without_text_inside_a_sequence_streams_what_decoding_gives(toke
         stream = TextStream(tokenizer, prefix=ids[:prefix])
         text = "".join(stream.push(token) for token in ids[prefix:]) + stream.finish()
         assert text == tokenizer.decode(ids), f"prefix of {prefix} tokens"
+
+
+# ---- top log-probabilities ----------------------------------------------------------------------------------
+
+
+def test_top_logprobs_are_the_k_largest_of_log_softmax_of_a_full_forward_at_each_position(model, tokenizer):
+    """For every returned token (the echoed prompt's too), the k most likely tokens and their logprobs at its
+    position are the k largest entries of log_softmax of a full forward pass without the cache, in order; the
+    first token, which nothing predicts, has none."""
+    llama = Llama(model, tokenizer)
+    tokens, logprobs, top = llama.generate(
+        PROMPTS[:3], max_gen_len=6, temperature=1.0, logprobs=True, echo=True, top_logprobs=3, seed=5
+    )
+    for row in range(3):
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(torch.tensor([tokens[row]]), 0, use_cache=False)[0], dim=-1)
+        assert top[row][0] == [] and len(top[row]) == len(tokens[row]) == len(logprobs[row])
+        for position in range(1, len(tokens[row])):
+            expected = log_probs[position - 1].topk(3)
+            ids, values = zip(*top[row][position])
+            assert list(ids) == expected.indices.tolist(), f"row {row}, position {position}"
+            torch.testing.assert_close(torch.tensor(values), expected.values, rtol=1e-4, atol=1e-4)
+            assert logprobs[row][position] <= values[0] + 1e-4, "no token is more likely than the most likely"
+
+
+def test_top_logprobs_of_completions_and_chats_come_as_the_text_of_each_token(model, tokenizer):
+    llama = Llama(model, tokenizer)
+    options = dict(temperature=1.0, max_gen_len=5, logprobs=True, seed=2)
+    result = llama.text_completion(["The sea"], top_logprobs=2, **options)[0]
+    _, _, top = llama.generate([tokenizer.encode("The sea", bos=True, eos=False)], top_logprobs=2, **options)
+    assert result["top_logprobs"] == [[(tokenizer.decode([i]), value) for i, value in pairs] for pairs in top[0]]
+    assert "top_logprobs" not in llama.text_completion(["The sea"], **options)[0]
+    refused = [{"role": "user", "content": "[INST] hi"}]
+    chats = llama.chat_completion([[{"role": "user", "content": "Hi"}], refused], top_logprobs=1, **options)
+    assert [len(pairs) for pairs in chats[0]["top_logprobs"]] == [1] * len(chats[0]["tokens"])
+    assert chats[1]["top_logprobs"] == chats[1]["tokens"] == []
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(top_logprobs=2), "top_logprobs=2 needs logprobs=True"),
+        (dict(top_logprobs=21, logprobs=True), "top_logprobs must be at most 20"),
+        (dict(top_logprobs=-1, logprobs=True), "top_logprobs must be an integer >= 0"),
+        (dict(top_logprobs=1.5, logprobs=True), "top_logprobs must be an integer >= 0"),
+    ],
+)
+def test_top_logprobs_out_of_range_or_without_logprobs_are_refused(model, tokenizer, options, message):
+    with pytest.raises(ValueError, match=message):
+        Llama(model, tokenizer).text_completion(["The sea"], max_gen_len=2, **options)
