@@ -115,6 +115,7 @@ class Batch:
         self.host = [list(prompt) for prompt in prompts]
         self.logprobs = torch.zeros(self.tokens.shape, device=device) if params.logprobs else None
         self.top_ids = self.top_logprobs = None  # (bsz, total_len, k) each, with params.top_logprobs = k
+        self.counts = None  # (bsz, vocab): how often each sequence has generated each token, with penalties
         # end[row]: one past the row's last returned token; it shrinks when the row stops early.
         self.end = [min(length + max_gen_len, self.total_len) for length in self.prompt_lens]
         self.done = [length >= end for length, end in zip(self.prompt_lens, self.end)]
@@ -126,10 +127,23 @@ class Batch:
             return None
         return [own if position >= length else None for own, length in zip(self.generators, self.prompt_lens)]
 
+    def penalized(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (bsz, vocab) for the next draw, less OpenAI's penalties for what each sequence has generated:
+        count * frequency_penalty, plus presence_penalty where the count is not 0."""
+        if not (self.params.frequency_penalty or self.params.presence_penalty):
+            return logits
+        if self.counts is None:
+            self.counts = torch.zeros_like(logits)
+        presence = (self.counts > 0).to(logits.dtype)
+        return logits - self.counts * self.params.frequency_penalty - presence * self.params.presence_penalty
+
     def place(self, position: int, sampled: torch.Tensor) -> torch.Tensor:
         """Write the tokens of `position` (bsz,): the sampled ones, except where a prompt still has its own."""
-        column = torch.where(self.is_prompt[:, position], self.tokens[:, position], sampled)
+        generated = ~self.is_prompt[:, position]
+        column = torch.where(generated, sampled, self.tokens[:, position])
         self.tokens[:, position] = column
+        if self.counts is not None:  # penalties count the generated tokens only
+            self.counts.scatter_add_(1, column[:, None], generated[:, None].to(self.counts.dtype))
         return column
 
     def record_logprobs(self, logits: torch.Tensor, start: int) -> None:
@@ -220,7 +234,7 @@ def decode(step: Step, batch: Batch, stop_ids: frozenset[int]) -> Iterator[StepR
     for position in range(batch.min_prompt_len, batch.total_len):
         # (bs, position - previous, vocab) for logprobs, else (bs, 1, vocab): the next token needs the last
         logits = step.forward(batch.tokens[:, previous:position], previous, last_only=not params.logprobs)
-        sampled, usable = sample_usable(logits[:, -1], params, batch.generators_at(position))
+        sampled, usable = sample_usable(batch.penalized(logits[:, -1]), params, batch.generators_at(position))
         column = batch.place(position, sampled)
         if params.logprobs:
             batch.record_logprobs(logits, previous)

@@ -128,6 +128,8 @@ class Llama:
         top_k: int = 0,
         seed: Optional[int] = None,
         top_logprobs: int = 0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
     ) -> tuple:
         """Continue each prompt (a list of token ids) by up to `max_gen_len` tokens, stopping a sequence at EOS.
 
@@ -139,12 +141,14 @@ class Llama:
         seeds each prompt's own sampling, so that its tokens do not depend on the other prompts of the call
         (None: seeds drawn from the `seed` the Llama was built with). With logprobs and top_logprobs=k (up to
         20), a third list: for each returned token, the k most likely tokens at its position as (token id,
-        logprob) pairs, most likely first. Raises ValueError for an empty batch, bad token ids, a prompt longer
-        than max_seq_len or bad sampling settings, and FloatingPointError if the model's logits are not finite.
+        logprob) pairs, most likely first. `frequency_penalty` and `presence_penalty` as in `text_completion`.
+        Raises ValueError for an empty batch, bad token ids, a prompt longer than max_seq_len or bad sampling
+        settings, and FloatingPointError if the model's logits are not finite.
         """
         params = SamplingParams(
-            temperature, top_p, top_k, max_gen_len, logprobs=logprobs, echo=echo, seed=seed, top_logprobs=top_logprobs
-        )
+            temperature, top_p, top_k, max_gen_len, logprobs=logprobs, echo=echo, seed=seed,
+            top_logprobs=top_logprobs, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        )  # fmt: skip
         results = completions(self._steps(check_token_prompts(prompt_tokens, self.model.params), params, False))
         tokens = [result.tokens for result in results]
         if top_logprobs:
@@ -154,14 +158,17 @@ class Llama:
     def text_completion(
         self, prompts: list[str], temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
         logprobs: bool = False, echo: bool = False, top_k: int = 0, stop: Optional[list[str]] = None,
-        truncate: bool = False, seed: Optional[int] = None, top_logprobs: int = 0,
+        truncate: bool = False, seed: Optional[int] = None, top_logprobs: int = 0, frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
     ) -> list[CompletionPrediction]:  # fmt: skip
         """Complete each prompt string; any number of prompts, results in input order.
 
         `max_gen_len` defaults to max_seq_len - 1. A sequence ends at EOS, or when its text contains one of
         the `stop` strings (the returned text ends before it). A prompt must leave room for one new token
         (at most max_seq_len - 1 tokens); with truncate=True a longer one keeps BOS and its last tokens. `seed`
-        seeds each prompt's own sampling, as in `generate`. Returns one {"generation": str} per prompt (the
+        seeds each prompt's own sampling, as in `generate`; `frequency_penalty` and `presence_penalty` (-2 to
+        2, OpenAI's) lower a token's logit by the first times its count among the tokens generated so far, and
+        by the second if it was generated at all (see SamplingParams). Returns one {"generation": str} per prompt (the
         prompt included with echo=True), plus "tokens" (the text of each token) and "logprobs" with
         logprobs=True, and "top_logprobs" with top_logprobs=k too (up to 20): for each token, the k most likely
         at its position as (text, logprob) pairs, most likely first. Raises TypeError for a non-string prompt or
@@ -169,8 +176,9 @@ class Llama:
         it), and FloatingPointError if the model's logits are not finite.
         """
         params = SamplingParams(
-            temperature, top_p, top_k, max_gen_len, stop, logprobs, echo, seed=seed, top_logprobs=top_logprobs
-        )
+            temperature, top_p, top_k, max_gen_len, stop, logprobs, echo, seed=seed, top_logprobs=top_logprobs,
+            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        )  # fmt: skip
         prompt_tokens = encode_prompts(self.tokenizer, prompts, self.model.params, truncate)
         steps = self._steps(prompt_tokens, params, bool(stop))
         return [self._prediction(result, params) for result in completions(steps)]
@@ -186,19 +194,21 @@ class Llama:
     def chat_completion(
         self, dialogs: list[Dialog], temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
         logprobs: bool = False, top_k: int = 0, stop: Optional[list[str]] = None, truncate: bool = False,
-        seed: Optional[int] = None, top_logprobs: int = 0,
+        seed: Optional[int] = None, top_logprobs: int = 0, frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
     ) -> list[ChatPrediction]:  # fmt: skip
         """Answer each dialog as the assistant, in the model's chat format (`chat_format`); any number of dialogs.
 
         Returns one {"generation": {"role": "assistant", "content": str}} per dialog, plus "tokens" and
         "logprobs" with logprobs=True ("top_logprobs" too with top_logprobs=k). A dialog the format refuses
         (for Llama 2, one containing a tag of the format) is not run; its answer is the format's error text.
-        `stop`, `truncate`, `seed` and `top_logprobs` work as in `text_completion`. Raises ValueError or
+        `stop`, `truncate`, `seed`, `top_logprobs` and the penalties work as in `text_completion`. Raises ValueError or
         TypeError for malformed dialogs (see `check_dialog`) and as `text_completion` does.
         """
         params = SamplingParams(
-            temperature, top_p, top_k, max_gen_len, stop, logprobs, seed=seed, top_logprobs=top_logprobs
-        )
+            temperature, top_p, top_k, max_gen_len, stop, logprobs, seed=seed, top_logprobs=top_logprobs,
+            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        )  # fmt: skip
         prompts, refusals = encode_dialogs(self.chat_format, dialogs, self.model.params, truncate)
         answers = iter(completions(self._steps(prompts, params, follow_text=bool(stop))))
         results: list[ChatPrediction] = []

@@ -27,7 +27,9 @@ class SamplingParams:
     sequence's own random generator, so that its samples depend on its prompt, the settings and the seed only,
     never on the other prompts of its batch (None: each sequence's seed is drawn from the generator's own).
     top_logprobs: with logprobs, also the top_logprobs most likely tokens and their log-probabilities at each
-    returned position (0 to 20, as OpenAI's API allows).
+    returned position (0 to 20, as OpenAI's API allows). frequency_penalty, presence_penalty: OpenAI's, from
+    -2 to 2: before each draw, a token's logit is lowered by frequency_penalty times the number of times the
+    sequence has generated it, and by presence_penalty if it has generated it at all (negative values raise it).
 
     Raises ValueError for a value out of range, TypeError for `stop` that is not a list of non-empty strings
     or a flag that is not a bool.
@@ -43,6 +45,8 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: Optional[int] = None
     top_logprobs: int = 0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def __post_init__(self):
         settings = {
@@ -56,6 +60,10 @@ class SamplingParams:
             **{name: flag(getattr(self, name), name) for name in ("logprobs", "echo", "ignore_eos")},
             "seed": None if self.seed is None else _checked_seed(self.seed),
             "top_logprobs": whole_number(self.top_logprobs, "top_logprobs", minimum=0),
+            **{
+                name: real_number(getattr(self, name), name, "a number from -2.0 to 2.0", lambda x: -2 <= x <= 2)
+                for name in ("frequency_penalty", "presence_penalty")
+            },
         }
         if not settings["top_logprobs"] <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {self.top_logprobs!r}")

@@ -129,3 +129,55 @@ def test_top_logprobs_of_completions_and_chats_come_as_the_text_of_each_token(mo
 def test_top_logprobs_out_of_range_or_without_logprobs_are_refused(model, tokenizer, options, message):
     with pytest.raises(ValueError, match=message):
         Llama(model, tokenizer).text_completion(["The sea"], max_gen_len=2, **options)
+
+
+# ---- frequency and presence penalties -----------------------------------------------------------------------
+
+
+def penalized_greedy(model, prompt, steps, frequency_penalty, presence_penalty, count_prompt=False):
+    """Greedy decoding with OpenAI's penalties written out: a full forward pass without the cache per token,
+    then logit[t] - count[t] * frequency_penalty - (count[t] > 0) * presence_penalty, counted over the generated
+    tokens (over the prompt's too with count_prompt, which is not the definition)."""
+    tokens = list(prompt)
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens]), 0, use_cache=False)[0, -1].tolist()
+        counted = tokens if count_prompt else tokens[len(prompt) :]
+        for token in set(counted):
+            logits[token] -= counted.count(token) * frequency_penalty + presence_penalty
+        tokens.append(max(range(len(logits)), key=logits.__getitem__))
+    return tokens[len(prompt) :]
+
+
+@pytest.mark.parametrize("frequency_penalty, presence_penalty", [(1.5, 0.0), (0.0, 2.0), (0.7, -0.4), (-2.0, 0.5)])
+def test_penalties_lower_the_logits_of_generated_tokens_as_openai_defines_them(
+    model, tokenizer, frequency_penalty, presence_penalty
+):
+    """Greedy tokens under the penalties, for prompts of different lengths in one batch, are those of the
+    definition written out over full forward passes; the penalties change them, and counting the prompt's tokens
+    too would give others."""
+    llama = Llama(model, tokenizer)
+    penalties = dict(frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
+    # The model's own greedy text, which falls into a loop: the model would go on with the prompt's tokens.
+    looping = [1] + llama.generate([[1]], max_gen_len=24, temperature=0)[0][0]
+    prompts = [PROMPTS[0], looping, PROMPTS[2]]
+    tokens, _ = llama.generate(prompts, max_gen_len=12, temperature=0, **penalties)
+    plain, _ = llama.generate(prompts, max_gen_len=12, temperature=0)
+    written_out = [penalized_greedy(model, prompt, 12, **penalties) for prompt in prompts]
+    assert tokens == written_out
+    assert tokens != plain, "the penalties change the tokens"
+    assert [penalized_greedy(model, prompt, 12, **penalties, count_prompt=True) for prompt in prompts] != tokens
+
+
+@pytest.mark.parametrize(
+    "options, name",
+    [
+        (dict(frequency_penalty=2.5), "frequency_penalty"),
+        (dict(presence_penalty=-2.01), "presence_penalty"),
+        (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+        (dict(presence_penalty="1"), "presence_penalty"),
+    ],
+)
+def test_penalties_outside_openais_range_are_refused_before_generating(model, tokenizer, options, name):
+    with pytest.raises(ValueError, match=rf"{name} must be a number from -2.0 to 2.0, got"):
+        Llama(model, tokenizer).chat_completion([[{"role": "user", "content": "Hi"}]], **options)
