@@ -27,10 +27,8 @@ alternates between rounds, so that a load change on the machine affects all alik
 """
 
 import argparse
-import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -39,7 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import SHAPES, hf_model, our_generate, prepare_checkpoint, random_prompts, run_probe, their_generate  # noqa: E402
+from arms import hf_model, our_generate, their_generate  # noqa: E402
+from random_model import SHAPES, prepare_checkpoint, random_prompts  # noqa: E402
+from tables import run_and_report  # noqa: E402
+from timing import bandwidth, run_probe, time_rounds  # noqa: E402
 
 from llama import Llama  # noqa: E402
 from llama.quantize import QuantizedLinear  # noqa: E402
@@ -49,23 +50,6 @@ OURS = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None), "i
 THEIRS = {"hf float32": torch.float32, "hf bfloat16": torch.bfloat16}
 MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm",
                    "aten::_weight_int4pack_mm", "aten::_weight_int4pack_mm_for_cpu")  # fmt: skip
-
-
-def bandwidth(gib: float = 1.0, count: int = 5) -> dict[str, float]:
-    """Bytes per second of a streaming read (a sum over `gib` GiB of float32) and of a float32
-    matrix-vector product over as many bytes; medians of `count`."""
-    matrix = torch.randn(int(gib * 2**30 / 4 / 8192), 8192)
-    vector = torch.randn(8192)
-    figures = {}
-    for name, work in (("sum", lambda: matrix.sum()), ("matrix-vector product", lambda: torch.mv(matrix, vector))):
-        work()
-        seconds = []
-        for _ in range(count):
-            start = time.perf_counter()
-            work()
-            seconds.append(time.perf_counter() - start)
-        figures[name] = matrix.numel() * 4 / statistics.median(seconds)
-    return figures
 
 
 def bytes_per_step(llama: Llama) -> int:
@@ -197,10 +181,9 @@ def peak_memory(ckpt_dir: Path, tokenizer_path: Path, gguf_files: dict, options:
     return peaks
 
 
-def run(options: argparse.Namespace, workdir: Path) -> dict:
-    torch.set_num_threads(options.threads)
-    options.dtype, options.ckpt_dir = "bfloat16", None  # the checkpoint is written in bfloat16, as Meta's are
-    ckpt_dir, tokenizer_path = prepare_checkpoint(options, workdir)
+def our_arms(ckpt_dir: Path, tokenizer_path: Path, options: argparse.Namespace) -> tuple:
+    """({arm: generate}, {arm: bytes per step}, {arm: profile and kernels}, the float32 model's state dict and
+    arguments) for each way this library holds the weights, each also compiled with --compile."""
     max_seq_len = options.prompt_len + options.new_tokens + 1
     arms, bytes_read, details = {}, {}, {}
     for name, (dtype, scheme) in OURS.items():
@@ -213,6 +196,15 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
             details[f"{name} compiled"] = {"kernels": details[name]["kernels"]}
         if name == "float32":
             state, args = llama.model.state_dict(), llama.model.params
+    return arms, bytes_read, details, state, args
+
+
+def run(options: argparse.Namespace, workdir: Path) -> dict:
+    """Build every arm, time them side by side, and return the figures as a JSON-ready dict."""
+    torch.set_num_threads(options.threads)
+    options.dtype, options.ckpt_dir = "bfloat16", None  # the checkpoint is written in bfloat16, as Meta's are
+    ckpt_dir, tokenizer_path = prepare_checkpoint(options, workdir)
+    arms, bytes_read, details, state, args = our_arms(ckpt_dir, tokenizer_path, options)
     if not options.no_hf:
         for name, dtype in THEIRS.items():
             arms[name] = their_generate(hf_model(args, state, dtype, torch.device("cpu")), torch.device("cpu"))
@@ -223,16 +215,8 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
         arms.update(theirs)
         bytes_read.update(their_bytes)
     prompt = random_prompts(1, options.prompt_len, args.vocab_size, seed=2)
-    times = {name: {"one": [], "all": []} for name in arms}
-    tokens = {}
-    for round_number in range(options.repeats + 1):  # the first round warms up
-        order = list(arms) if round_number % 2 == 0 else list(reversed(arms))
-        for name in order:
-            for job, count in (("one", 1), ("all", options.new_tokens)):
-                start = time.perf_counter()
-                tokens[name, job] = arms[name](prompt, count)
-                if round_number:
-                    times[name][job].append(time.perf_counter() - start)
+    work = [("one", prompt, 1), ("all", prompt, options.new_tokens)]
+    times, tokens = time_rounds(arms, work, 1, options.repeats, torch.device("cpu"))  # one round to warm up
     probe, peaks = bandwidth(), peak_memory(ckpt_dir, tokenizer_path, gguf_files, options)
     result = {"shape": options.shape, "threads": options.threads, "new_tokens": options.new_tokens,
               "repeats": options.repeats, "bandwidth_gb_per_s": {k: v / 1e9 for k, v in probe.items()},
@@ -245,7 +229,7 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
             "bytes_per_step": bytes_read[name],
             "achieved_gb_per_s": speed * bytes_read[name] / 1e9,
             "percent_of_floor": 100 * speed * bytes_read[name] / probe["sum"],
-            "greedy_tokens": tokens[name, "all"][0],
+            "greedy_tokens": tokens[name]["all"][0],
             **({"peak_rss_above_start": peaks[name]} if name in peaks else {}),
             **details.get(name, {}),
         }
@@ -292,13 +276,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--no_llama_cpp", action="store_true", help="leave out llama.cpp even when installed")
     parser.add_argument("--peak_arms", default="all", help="the arms whose peak memory is measured (comma-separated)")
     parser.add_argument("--json", help="write the figures to this file")
-    options = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as workdir:
-        result = run(options, Path(workdir))
-    print(table(result))
-    if options.json:
-        Path(options.json).write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return run_and_report(run, table, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

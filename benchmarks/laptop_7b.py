@@ -21,8 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import SHAPES, run_probe, write_tokenizer  # noqa: E402
-from decode_side_by_side import bandwidth, gguf_bytes_per_step, llama_cpp_files, llama_cpp_installed  # noqa: E402
+from decode_side_by_side import gguf_bytes_per_step, llama_cpp_files, llama_cpp_installed  # noqa: E402
+from padded_tokenizer import write_tokenizer  # noqa: E402
+from random_model import SHAPES  # noqa: E402
+from timing import bandwidth, run_probe  # noqa: E402
 
 from llama.layout import expected_shapes, split_dim, write_params  # noqa: E402
 

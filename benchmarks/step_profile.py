@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import prepare_checkpoint  # noqa: E402
 from decode_side_by_side import MATRIX_PRODUCTS, OURS  # noqa: E402
+from random_model import prepare_checkpoint  # noqa: E402
 
 from llama import Llama  # noqa: E402
 from llama.compiled import CompiledStep  # noqa: E402

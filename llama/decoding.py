@@ -56,11 +56,14 @@ def cache_window(start_pos: int, min_window: int, max_seq_len: int) -> int:
 
 class Completion(NamedTuple):
     """One sequence's result: its tokens (with the prompt's if echoed; without EOS or a stop sequence's),
-    their logprobs (with logprobs=True), and their text when it was followed (else None: decode(tokens))."""
+    their logprobs (with logprobs=True), and their text when it was followed (else None: decode(tokens)).
+    With top_logprobs=k, for each returned token the k most likely tokens at its position, as (token id,
+    logprob) pairs, most likely first ([] for a prompt's first token, which nothing predicts)."""
 
     tokens: list[int]
     logprobs: Optional[list[float]]
     text: Optional[str]
+    top_logprobs: Optional[list[list[tuple[int, float]]]] = None
 
 
 @dataclass
@@ -91,9 +94,12 @@ class Batch:
         max_seq_len: int,
         device: torch.device,
         text_of: Optional[Tokenizer] = None,
+        generators: Optional[Sequence[torch.Generator]] = None,
     ):
-        """`text_of`: follow each sequence's text, as this tokenizer decodes it (with params.stop applied)."""
+        """`text_of`: follow each sequence's text, as this tokenizer decodes it (with params.stop applied).
+        `generators`: each sequence's own random generator, for sampling (None: greedy)."""
         self.params = params
+        self.generators = generators
         self.streams = None
         if text_of is not None:
             self.streams = [TextStream(text_of, prompt if params.echo else (), params.stop) for prompt in prompts]
@@ -108,22 +114,50 @@ class Batch:
         self.is_prompt = self.tokens != pad_id
         self.host = [list(prompt) for prompt in prompts]
         self.logprobs = torch.zeros(self.tokens.shape, device=device) if params.logprobs else None
+        self.top_ids = self.top_logprobs = None  # (bsz, total_len, k) each, with params.top_logprobs = k
+        self.counts = None  # (bsz, vocab): how often each sequence has generated each token, with penalties
         # end[row]: one past the row's last returned token; it shrinks when the row stops early.
         self.end = [min(length + max_gen_len, self.total_len) for length in self.prompt_lens]
         self.done = [length >= end for length, end in zip(self.prompt_lens, self.end)]
 
+    def generators_at(self, position: int) -> Optional[list[Optional[torch.Generator]]]:
+        """Each sequence's generator where `position` is generated, None where the sequence still reads its
+        prompt: it draws nothing there, so that its draws do not depend on the prompts beside it."""
+        if self.generators is None:
+            return None
+        return [own if position >= length else None for own, length in zip(self.generators, self.prompt_lens)]
+
+    def penalized(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (bsz, vocab) for the next draw, less OpenAI's penalties for what each sequence has generated:
+        count * frequency_penalty, plus presence_penalty where the count is not 0."""
+        if not (self.params.frequency_penalty or self.params.presence_penalty):
+            return logits
+        if self.counts is None:
+            self.counts = torch.zeros_like(logits)
+        presence = (self.counts > 0).to(logits.dtype)
+        return logits - self.counts * self.params.frequency_penalty - presence * self.params.presence_penalty
+
     def place(self, position: int, sampled: torch.Tensor) -> torch.Tensor:
         """Write the tokens of `position` (bsz,): the sampled ones, except where a prompt still has its own."""
-        column = torch.where(self.is_prompt[:, position], self.tokens[:, position], sampled)
+        generated = ~self.is_prompt[:, position]
+        column = torch.where(generated, sampled, self.tokens[:, position])
         self.tokens[:, position] = column
+        if self.counts is not None:  # penalties count the generated tokens only
+            self.counts.scatter_add_(1, column[:, None], generated[:, None].to(self.counts.dtype))
         return column
 
     def record_logprobs(self, logits: torch.Tensor, start: int) -> None:
         """Log-probabilities of the tokens that logits (bsz, n, vocab) predict: logits[:, i] predicts the token
         at position start + 1 + i."""
-        targets = self.tokens[:, start + 1 : start + 1 + logits.shape[1]]
-        picked = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        self.logprobs[:, start + 1 : start + 1 + logits.shape[1]] = picked
+        columns = slice(start + 1, start + 1 + logits.shape[1])
+        log_probs = F.log_softmax(logits, dim=-1)  # (bsz, n, vocab)
+        self.logprobs[:, columns] = log_probs.gather(-1, self.tokens[:, columns].unsqueeze(-1)).squeeze(-1)
+        if self.params.top_logprobs:
+            top = log_probs.topk(min(self.params.top_logprobs, log_probs.shape[-1]), dim=-1)  # (bsz, n, k) each
+            if self.top_ids is None:  # k is known now: at most the vocabulary
+                shape = (*self.tokens.shape, top.indices.shape[-1])  # (bsz, total_len, k)
+                self.top_ids, self.top_logprobs = self.tokens.new_zeros(shape), self.logprobs.new_zeros(shape)
+            self.top_ids[:, columns], self.top_logprobs[:, columns] = top.indices, top.values
 
     def advance(self, position: int, new_tokens: list[int], usable: list[bool], stop_ids: frozenset[int]) -> list[str]:
         """The host's part of a step, given the tokens now at `position`: end sequences at a stop id (EOS, or
@@ -155,6 +189,7 @@ class Batch:
         """The text not handed out yet, and every sequence's Completion."""
         pieces = [""] * len(self.host) if self.streams is None else [stream.finish() for stream in self.streams]
         logprobs = self.logprobs.tolist() if self.logprobs is not None else None
+        top = None if self.top_ids is None else (self.top_ids.tolist(), self.top_logprobs.tolist())
         finished = []
         for row, length in enumerate(self.prompt_lens):
             start = 0 if self.params.echo else length
@@ -164,9 +199,15 @@ class Batch:
                 tokens=self.host[row][start : self.end[row]],
                 logprobs=logprobs[row][start : self.end[row]] if logprobs is not None else None,
                 text=None if self.streams is None else self.streams[row].text,
+                top_logprobs=None if top is None else _top_pairs(top[0][row], top[1][row], start, self.end[row]),
             )
             finished.append((row, completion))
         return StepResult(pieces, finished)
+
+
+def _top_pairs(ids: list, logprobs: list, start: int, end: int) -> list[list[tuple[int, float]]]:
+    """The (token id, logprob) pairs of positions start .. end - 1; none for position 0, which nothing predicts."""
+    return [list(zip(ids[position], logprobs[position])) if position else [] for position in range(start, end)]
 
 
 def _check_logprobs(logprobs: list[float], start: int, end: int, row: int) -> None:
@@ -182,9 +223,7 @@ def _check_logprobs(logprobs: list[float], start: int, end: int, row: int) -> No
         )
 
 
-def decode(
-    step: Step, batch: Batch, stop_ids: frozenset[int], generator: Optional[torch.Generator] = None
-) -> Iterator[StepResult]:
+def decode(step: Step, batch: Batch, stop_ids: frozenset[int]) -> Iterator[StepResult]:
     """Decode `batch` to the end. Yields a StepResult per position when the batch follows its text, and one at
     the end that holds every sequence's Completion (and the text held back until then)."""
     params = batch.params
@@ -195,7 +234,7 @@ def decode(
     for position in range(batch.min_prompt_len, batch.total_len):
         # (bs, position - previous, vocab) for logprobs, else (bs, 1, vocab): the next token needs the last
         logits = step.forward(batch.tokens[:, previous:position], previous, last_only=not params.logprobs)
-        sampled, usable = sample_usable(logits[:, -1], params, generator)
+        sampled, usable = sample_usable(batch.penalized(logits[:, -1]), params, batch.generators_at(position))
         column = batch.place(position, sampled)
         if params.logprobs:
             batch.record_logprobs(logits, previous)

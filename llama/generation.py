@@ -29,12 +29,14 @@ class CompletionPrediction(TypedDict, total=False):
     generation: str
     tokens: list[str]  # the text of each returned token, with logprobs=True
     logprobs: list[float]  # with logprobs=True
+    top_logprobs: list[list[tuple[str, float]]]  # with top_logprobs=k: the k most likely (text, logprob) per token
 
 
 class ChatPrediction(TypedDict, total=False):
     generation: Message
     tokens: list[str]
     logprobs: list[float]
+    top_logprobs: list[list[tuple[str, float]]]
 
 
 class Llama:
@@ -108,7 +110,8 @@ class Llama:
         self.progress = progress
         self.device = next(model.parameters()).device
         # A private generator: sampling is reproducible without touching the caller's global RNG state, and
-        # every rank, seeded alike and seeing the same logits, draws the same tokens.
+        # every rank, seeded alike and seeing the same logits, draws the same tokens. It seeds the generator of
+        # each sequence of a call that gives no seed of its own.
         self.generator = torch.Generator(device=self.device).manual_seed(whole_number(seed, "seed", minimum=None))
         self._turns = Turns()
 
@@ -123,39 +126,62 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
         top_k: int = 0,
-    ) -> tuple[list[list[int]], Optional[list[list[float]]]]:
+        seed: Optional[int] = None,
+        top_logprobs: int = 0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+    ) -> tuple:
         """Continue each prompt (a list of token ids) by up to `max_gen_len` tokens, stopping a sequence at EOS.
 
         Prompts of different lengths run together, in batches of at most max_batch_size; temperature 0 is
         greedy. Returns the new tokens of each prompt (the prompt too with echo=True, EOS cut off), and with
         logprobs=True, for each returned token, the log-probability the model gave it at the position that
         predicted it (0.0 for a prompt's first token, which nothing predicts). A prompt may fill the whole
-        context (max_seq_len tokens): nothing is generated then, which with echo and logprobs scores it.
+        context (max_seq_len tokens): nothing is generated then, which with echo and logprobs scores it. `seed`
+        seeds each prompt's own sampling, so that its tokens do not depend on the other prompts of the call
+        (None: seeds drawn from the `seed` the Llama was built with). With logprobs and top_logprobs=k (up to
+        20), a third list: for each returned token, the k most likely tokens at its position as (token id,
+        logprob) pairs, most likely first. `frequency_penalty` and `presence_penalty` as in `text_completion`.
         Raises ValueError for an empty batch, bad token ids, a prompt longer than max_seq_len or bad sampling
         settings, and FloatingPointError if the model's logits are not finite.
         """
-        params = SamplingParams(temperature, top_p, top_k, max_gen_len, logprobs=logprobs, echo=echo)
+        params = SamplingParams(
+            temperature, top_p, top_k, max_gen_len, logprobs=logprobs, echo=echo, seed=seed,
+            top_logprobs=top_logprobs, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        )  # fmt: skip
         results = completions(self._steps(check_token_prompts(prompt_tokens, self.model.params), params, False))
-        return [result.tokens for result in results], ([result.logprobs for result in results] if logprobs else None)
+        tokens = [result.tokens for result in results]
+        if top_logprobs:
+            return tokens, [result.logprobs for result in results], [result.top_logprobs for result in results]
+        return tokens, ([result.logprobs for result in results] if logprobs else None)
 
     def text_completion(
         self, prompts: list[str], temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
         logprobs: bool = False, echo: bool = False, top_k: int = 0, stop: Optional[list[str]] = None,
-        truncate: bool = False,
+        truncate: bool = False, seed: Optional[int] = None, top_logprobs: int = 0, frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
     ) -> list[CompletionPrediction]:  # fmt: skip
         """Complete each prompt string; any number of prompts, results in input order.
 
         `max_gen_len` defaults to max_seq_len - 1. A sequence ends at EOS, or when its text contains one of
         the `stop` strings (the returned text ends before it). A prompt must leave room for one new token
-        (at most max_seq_len - 1 tokens); with truncate=True a longer one keeps BOS and its last tokens.
-        Returns one {"generation": str} per prompt (the prompt included with echo=True), plus "tokens" (the
-        text of each token) and "logprobs" with logprobs=True. Raises TypeError for a non-string prompt or
+        (at most max_seq_len - 1 tokens); with truncate=True a longer one keeps BOS and its last tokens. `seed`
+        seeds each prompt's own sampling, as in `generate`; `frequency_penalty` and `presence_penalty` (-2 to
+        2, OpenAI's) lower a token's logit by the first times its count among the tokens generated so far, and
+        by the second if it was generated at all (see SamplingParams). Returns one {"generation": str} per prompt (the
+        prompt included with echo=True), plus "tokens" (the text of each token) and "logprobs" with
+        logprobs=True, and "top_logprobs" with top_logprobs=k too (up to 20): for each token, the k most likely
+        at its position as (text, logprob) pairs, most likely first. Raises TypeError for a non-string prompt or
         stop list, ValueError for an empty list, bad sampling settings or a prompt that is too long (naming
         it), and FloatingPointError if the model's logits are not finite.
         """
-        params = SamplingParams(temperature, top_p, top_k, max_gen_len, stop, logprobs, echo)
-        steps = self._steps(encode_prompts(self.tokenizer, prompts, self.model.params, truncate), params, bool(stop))
-        return [self._prediction(result, logprobs) for result in completions(steps)]
+        params = SamplingParams(
+            temperature, top_p, top_k, max_gen_len, stop, logprobs, echo, seed=seed, top_logprobs=top_logprobs,
+            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        )  # fmt: skip
+        prompt_tokens = encode_prompts(self.tokenizer, prompts, self.model.params, truncate)
+        steps = self._steps(prompt_tokens, params, bool(stop))
+        return [self._prediction(result, params) for result in completions(steps)]
 
     def stream_completion(self, prompts: list[str], **settings) -> Iterator[list[str]]:
         """`text_completion` as it happens, with its keyword arguments: an iterator that yields, per decoding
@@ -168,21 +194,26 @@ class Llama:
     def chat_completion(
         self, dialogs: list[Dialog], temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
         logprobs: bool = False, top_k: int = 0, stop: Optional[list[str]] = None, truncate: bool = False,
+        seed: Optional[int] = None, top_logprobs: int = 0, frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
     ) -> list[ChatPrediction]:  # fmt: skip
         """Answer each dialog as the assistant, in the model's chat format (`chat_format`); any number of dialogs.
 
         Returns one {"generation": {"role": "assistant", "content": str}} per dialog, plus "tokens" and
-        "logprobs" with logprobs=True. A dialog the format refuses (for Llama 2, one containing a tag of the
-        format) is not run; its answer is the format's error text. `stop` and `truncate` work as in
-        `text_completion`. Raises ValueError or TypeError for malformed dialogs (see `check_dialog`) and as
-        `text_completion` does.
+        "logprobs" with logprobs=True ("top_logprobs" too with top_logprobs=k). A dialog the format refuses
+        (for Llama 2, one containing a tag of the format) is not run; its answer is the format's error text.
+        `stop`, `truncate`, `seed`, `top_logprobs` and the penalties work as in `text_completion`. Raises ValueError or
+        TypeError for malformed dialogs (see `check_dialog`) and as `text_completion` does.
         """
-        params = SamplingParams(temperature, top_p, top_k, max_gen_len, stop, logprobs)
+        params = SamplingParams(
+            temperature, top_p, top_k, max_gen_len, stop, logprobs, seed=seed, top_logprobs=top_logprobs,
+            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        )  # fmt: skip
         prompts, refusals = encode_dialogs(self.chat_format, dialogs, self.model.params, truncate)
         answers = iter(completions(self._steps(prompts, params, follow_text=bool(stop))))
         results: list[ChatPrediction] = []
         for refusal in refusals:
-            prediction = self._prediction(Completion([], [], refusal) if refusal else next(answers), logprobs)
+            prediction = self._prediction(Completion([], [], refusal, []) if refusal else next(answers), params)
             message: Message = {"role": "assistant", "content": prediction.pop("generation")}
             results.append({"generation": message, **prediction})
         return results
@@ -208,12 +239,16 @@ class Llama:
 
     # ---- results -------------------------------------------------------------------------------------------------
 
-    def _prediction(self, result: Completion, logprobs: bool) -> CompletionPrediction:
+    def _prediction(self, result: Completion, params: SamplingParams) -> CompletionPrediction:
         text = self.tokenizer.decode(result.tokens) if result.text is None else result.text
         prediction: CompletionPrediction = {"generation": text}
-        if logprobs:
+        if params.logprobs:
             prediction["tokens"] = [self.tokenizer.decode([token]) for token in result.tokens]
             prediction["logprobs"] = result.logprobs
+        if params.top_logprobs:
+            prediction["top_logprobs"] = [
+                [(self.tokenizer.decode([token]), logprob) for token, logprob in pairs] for pairs in result.top_logprobs
+            ]
         return prediction
 
     # ---- decoding -------------------------------------------------------------------------------------------
@@ -234,8 +269,9 @@ class Llama:
                 print(f"generating batch {number + 1}/{len(starts)}", file=sys.stderr, flush=True)
             batch_prompts = prompts[start : start + size]
             text_of = self.tokenizer if follow_text else None
-            batch = Batch(batch_prompts, params, self.model.params.max_seq_len, self.device, text_of)
-            steps = decode(self.decode_step, batch, self.tokenizer.stop_ids, self.generator)
+            generators = self._row_generators(params, len(batch_prompts))
+            batch = Batch(batch_prompts, params, self.model.params.max_seq_len, self.device, text_of, generators)
+            steps = decode(self.decode_step, batch, self.tokenizer.stop_ids)
             if len(batch_prompts) == len(prompts):
                 yield from steps
                 continue
@@ -243,6 +279,17 @@ class Llama:
                 before, after = [""] * start, [""] * (len(prompts) - start - len(batch_prompts))
                 finished = [(start + row, completion) for row, completion in step.finished]
                 yield StepResult(before + step.pieces + after, finished)
+
+    def _row_generators(self, params: SamplingParams, count: int) -> Optional[list[torch.Generator]]:
+        """A generator per sequence of a batch, seeded with params.seed or else from the Llama's generator (a
+        row's draws then never depend on another row's); None for greedy decoding, which draws nothing."""
+        if params.temperature == 0:
+            return None
+        if params.seed is None:
+            seeds = torch.randint(2**62, (count,), generator=self.generator, device=self.device).tolist()
+        else:
+            seeds = [params.seed] * count
+        return [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
 
 
 def _settings(method: str, settings: dict) -> tuple[SamplingParams, bool]:

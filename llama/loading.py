@@ -140,13 +140,8 @@ def load_model(
     )
     if scheme is not None:
         check_divisible(expected, scheme, world_size)
-    if len(checkpoint.paths) != world_size and rank == 0:
-        warnings.warn(
-            f"{str(ckpt_dir)!r} has {len(checkpoint.paths)} shard(s) and this run has model-parallel size "
-            f"{world_size}: resharded on the fly (each process read its slices from the shards that hold them). "
-            f"To load without reslicing, make a matching copy once: {reshard_command(ckpt_dir, world_size)}",
-            stacklevel=3,
-        )
+    if rank == 0:
+        _warn_if_resliced(ckpt_dir, len(checkpoint.paths), world_size)
     layers = quantize_model(model, scheme) if scheme is not None else []
     model = model.to(dtype=dtype).to_empty(device=device)
     for cache in (module for module in model.modules() if isinstance(module, KVCache)):
@@ -156,6 +151,18 @@ def load_model(
     loaders += [_quantized_loader(layer, name, checkpoint, stored, rank, world_size, dtype) for name, layer in layers]
     _run_loaders(loaders, checkpoint, progress)
     return model
+
+
+def _warn_if_resliced(ckpt_dir: PathLike, shards: int, world_size: int) -> None:
+    """Warn when the shard count differs from the model-parallel size, naming the command that makes a copy
+    that loads without reslicing."""
+    if shards != world_size:
+        warnings.warn(
+            f"{str(ckpt_dir)!r} has {shards} shard(s) and this run has model-parallel size "
+            f"{world_size}: resharded on the fly (each process read its slices from the shards that hold them). "
+            f"To load without reslicing, make a matching copy once: {reshard_command(ckpt_dir, world_size)}",
+            stacklevel=4,  # the caller of Llama.build
+        )
 
 
 @torch.no_grad()

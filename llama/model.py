@@ -83,11 +83,12 @@ def apply_rotary_emb(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor,
     Channels (2i, 2i+1) of each head are read as one complex number and multiplied by freqs_cis[t, i]: a
     rotation in that plane, done as one complex product instead of a 2x2 matrix. Meta's checkpoints were
     trained with this adjacent pairing (Hugging Face pairs i with i + head_dim/2 and permutes wq/wk to match).
-    xq: (bs, seqlen, heads, head_dim), xk: (bs, seqlen, kv_heads, head_dim), freqs_cis: (seqlen, head_dim/2).
+    xq: (bs, seqlen, heads, head_dim), xk: (bs, seqlen, kv_heads, head_dim), freqs_cis: (seqlen, head_dim/2) for
+    every row alike, or (bs, seqlen, head_dim/2), each row at its own positions.
     """
     xq_complex = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))  # (bs, seqlen, heads, head_dim/2)
     xk_complex = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
-    freqs_cis = freqs_cis.view(1, xq.shape[1], 1, xq_complex.shape[-1])  # broadcast over batch and heads
+    freqs_cis = freqs_cis.unsqueeze(-2)  # ([bs,] seqlen, 1, head_dim/2): broadcast over heads (and batch)
     xq_out = torch.view_as_real(xq_complex * freqs_cis).flatten(3)  # (bs, seqlen, heads, head_dim)
     xk_out = torch.view_as_real(xk_complex * freqs_cis).flatten(3)
     return xq_out.type_as(xq), xk_out.type_as(xk)
@@ -120,12 +121,14 @@ class KVCache(nn.Module):
         self.register_buffer("values", torch.zeros(shape), persistent=False)
 
     def update(self, positions: Tensor, xk: Tensor, xv: Tensor, cache_len: int) -> tuple[Tensor, Tensor]:
-        """Write the new keys and values xk, xv (bs, seqlen, kv_heads, head_dim) at `positions` (seqlen,) and
-        return the cached keys and values of positions 0 .. cache_len - 1, (bs, cache_len, kv_heads, head_dim)
-        each. The positions are a tensor, not a slice, so that one recorded CUDA graph serves every step."""
+        """Write the new keys and values xk, xv (bs, seqlen, kv_heads, head_dim) of batch row i into cache row i,
+        at `positions`: (seqlen,) for every row alike, or (bs, seqlen), each row at its own. Return the cached
+        keys and values of positions 0 .. cache_len - 1, (bs, cache_len, kv_heads, head_dim) each. The positions
+        are a tensor, not a slice, so that one recorded CUDA graph serves every step."""
         bsz = xk.shape[0]
-        self.keys[:bsz].index_copy_(1, positions, xk)
-        self.values[:bsz].index_copy_(1, positions, xv)
+        rows = torch.arange(bsz, device=xk.device)[:, None]  # (bs, 1), broadcast against the positions
+        self.keys.index_put_((rows, positions), xk)
+        self.values.index_put_((rows, positions), xv)
         return self.keys[:bsz, :cache_len], self.values[:bsz, :cache_len]
 
 
@@ -161,12 +164,12 @@ class Attention(nn.Module):
     def forward(
         self, x: Tensor, freqs_cis: Tensor, mask: Optional[Tensor], positions: Tensor, cache_len: Optional[int] = None
     ) -> Tensor:
-        """x: (bs, seqlen, dim) standing at `positions` (seqlen,), rotated by freqs_cis (seqlen, head_dim/2).
-        With cache_len, the new keys and values go into the cache and the queries read cache positions
-        0 .. cache_len - 1, mask (seqlen, cache_len) hiding those after each query's own (None: all are
-        visible); without it (training, scoring) the tokens attend to each other only, mask (seqlen, seqlen),
-        and the cache is left alone:
-        writing it in place would overwrite tensors autograd keeps for the backward pass."""
+        """x: (bs, seqlen, dim) standing at `positions`, (seqlen,) for every row or (bs, seqlen) per row, rotated
+        by freqs_cis (positions' shape, then head_dim/2). With cache_len, the new keys and values go into the
+        cache and the queries read cache positions 0 .. cache_len - 1, the mask hiding those after each query's
+        own (None: all are visible); without it (training, scoring) the tokens attend to each other only, and
+        the cache is left alone: writing it in place would overwrite tensors autograd keeps for the backward
+        pass. The mask is additive, broadcast to (bs, heads, seqlen, context_len)."""
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (bs, seqlen, heads, head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seqlen, kv_heads, head_dim)
@@ -224,10 +227,13 @@ class TransformerBlock(nn.Module):
 
 
 def attention_mask(positions: Tensor, key_positions: Tensor, dtype: torch.dtype) -> Tensor:
-    """The additive mask (len(positions), len(key_positions)): 0 where a query may read a key, the key standing at
-    or before the query's position, and -inf elsewhere (later positions, and cache entries not written yet or
-    left over from an earlier sequence)."""
-    visible = key_positions[None, :] <= positions[:, None]
+    """The additive mask for queries at `positions` reading keys at `key_positions` (each (length,) for every
+    row alike, or (bs, length) per row): 0 where a query may read a key, the key standing at or before the
+    query's position, and -inf elsewhere (later positions, and cache entries not written yet or left over from
+    an earlier sequence). Shape (1, 1, seqlen, context_len), or (bs, 1, seqlen, context_len) per row."""
+    queries = positions.reshape(-1, 1, positions.shape[-1], 1)  # (1 or bs, 1, seqlen, 1): broadcast over heads
+    keys = key_positions.reshape(-1, 1, 1, key_positions.shape[-1])  # (1 or bs, 1, 1, context_len)
+    visible = keys <= queries
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
 
 
@@ -275,12 +281,16 @@ class Transformer(nn.Module):
     def forward_at(
         self, tokens: Tensor, positions: Tensor, cache_len: Optional[int], last_only: bool = False
     ) -> Tensor:
-        """`forward` with the positions given as a tensor: tokens (batch, seqlen) at positions (seqlen,), an
-        int64 tensor on the model's device, which is not read on the host (on a GPU that would wait for it).
-        With the cache, attention reads cache positions 0 .. cache_len - 1, each query those up to its own; a
-        CUDA graph records this with a fixed cache_len and new positions at every replay. cache_len=None: no
-        cache, as forward's use_cache=False. Raises ValueError for tensors of the wrong kind or a cache_len
-        outside seqlen .. max_seq_len; the positions themselves are the caller's to keep below cache_len."""
+        """`forward` with the positions given as a tensor: tokens (batch, seqlen) at positions (seqlen,), the
+        same for every row, or (batch, seqlen), each row at its own (rows that decode while another reads a
+        chunk of its prompt, or rows at different lengths). An int64 tensor on the model's device, which is not
+        read on the host (on a GPU that would wait for it). With the cache, batch row i writes cache row i at
+        its positions and reads cache positions 0 .. cache_len - 1, each query those up to its own: whatever a
+        row reads there must be its own, written by this call or an earlier one (later entries, stale or not,
+        are hidden). A CUDA graph records this with a fixed cache_len and new positions at every replay.
+        cache_len=None: no cache, as forward's use_cache=False. Raises ValueError for tensors of the wrong kind
+        or a cache_len outside seqlen .. max_seq_len; the positions themselves are the caller's to keep
+        distinct within a row and below cache_len."""
         self._check_positions(tokens, positions, cache_len)
         return self._run(tokens, positions, cache_len, last_only, masked=True)
 
@@ -293,11 +303,11 @@ class Transformer(nn.Module):
             # and autograd refuses tensors made in inference mode.
             with torch.inference_mode(False):
                 self.freqs_cis = self._rotary_table(h.device)
-        freqs_cis = self.freqs_cis[positions]  # (seqlen, head_dim/2)
-        # With the cache, row i may read the cached prefix and the new tokens up to itself (this is what makes
+        freqs_cis = self.freqs_cis[positions]  # (seqlen, head_dim/2), or per row (bs, seqlen, head_dim/2)
+        # With the cache, token i may read the cached prefix and the new tokens up to itself (this is what makes
         # chunked prefill right); without it, the new tokens up to itself.
         key_positions = positions if cache_len is None else torch.arange(cache_len, device=h.device)
-        mask = attention_mask(positions, key_positions, h.dtype) if masked else None  # (seqlen, context_len)
+        mask = attention_mask(positions, key_positions, h.dtype) if masked else None  # (1 or bs, 1, seqlen, ctx)
         h = self.run_layers(h, freqs_cis, mask, positions, cache_len)
         if last_only:
             # The output layer is a vocab x dim product per position (in a small model, as much as three or
@@ -324,10 +334,10 @@ class Transformer(nn.Module):
 
     def _check_positions(self, tokens: Tensor, positions: Tensor, cache_len: Optional[int]) -> None:
         bsz, seqlen = tokens.shape
-        if positions.shape != (seqlen,) or positions.dtype != torch.long:
+        if positions.shape not in ((seqlen,), (bsz, seqlen)) or positions.dtype != torch.long:
             raise ValueError(
-                f"positions must be an int64 tensor of shape ({seqlen},), one per token; got shape "
-                f"{tuple(positions.shape)} and dtype {positions.dtype}"
+                f"positions must be an int64 tensor of shape ({seqlen},), one per column of tokens, or "
+                f"({bsz}, {seqlen}), one per token; got shape {tuple(positions.shape)} and dtype {positions.dtype}"
             )
         if positions.device != self.output.weight.device:
             raise ValueError(f"positions are on {positions.device} but the model is on {self.output.weight.device}")

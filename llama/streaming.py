@@ -16,8 +16,9 @@ class TextStream:
     decodes as U+FFFD) is held back, and so is an ending that could be the start of a stop sequence; `finish`
     hands out the rest. `prefix` (an echoed prompt) is part of the text; stop sequences are only looked for
     after it. The work per token does not grow with the length of the sequence: each push decodes only the
-    tokens since the text last settled, read after the one token before them (SentencePiece drops the leading
-    space of the first piece it decodes, so a piece's text depends on whether anything comes before it).
+    tokens since the text last settled, read after the last token before them that has text of its own
+    (SentencePiece drops the leading space of the first piece it decodes, so a piece's text depends on whether
+    any text comes before it: a token without text, such as BOS in the middle of a sequence, is no context).
     """
 
     def __init__(self, tokenizer: Tokenizer, prefix: Sequence[int] = (), stop: Sequence[str] = ()):
@@ -28,7 +29,7 @@ class TextStream:
         self.settled = len(self.ids)  # ids[:settled] decode to text that later tokens cannot change
         prefix_text = tokenizer.decode(self.ids)
         self.settled_length = len(prefix_text)
-        self.context_text = self._decode_from(self.settled - 1) if self.settled else ""
+        self._set_context()
         self.parts: list[str] = []  # the pieces handed out
         self.emitted = 0  # their total length
         self.held = prefix_text  # settled text not handed out yet
@@ -49,8 +50,7 @@ class TextStream:
             return ""
         self.ids.append(token)
         self.generated += 1
-        context_start = max(self.settled - 1, 0)
-        self.tail = self._decode_from(context_start)[len(self.context_text) :]
+        self.tail = self._decode_from(self.context_start)[len(self.context_text) :]
         self.lengths.append(self.settled_length + len(self.tail))
         if self._find_stop():
             return self.finish()
@@ -58,7 +58,7 @@ class TextStream:
             return ""  # the tail is one unfinished run of byte pieces: nothing new is certain
         self.held += self.tail
         self.settled, self.settled_length, self.tail = len(self.ids), self.lengths[-1], ""
-        self.context_text = self._decode_from(self.settled - 1)
+        self._set_context()
         return self._emit(len(self.held) - self._stop_prefix_length())
 
     def finish(self) -> str:
@@ -73,6 +73,15 @@ class TextStream:
         """How many generated tokens the (stop-cut) text needs: those after it are dropped from the result."""
         length = len(self.text)
         return next(count for count, after in enumerate(self.lengths) if after >= length or count == self.generated)
+
+    def _set_context(self) -> None:
+        """Start the next decodes at the last settled token that has text of its own (all settled tokens are
+        decoded here: ids[settled:] is empty)."""
+        self.context_start = max(self.settled - 1, 0)
+        self.context_text = self._decode_from(self.context_start)
+        while self.context_start > 0 and not self.context_text:
+            self.context_start -= 1
+            self.context_text = self._decode_from(self.context_start)
 
     def _decode_from(self, start: int) -> str:
         return self.tokenizer.decode(self.ids[start:])

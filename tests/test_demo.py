@@ -202,5 +202,5 @@ def test_wheel_built_from_the_repository_contains_the_bundled_model(tmp_path):
     assert build.returncode == 0, build.stderr
     (wheel,) = (tmp_path / "dist").glob("llama-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"llama/demo/{name}" for name in DEMO_FILES} | {"llama/train.py"}
+    expected = {f"llama/demo/{name}" for name in DEMO_FILES} | {"llama/train/__init__.py", "llama/train/__main__.py"}
     assert expected <= names, f"the wheel lacks {sorted(expected - names)}"

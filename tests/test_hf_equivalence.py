@@ -14,6 +14,7 @@ from llama.shards import load_shard
 transformers = pytest.importorskip("transformers")
 
 
+# These helpers restate llama.hf on purpose: an independent path to transformers that the library is checked by.
 def to_hf_rotary_layout(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Meta rotates channel pairs (2i, 2i+1) of each head; Hugging Face rotates (i, i + head_dim/2).
     Reorder each head's rows so that HF row c*head_dim/2 + i is Meta row 2i + c (written as a row index, not as

@@ -97,21 +97,10 @@ def make_text(lines: int = 160) -> str:
 
 
 TINY = TrainConfig(
-    vocab_size=320,
-    dim=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    multiple_of=16,
-    max_seq_len=32,
-    batch_size=8,
-    steps=40,
-    learning_rate=1e-2,
-    warmup_steps=4,
-    eval_every=20,
-    eval_windows=8,
-    log_every=20,
-)
+    vocab_size=320, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16,  # the model
+    max_seq_len=32, batch_size=8, steps=40, learning_rate=1e-2, warmup_steps=4,  # the run
+    eval_every=20, eval_windows=8, log_every=20,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

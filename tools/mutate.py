@@ -14,11 +14,15 @@ when a test fails (or hangs past the time limit); tests that skip (the copy has 
 nothing, and say so. One line per mutation, and last `N of M mutations caught`; the exit status is 0 when every
 mutation was caught.
 
-A mutation listed with a `harmless` reason cannot change anything a caller observes; it is run and reported, and
-not counted. Not part of CI: it reruns tests many times over.
+The mutations are data, in tools/mutations.json beside this file: each has a `name`, the `file` it changes, its
+`changes` (each a `text` found exactly once in the file and its `replacement`), and the `tests` (pytest node ids)
+that must catch it. A mutation with a `harmless` reason cannot change anything a caller observes; it is run and
+reported, and not counted. A listed test that does not exist (renamed or removed) stops the check before anything
+runs. Not part of CI: it reruns tests many times over.
 """
 
 import argparse
+import json
 import os
 import queue
 import shutil
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MUTATIONS_FILE = Path(__file__).resolve().parent / "mutations.json"
 COPIED = ("llama", "tests", "pyproject.toml", "README.md", "docs")
 TIMEOUT = 300  # seconds per mutation: a mutation that makes a test hang counts as caught
 
@@ -40,483 +45,31 @@ TIMEOUT = 300  # seconds per mutation: a mutation that makes a test hang counts 
 @dataclass(frozen=True)
 class Mutation:
     name: str
-    path: str  # relative to the repository
+    file: str  # relative to the repository
     changes: tuple[tuple[str, str], ...]  # (text, replacement), each text found exactly once in the file
     tests: tuple[str, ...]  # pytest node ids
     harmless: Optional[str] = None  # why the mutation cannot change a result, if it cannot
 
 
-MODEL, SAMPLING, DECODING = "llama/model.py", "llama/sampling.py", "llama/decoding.py"
-T_MODEL, T_GEN, T_STREAM = "tests/test_model.py::", "tests/test_generation.py::", "tests/test_streaming.py::"
-T_CKPT = "tests/test_checkpoint.py::"
-QUANTIZE = "llama/quantize.py"
-REFERENCE = T_MODEL + "test_fused_attention_kernel_gives_the_logits_of_a_written_out_forward"
-
-MUTATIONS = (
-    # ---- the model ---------------------------------------------------------------------------------------------
-    Mutation(
-        "rotary pairs channel i with i + head_dim/2 (Hugging Face's pairing, on Meta's weights)",
-        MODEL,
-        (
-            (
-                "xq.float().reshape(*xq.shape[:-1], -1, 2))",
-                "xq.float().unflatten(-1, (2, -1)).transpose(-1, -2).contiguous())",
-            ),
-            (
-                "xk.float().reshape(*xk.shape[:-1], -1, 2))",
-                "xk.float().unflatten(-1, (2, -1)).transpose(-1, -2).contiguous())",
-            ),
-        ),
-        (T_MODEL + "test_complex_rope_equals_real_2x2_rotations_of_adjacent_channel_pairs",),
-    ),
-    Mutation(
-        "rotary frequencies theta^(-i/dim) instead of theta^(-2i/dim)",
-        MODEL,
-        (("torch.arange(0, dim, 2, device=device)[: dim // 2]", "torch.arange(0, dim // 2, device=device)"),),
-        (T_MODEL + "test_complex_rope_equals_real_2x2_rotations_of_adjacent_channel_pairs",),
-    ),
-    Mutation(
-        "rotary angles of positions 0.. whatever start_pos is",
-        MODEL,
-        (("freqs_cis = self.freqs_cis[positions]", "freqs_cis = self.freqs_cis[: len(positions)]"),),
-        (T_MODEL + "test_kv_cache_decode_token_by_token_matches_full_forward",),
-    ),
-    Mutation(
-        "rope_theta from params.json ignored (always 10000)",
-        MODEL,
-        (("params.max_seq_len * 2, params.rope_theta,", "params.max_seq_len * 2, 10000.0,"),),
-        ("tests/test_hf_equivalence.py::test_random_gqa_model_gives_the_same_logits_as_hugging_face_llama",),
-    ),
-    Mutation(
-        "Llama 3.1 scaling leaves the slow rotations unscaled",
-        MODEL,
-        (
-            (
-                "wavelength > long_wavelength, inv_freq / factor, blended",
-                "wavelength > long_wavelength, inv_freq, blended",
-            ),
-        ),
-        ("tests/test_llama3.py::test_scaled_rotary_frequencies_follow_the_published_formula",),
-    ),
-    Mutation(
-        "queries scaled by 1/sqrt(head_dim) before the kernel scales them again",
-        MODEL,
-        (("xq = xq.transpose(1, 2)  #", "xq = xq.transpose(1, 2) / math.sqrt(self.head_dim)  #"),),
-        (REFERENCE,),
-    ),
-    Mutation(
-        "attention scores divided by head_dim instead of its square root",
-        MODEL,
-        (("attn_mask=mask)", "attn_mask=mask, scale=1.0 / self.head_dim)"),),
-        (REFERENCE,),
-    ),
-    Mutation(
-        "causal mask ignores start_pos (counts positions from the chunk's start)",
-        MODEL,
-        (
-            (
-                "visible = key_positions[None, :] <= positions[:, None]",
-                "visible = key_positions[None, :] <= positions[:, None] - positions[0]",
-            ),
-        ),
-        (T_MODEL + "test_chunked_prefill_with_start_pos_matches_full_forward",),
-    ),
-    Mutation(
-        "no causal mask on a full pass",
-        MODEL,
-        (("masked=seqlen > 1)", "masked=False)"),),
-        (T_MODEL + "test_logits_at_a_position_do_not_depend_on_later_tokens",),
-    ),
-    Mutation(
-        "grouped-query attention: query head h reads key/value head h % n_kv_heads (tiled, not interleaved)",
-        MODEL,
-        (
-            (
-                "x[:, :, :, None, :]\n        .expand(bs, seqlen, kv_heads, n_rep, head_dim)",
-                "x[:, :, None, :, :]\n        .expand(bs, seqlen, n_rep, kv_heads, head_dim)",
-            ),
-        ),
-        (T_MODEL + "test_grouped_query_attention_equals_multi_head_attention_with_repeated_key_value_heads",),
-    ),
-    Mutation(
-        "key/value cache sized by query heads (repeated keys cached: same logits, n_rep times the memory)",
-        MODEL,
-        (
-            (
-                "args.max_seq_len, self.n_local_kv_heads, self.head_dim)",
-                "args.max_seq_len, self.n_local_heads, self.head_dim)",
-            ),
-            (
-                "        if cache_len is not None:\n            xk, xv = self.kv_cache",
-                "        xk, xv = repeat_kv(xk, self.n_rep), repeat_kv(xv, self.n_rep)\n"
-                "        if cache_len is not None:\n            xk, xv = self.kv_cache",
-            ),
-            ("keys = repeat_kv(xk, self.n_rep).transpose(1, 2)", "keys = xk.transpose(1, 2)"),
-            ("values = repeat_kv(xv, self.n_rep).transpose(1, 2)", "values = xv.transpose(1, 2)"),
-        ),
-        (T_MODEL + "test_key_value_cache_holds_only_the_key_value_heads",),
-    ),
-    Mutation(
-        "norm_eps from params.json not passed to the norms (RMSNorm's default eps)",
-        MODEL,
-        (
-            ("self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)", "self.attention_norm = RMSNorm(args.dim)"),
-            ("self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)", "self.ffn_norm = RMSNorm(args.dim)"),
-            ("self.norm = RMSNorm(params.dim, eps=params.norm_eps)", "self.norm = RMSNorm(params.dim)"),
-        ),
-        (T_MODEL + "test_norm_eps_from_params_json_changes_the_logits_as_a_written_out_norm_does",),
-    ),
-    Mutation(
-        "RMSNorm's eps not passed to the kernel",
-        MODEL,
-        (("F.rms_norm(x, (x.shape[-1],), eps=self.eps)", "F.rms_norm(x, (x.shape[-1],))"),),
-        (T_MODEL + "test_rmsnorm_divides_by_the_root_mean_square_then_scales",),
-    ),
-    Mutation(
-        "RMSNorm normalises in the input's dtype (float16 squares overflow)",
-        MODEL,
-        (("return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight", "return self._norm(x) * self.weight"),),
-        (T_MODEL + "test_rmsnorm_in_float16_stays_finite_where_squares_overflow_float16",),
-    ),
-    Mutation(
-        "RMSNorm scales by its weight before rounding to the input's dtype (not Meta's order)",
-        MODEL,
-        (
-            (
-                "return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight",
-                "return F.rms_norm(x, (x.shape[-1],), weight=self.weight, eps=self.eps)",
-            ),
-        ),
-        (T_MODEL + "test_rmsnorm_kernel_equals_meta_formula_normalise_in_float32_round_then_scale",),
-    ),
-    Mutation(
-        "SwiGLU gates w1 by SiLU of w3 (gate and up projections swapped)",
-        MODEL,
-        (("F.silu(self.w1(x)) * self.w3(x)", "self.w1(x) * F.silu(self.w3(x))"),),
-        (REFERENCE,),
-    ),
-    Mutation(
-        "feed-forward reads the block's input instead of the stream after attention",
-        MODEL,
-        (("h + self.feed_forward(self.ffn_norm(h))", "h + self.feed_forward(self.ffn_norm(x))"),),
-        (REFERENCE,),
-    ),
-    Mutation(
-        "FFN width rounded down to multiple_of, not up",
-        "llama/args.py",
-        (("((hidden_dim + self.multiple_of - 1) // self.multiple_of)", "(hidden_dim // self.multiple_of)"),),
-        (T_MODEL + "test_llama_2_configurations_have_the_published_parameter_counts_and_ffn_widths",),
-    ),
-    Mutation(
-        "ffn_dim_multiplier applied to 4*dim instead of the 2/3 width",
-        "llama/args.py",
-        (("int(self.ffn_dim_multiplier * hidden_dim)", "int(self.ffn_dim_multiplier * 4 * self.dim)"),),
-        (T_MODEL + "test_llama_2_configurations_have_the_published_parameter_counts_and_ffn_widths",),
-    ),
-    Mutation(
-        "last_only keeps the first position's logits",
-        MODEL,
-        (("h = h[:, -1:]", "h = h[:, :1]"),),
-        (T_MODEL + "test_last_only_gives_the_last_position_of_the_full_logits",),
-    ),
-    # ---- checkpoints -------------------------------------------------------------------------------------------
-    Mutation(
-        "split dimensions: w2 taken as column-parallel and w3 as row-parallel",
-        "llama/layout.py",
-        (
-            ('"wv.weight", "w1.weight", "w3.weight")', '"wv.weight", "w1.weight", "w2.weight")'),
-            ('name.endswith(("wo.weight", "w2.weight"))', 'name.endswith(("wo.weight", "w3.weight"))'),
-        ),
-        (T_CKPT + "test_reshard_1_to_2_to_4_to_1_matches_metas_split_and_round_trips_bit_identical",),
-    ),
-    Mutation(
-        "reslicing reads each shard's piece from its start, not from the rank's offset in it",
-        "llama/shards.py",
-        (("tensor.narrow(dim, low - shard_start, high - low)", "tensor.narrow(dim, 0, high - low)"),),
-        (T_CKPT + "test_reshard_1_to_2_to_4_to_1_matches_metas_split_and_round_trips_bit_identical",),
-    ),
-    Mutation(
-        "reshard writes rank 0's slice into every shard",
-        "llama/convert.py",
-        (("checkpoint.state_dict(rank, model_parallel_size)", "checkpoint.state_dict(0, model_parallel_size)"),),
-        (T_CKPT + "test_reshard_1_to_2_to_4_to_1_matches_metas_split_and_round_trips_bit_identical",),
-    ),
-    Mutation(
-        "Hugging Face rotary permutation applied in the inverse direction",
-        "llama/hf.py",
-        (
-            (
-                "weight.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2)",
-                "weight.view(n_heads, 2, head_dim // 2, dim).transpose(1, 2)",
-            ),
-        ),
-        (
-            "tests/test_hf_equivalence.py::test_library_conversion_equals_this_files_independent_mapping_and_inverts_exactly",
-        ),
-    ),
-    Mutation(
-        "Hugging Face conversion permutes wk as if it had n_heads heads",
-        "llama/hf.py",
-        (
-            (
-                'if meta_name.endswith("attention.wk.weight"):\n        return args.kv_heads',
-                'if meta_name.endswith("attention.wk.weight"):\n        return args.n_heads',
-            ),
-        ),
-        (
-            "tests/test_hf_equivalence.py::test_library_conversion_equals_this_files_independent_mapping_and_inverts_exactly",
-        ),
-    ),
-    Mutation(
-        "Hugging Face export writes rms_norm_eps 1e-6 whatever params.json says",
-        "llama/hf.py",
-        (('"rms_norm_eps": args.norm_eps,', '"rms_norm_eps": 1e-6,'),),
-        (T_CKPT + "test_hugging_face_export_opens_offline_with_the_same_logits_and_tokens",),
-    ),
-    Mutation(
-        "norm folding forgets wv",
-        "llama/convert.py",
-        (('for linear in ("wq", "wk", "wv")]', 'for linear in ("wq", "wk")]'),),
-        (T_CKPT + "test_folded_norm_weights_give_the_same_logits_and_are_all_ones",),
-    ),
-    Mutation(
-        "a write that fails leaves its half-written temporary folder behind",
-        "llama/atomic.py",
-        (("        if staging.exists():\n            shutil.rmtree(staging)", "        pass"),),
-        (T_CKPT + "test_interrupted_write_leaves_the_source_untouched_and_no_destination",),
-    ),
-    # ---- generation ---------------------------------------------------------------------------------------------
-    Mutation(
-        "temperature ignored: softmax(logits) instead of softmax(logits / T)",
-        SAMPLING,
-        (("/ temperature, dim=-1)", ", dim=-1)"),),
-        (T_GEN + "test_sampled_frequencies_follow_softmax_of_the_logits_over_the_temperature",),
-    ),
-    Mutation(
-        "top-p drops the token that crosses p (cumulative mass including the token itself)",
-        SAMPLING,
-        (
-            (
-                "probs_before = torch.cumsum(probs_sort, dim=-1) - probs_sort",
-                "probs_before = torch.cumsum(probs_sort, dim=-1)",
-            ),
-        ),
-        (T_GEN + "test_top_p_samples_only_from_the_smallest_set_covering_p_renormalised",),
-    ),
-    Mutation(
-        "top-p returns the index into the sorted probabilities, not the token id",
-        SAMPLING,
-        (("return torch.gather(probs_idx, -1, next_token)", "return next_token"),),
-        (T_GEN + "test_top_p_samples_only_from_the_smallest_set_covering_p_renormalised",),
-    ),
-    Mutation(
-        "top-p forgets to renormalise the nucleus",
-        SAMPLING,
-        (("    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))\n", ""),),
-        (T_GEN + "test_top_p_samples_only_from_the_smallest_set_covering_p_renormalised",),
-        harmless="torch.multinomial takes weights that need not add up to 1: it draws from them renormalised",
-    ),
-    Mutation(
-        "top-k also drops the k-th most likely token",
-        SAMPLING,
-        (("logits.masked_fill(logits < kth_largest,", "logits.masked_fill(logits <= kth_largest,"),),
-        (T_STREAM + "test_top_k_samples_only_among_the_k_most_likely_tokens",),
-    ),
-    Mutation(
-        "a negative top_k is not refused (it silently means no limit)",
-        SAMPLING,
-        (('"top_k": whole_number(self.top_k, "top_k", minimum=0),', '"top_k": self.top_k,'),),
-        ("tests/test_robustness.py::test_random_completion_calls_raise_only_the_documented_error_before_generating",),
-    ),
-    Mutation(
-        "sampling draws from the global RNG, not the seeded generator",
-        SAMPLING,
-        (
-            (
-                "torch.multinomial(probs_sort, num_samples=1, generator=generator)",
-                "torch.multinomial(probs_sort, num_samples=1)",
-            ),
-        ),
-        (T_GEN + "test_same_seed_gives_the_same_samples_and_leaves_the_global_rng_alone",),
-    ),
-    Mutation(
-        "+inf logits taken as usable (only NaN reported)",
-        SAMPLING,
-        (("usable = torch.isfinite(logits.amax(dim=-1))", "usable = ~torch.isnan(logits.amax(dim=-1))"),),
-        (T_STREAM + "test_plus_infinity_or_no_possible_token_raises_floating_point_error",),
-    ),
-    Mutation(
-        "logprobs recorded for the token at the predicting position, not the predicted one",
-        DECODING,
-        (
-            (
-                "targets = self.tokens[:, start + 1 : start + 1 + logits.shape[1]]",
-                "targets = self.tokens[:, start : start + logits.shape[1]]",
-            ),
-        ),
-        (T_GEN + "test_logprobs_equal_log_softmax_of_a_full_forward_at_the_predicting_positions",),
-    ),
-    Mutation(
-        "logprobs shifted by one position when echo=False",
-        DECODING,
-        (
-            (
-                "logprobs=logprobs[row][start : self.end[row]]",
-                "logprobs=logprobs[row][start - (not self.params.echo) : self.end[row] - (not self.params.echo)]",
-            ),
-        ),
-        (T_GEN + "test_completion_logprobs_are_log_softmax_of_a_full_forward_for_each_returned_token",),
-    ),
-    Mutation(
-        "every decoding step computes the logits of all its positions, though only the last is used",
-        DECODING,
-        (("last_only=not params.logprobs)", "last_only=False)"),),
-        (T_GEN + "test_generation_computing_only_last_position_logits_gives_the_tokens_of_all_logits",),
-    ),
-    Mutation(
-        "EOS kept in the returned tokens",
-        DECODING,
-        (("self.end[row], self.done[row] = position, True", "self.end[row], self.done[row] = position + 1, True"),),
-        (T_GEN + "test_generation_stops_at_eos_per_sequence_and_when_all_sequences_stopped",),
-    ),
-    Mutation(
-        "EOS obeyed only with ignore_eos",
-        DECODING,
-        (("if token in stop_ids and not self.params.ignore_eos:", "if token in stop_ids and self.params.ignore_eos:"),),
-        (T_GEN + "test_generation_stops_at_eos_per_sequence_and_when_all_sequences_stopped",),
-    ),
-    Mutation(
-        "a shorter prompt's batch row overwrites a longer prompt's tokens with samples",
-        DECODING,
-        (("column = torch.where(self.is_prompt[:, position], self.tokens[:, position], sampled)", "column = sampled"),),
-        (T_GEN + "test_batch_of_prompts_of_different_lengths_gives_the_same_greedy_tokens_as_each_alone",),
-    ),
-    Mutation(
-        "results of the second and later batches come back under their index within the batch",
-        "llama/generation.py",
-        (("finished = [(start + row, completion)", "finished = [(row, completion)"),),
-        (T_STREAM + "test_more_prompts_than_max_batch_size_run_in_batches_with_results_in_input_order",),
-    ),
-    Mutation(
-        "of several stop sequences, the text is cut at the last one found",
-        "llama/streaming.py",
-        (("pending[: min(found)]", "pending[: max(found)]"),),
-        (T_STREAM + "test_the_text_ends_before_the_earliest_of_several_stop_sequences",),
-    ),
-    Mutation(
-        "a stop sequence keeps one token too many in the result",
-        "llama/streaming.py",
-        (("if after >= length or count == self.generated", "if after > length or count == self.generated"),),
-        (T_STREAM + "test_with_stop_and_logprobs_the_tokens_returned_are_those_of_the_text_returned",),
-    ),
-    Mutation(
-        "streaming hands out a character whose bytes have not all arrived",
-        "llama/streaming.py",
-        (
-            (
-                '        if self.tail.endswith(REPLACEMENT):\n            return ""',
-                '        if False:\n            return ""',
-            ),
-        ),
-        (T_STREAM + "test_stream_never_hands_out_half_a_character",),
-    ),
-    Mutation(
-        "streaming decodes new tokens without the token before them (SentencePiece drops their leading space)",
-        "llama/streaming.py",
-        (("context_start = max(self.settled - 1, 0)", "context_start = self.settled"),),
-        (T_STREAM + "test_streamed_pieces_add_up_exactly_to_the_final_text",),
-    ),
-    # ---- quantization ---------------------------------------------------------------------------------------------
-    Mutation(
-        "int8 on several ranks: a row-parallel layer scaled by its own slice of each row",
-        "llama/loading.py",
-        (("if scheme.bits == 8 and split_dim(weight_name) == 1 and world_size > 1:", "if False:"),),
-        ("tests/test_quantize.py::test_two_processes_give_the_logits_of_one_quantized_model",),
-    ),
-    Mutation(
-        "int4 packs the even input channel in the high four bits",
-        QUANTIZE,
-        (('return {"weight": q[:, 0::2] | (q[:, 1::2] << 4)', 'return {"weight": (q[:, 0::2] << 4) | q[:, 1::2]'),),
-        ("tests/test_quantize.py::test_int4_keeps_the_even_input_channel_in_the_low_four_bits",),
-    ),
-    Mutation(
-        "int4 levels centred on the group's minimum instead of its middle",
-        QUANTIZE,
-        (("zero = (low + 8 * scale.float()).to(torch.bfloat16)", "zero = low.to(torch.bfloat16)"),),
-        ("tests/test_quantize.py::test_int4_round_trip_is_within_half_a_step_of_each_group",),
-    ),
-    Mutation(
-        "int8 scale maps the largest magnitude to 255",
-        QUANTIZE,
-        (("weight.float().abs().amax(dim=1) / 127", "weight.float().abs().amax(dim=1) / 255"),),
-        ("tests/test_quantize.py::test_int8_round_trip_is_within_half_a_step_of_each_row",),
-    ),
-    Mutation(
-        "int4 packed for the CPU kernel 16 rows at a time (its packing spans 32)",
-        QUANTIZE,
-        (("rows = rows or max(64, _WEIGHTS_PER_BLOCK", "rows = 16 or max(64, _WEIGHTS_PER_BLOCK"),),
-        ("tests/test_quantize.py::test_int4_packed_in_blocks_of_rows_equals_packed_whole",),
-    ),
-    Mutation(
-        "the compiled step rotates and caches each token one position early",
-        "llama/compiled.py",
-        (
-            (
-                "positions = torch.tensor([start_pos], device=tokens.device)",
-                "positions = torch.tensor([start_pos - 1], device=tokens.device)",
-            ),
-        ),
-        ("tests/test_compiled.py",),
-    ),
-    Mutation(
-        "perplexity scores each window's first token without context",
-        "llama/perplexity.py",
-        (("scored_until, start = end, start + stride", "scored_until, start = end, end"),),
-        ("tests/test_quantize.py::test_perplexity_in_windows_scores_each_token_once_given_its_window",),
-    ),
-    # ---- the chat format -----------------------------------------------------------------------------------------
-    Mutation(
-        "Llama 2 chat: finished exchanges without EOS",
-        "llama/chat_format.py",
-        (
-            (
-                "tokens += self.tokenizer.encode(text, bos=True, eos=True)",
-                "tokens += self.tokenizer.encode(text, bos=True, eos=False)",
-            ),
-        ),
-        (T_GEN + "test_chat_prompt_is_the_llama_2_chat_format_token_for_token",),
-    ),
-    Mutation(
-        "Llama 2 chat: the user's message stripped before the system prompt is merged in",
-        "llama/chat_format.py",
-        (('E_SYS + dialog[1]["content"]', 'E_SYS + dialog[1]["content"].strip()'),),
-        (T_GEN + "test_chat_prompt_is_the_llama_2_chat_format_token_for_token",),
-    ),
-    Mutation(
-        "Llama 2 chat: <<SYS>> tags let through",
-        "llama/chat_format.py",
-        (('SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")', "SPECIAL_TAGS = (B_INST, E_INST)"),),
-        (T_GEN + "test_dialog_with_special_tags_gets_the_error_text_and_the_others_their_answers",),
-    ),
-    Mutation(
-        "a dialog that ends with the assistant's message is run instead of refused",
-        "llama/chat_format.py",
-        (('    if turns[-1]["role"] != "user":\n        raise', "    if False:\n        raise"),),
-        ("tests/test_robustness.py::test_random_dialogs_get_answers_or_the_documented_error_before_generating",),
-    ),
-    Mutation(
-        "Llama 3 chat: no open assistant header at the end of the prompt",
-        "llama/chat_format.py",
-        (('return tokens + self._header("assistant")', "return tokens"),),
-        ("tests/test_llama3.py::test_the_llama_3_chat_format_is_metas_prompt_text_on_a_generated_tokenizer",),
-    ),
-    Mutation(
-        "trimming a long dialog drops the oldest user message but keeps its answer",
-        "llama/chat_format.py",
-        (("turns = turns[2:]", "turns = turns[1:]"),),
-        ("tests/test_chat_cli.py::test_trim_dialog_keeps_the_system_message_and_the_last_user_turn",),
-    ),
-)
+def load_mutations(path: Path = MUTATIONS_FILE) -> list[Mutation]:
+    """The mutations listed in `path` (a JSON list of objects). Raises ValueError naming the entry and the
+    field that is missing or of the wrong kind."""
+    mutations = []
+    for number, entry in enumerate(json.loads(path.read_text()), start=1):
+        where = f"{path.name}, mutation {number} ({entry.get('name', 'no name')!r})"
+        if not all(isinstance(entry.get(key, ""), str) for key in ("name", "file", "harmless")) or "file" not in entry:
+            raise ValueError(f'{where}: needs a "name" and a "file", each a string (and "harmless", if any, too)')
+        unknown = set(entry) - {"name", "file", "changes", "tests", "harmless"}
+        if unknown:
+            raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
+        changes = entry.get("changes")
+        if not changes or any(set(change) != {"text", "replacement"} for change in changes):
+            raise ValueError(f'{where}: "changes" must be a non-empty list of {{"text", "replacement"}}')
+        if not entry.get("tests") or not all(isinstance(test, str) for test in entry["tests"]):
+            raise ValueError(f'{where}: "tests" must be a non-empty list of pytest node ids')
+        pairs = tuple((change["text"], change["replacement"]) for change in changes)
+        mutations.append(Mutation(entry["name"], entry["file"], pairs, tuple(entry["tests"]), entry.get("harmless")))
+    return mutations
 
 
 def copy_repository(destination: Path, commit: Optional[str] = None) -> None:
@@ -534,16 +87,20 @@ def copy_repository(destination: Path, commit: Optional[str] = None) -> None:
             shutil.copyfile(source, destination / name)
 
 
+def pytest_env(copy: Path) -> dict[str, str]:
+    """The environment of a pytest run in the copy: the copy first on the path, so that its llama is imported,
+    not the installed (editable) one of the repository; one thread, as two copies share the cores."""
+    path = os.pathsep.join(filter(None, [str(copy), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
+
+
 def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[str, str]:
     """Run `tests` in the copy: ("passed" | "skipped" | "failed" | "timeout" | "error", the first failure's line
     or the skip's reason). "skipped": they passed, but some were skipped (a test that did not run catches
     nothing)."""
-    # The copy first on the path: its llama is imported, not the installed (editable) one of the repository.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(copy), os.environ.get("PYTHONPATH")])))
-    env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-rfEs", "-p", "no:cacheprovider", "-W", "ignore", *tests]
     try:
-        done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        done = subprocess.run(command, cwd=copy, env=pytest_env(copy), capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         return "timeout", f"no result within {TIMEOUT} s"
     lines = done.stdout.splitlines()
@@ -556,16 +113,34 @@ def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[str, str]:
     return "error", failure or (lines[-1] if lines else done.stderr.strip()[-300:])
 
 
+def missing_tests(copy: Path, tests: tuple[str, ...]) -> list[str]:
+    """The node ids among `tests` that are not in the copy (a test file or test renamed or removed). Raises
+    RuntimeError with pytest's output when the tests cannot be collected at all."""
+    # A missing file stops pytest's collection; a missing test in a file that exists does not.
+    missing = [test for test in tests if not (copy / test.split("::")[0]).exists()]
+    present = [test for test in tests if test not in missing]
+    if not present:  # pytest given no test collects the whole suite
+        return missing
+    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *present]
+    done = subprocess.run(command, cwd=copy, env=pytest_env(copy), capture_output=True, text=True, timeout=TIMEOUT)
+    for line in done.stderr.splitlines():
+        if line.startswith("ERROR: not found: "):
+            missing.append(line.removeprefix("ERROR: not found: ").removeprefix(f"{copy}{os.sep}"))
+    if done.returncode not in (0, 5) and len(missing) == len(tests) - len(present):
+        raise RuntimeError(f"pytest could not collect the listed tests:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return missing
+
+
 def apply(copy: Path, mutation: Mutation) -> str:
     """Write the mutated file into the copy; return the original text to put back. Raises ValueError when a
     text to replace is not in the file exactly once (the source has changed under the mutation)."""
-    path = copy / mutation.path
+    path = copy / mutation.file
     original = path.read_text()
     text = original
     for old, new in mutation.changes:
         count = text.count(old)
         if count != 1:
-            raise ValueError(f"{mutation.path}: {old!r} found {count} times, not once")
+            raise ValueError(f"{mutation.file}: {old!r} found {count} times, not once")
         text = text.replace(old, new)
     path.write_text(text)
     return original
@@ -583,7 +158,7 @@ def try_mutation(copies: "queue.Queue[Path]", mutation: Mutation) -> tuple[str, 
         try:
             outcome, detail = run_tests(copy, mutation.tests)
         finally:
-            (copy / mutation.path).write_text(original)
+            (copy / mutation.file).write_text(original)
         return outcome, detail, time.monotonic() - began
     finally:
         copies.put(copy)
@@ -603,6 +178,17 @@ def report(mutation: Mutation, outcome: str, detail: str, seconds: float) -> Opt
     return caught
 
 
+def make_copies(folder: Path, jobs: int, commit: Optional[str]) -> "queue.Queue[Path]":
+    """`jobs` copies of the repository (at least one) in `folder`, each free for one mutation at a time."""
+    copies: queue.Queue[Path] = queue.Queue()
+    for number in range(max(jobs, 1)):
+        copy = folder / f"repo-{number}"
+        copy.mkdir()
+        copy_repository(copy, commit)
+        copies.put(copy)
+    return copies
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--list", action="store_true", help="list the mutations and their tests; run nothing")
@@ -610,22 +196,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="mutations tested at once, each in its own copy (2)")
     parser.add_argument("--commit", help="test the source as committed there (default: the working tree)")
     options = parser.parse_args(argv)
-    mutations = [mutation for mutation in MUTATIONS if options.only in mutation.name]
+    try:
+        mutations = [mutation for mutation in load_mutations() if options.only in mutation.name]
+    except ValueError as error:  # also malformed JSON
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if options.list:
         for mutation in mutations:
             note = f"  (harmless: {mutation.harmless})" if mutation.harmless else ""
-            print(f"{mutation.name}{note}\n    {mutation.path}: {', '.join(t.split('::')[-1] for t in mutation.tests)}")
+            print(f"{mutation.name}{note}\n    {mutation.file}: {', '.join(t.split('::')[-1] for t in mutation.tests)}")
         return 0
     started = time.monotonic()
     signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))  # the copies are removed
     with tempfile.TemporaryDirectory(prefix="llama-mutate-") as folder:
-        copies: queue.Queue[Path] = queue.Queue()
-        for number in range(max(options.jobs, 1)):
-            copy = Path(folder) / f"repo-{number}"
-            copy.mkdir()
-            copy_repository(copy, options.commit)
-            copies.put(copy)
+        copies = make_copies(Path(folder), options.jobs, options.commit)
         baseline = tuple(dict.fromkeys(test for mutation in mutations for test in mutation.tests))
+        try:
+            missing = missing_tests(copies.queue[0], baseline)
+        except RuntimeError as error:
+            print(f"error: {error}")
+            return 2
+        if missing:
+            print(f"error: {len(missing)} test(s) listed in {MUTATIONS_FILE.name} do not exist (renamed or removed? "
+                  "update the list):\n  " + "\n  ".join(missing))  # fmt: skip
+            return 2
         outcome, detail = run_tests(copies.queue[0], baseline)
         if outcome != "passed":  # a test that fails, or is skipped, already, proves nothing about a mutation
             print(f"without any mutation the tests are not all passing, so nothing can be learned: {outcome} {detail}")

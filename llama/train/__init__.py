@@ -325,17 +325,3 @@ def train(
     )
     write_checkpoint(out_dir, model, config, data.tokenizer_model, metrics, overwrite)
     return metrics
-
-
-if __name__ == "__main__":
-    # `python -m llama.train ...`, the former spelling of `python -m llama train ...`, kept for one release.
-    import sys
-
-    from llama.cli import main
-
-    print(
-        "notice: `python -m llama.train` is now `python -m llama train`; the old spelling will be removed in the "
-        "next release",
-        file=sys.stderr,
-    )
-    sys.exit(main(["train", *sys.argv[1:]]))
