@@ -55,9 +55,9 @@ def cache_window(start_pos: int, min_window: int, max_seq_len: int) -> int:
 
 
 class Completion(NamedTuple):
-    """One sequence's result: its tokens (with the prompt's if echoed; without EOS or a stop sequence's),
-    their logprobs (with logprobs=True), and their text when it was followed (else None: decode(tokens)).
-    With top_logprobs=k, for each returned token the k most likely tokens at its position, as (token id,
+    """One sequence's result: its tokens (with the prompt's if echoed; without EOS; with a stop sequence, those
+    wholly inside the text, which ends before the stop), their logprobs (with logprobs=True), and their text
+    when it was followed (else None: decode(tokens)). With top_logprobs=k, for each returned token the k most likely tokens at its position, as (token id,
     logprob) pairs, most likely first ([] for a prompt's first token, which nothing predicts)."""
 
     tokens: list[int]
@@ -180,7 +180,7 @@ class Batch:
             if self.streams is not None:
                 pieces[row] = self.streams[row].push(token)
                 if self.streams[row].stopped:
-                    self.end[row], self.done[row] = self.prompt_lens[row] + self.streams[row].tokens_needed(), True
+                    self.end[row], self.done[row] = self.prompt_lens[row] + self.streams[row].tokens_inside(), True
             if position + 1 >= self.end[row]:
                 self.done[row] = True
         return pieces

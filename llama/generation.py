@@ -168,10 +168,11 @@ class Llama:
         (at most max_seq_len - 1 tokens); with truncate=True a longer one keeps BOS and its last tokens. `seed`
         seeds each prompt's own sampling, as in `generate`; `frequency_penalty` and `presence_penalty` (-2 to
         2, OpenAI's) lower a token's logit by the first times its count among the tokens generated so far, and
-        by the second if it was generated at all (see SamplingParams). Returns one {"generation": str} per prompt (the
-        prompt included with echo=True), plus "tokens" (the text of each token) and "logprobs" with
+        by the second if it was generated at all (see SamplingParams). Returns one {"generation": str} per
+        prompt (the prompt included with echo=True), plus "tokens" (the text of each token) and "logprobs" with
         logprobs=True, and "top_logprobs" with top_logprobs=k too (up to 20): for each token, the k most likely
-        at its position as (text, logprob) pairs, most likely first. Raises TypeError for a non-string prompt or
+        at its position as (text, logprob) pairs, most likely first. With a stop sequence, the tokens and
+        logprobs are those wholly inside the returned text (one that straddles the stop is left out). Raises TypeError for a non-string prompt or
         stop list, ValueError for an empty list, bad sampling settings or a prompt that is too long (naming
         it), and FloatingPointError if the model's logits are not finite.
         """

@@ -69,10 +69,13 @@ class TextStream:
         self.emitted += len(rest)
         return rest
 
-    def tokens_needed(self) -> int:
-        """How many generated tokens the (stop-cut) text needs: those after it are dropped from the result."""
+    def tokens_inside(self) -> int:
+        """How many generated tokens lie wholly inside the (stop-cut) text: those up to the one that reaches its
+        end, less that one if it reaches past it. A token that straddles the cut (its first characters before a
+        stop sequence, the rest in it) is left out of the result, while its part of the text stays."""
         length = len(self.text)
-        return next(count for count, after in enumerate(self.lengths) if after >= length or count == self.generated)
+        count = next(count for count, after in enumerate(self.lengths) if after >= length or count == self.generated)
+        return count - 1 if self.lengths[count] > length else count
 
     def _set_context(self) -> None:
         """Start the next decodes at the last settled token that has text of its own (all settled tokens are

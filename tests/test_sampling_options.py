@@ -181,3 +181,37 @@ def test_penalties_lower_the_logits_of_generated_tokens_as_openai_defines_them(
 def test_penalties_outside_openais_range_are_refused_before_generating(model, tokenizer, options, name):
     with pytest.raises(ValueError, match=rf"{name} must be a number from -2.0 to 2.0, got"):
         Llama(model, tokenizer).chat_completion([[{"role": "user", "content": "Hi"}]], **options)
+
+
+# ---- what a stop sequence leaves ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("straddles", [True, False])
+def test_with_a_stop_the_tokens_and_logprobs_are_those_wholly_inside_the_text(model, tokenizer, straddles):
+    """A stop sequence that starts inside a token (its first character before the stop, the rest in it) cuts the
+    text there: the token's first character stays in the text, and the token leaves the tokens and logprobs
+    returned, which are those of the text before it. One that starts at a token's first character keeps the
+    tokens before it too."""
+    llama = Llama(model, tokenizer)
+    options = dict(temperature=0, max_gen_len=24, logprobs=True)
+    prompt = tokenizer.encode("The sea", bos=True, eos=False)
+    (generated,), (logprobs,) = llama.generate([prompt], **options)
+    text = tokenizer.decode(generated)
+    ends = [len(tokenizer.decode(generated[:count])) for count in range(len(generated) + 1)]
+    offset = 1 if straddles else 0  # where the stop starts in the token
+
+    def stop_at(index):  # the stop from the token's character `offset` to the end of the next token
+        return text[ends[index] + offset : ends[index + 2]]
+
+    # A token of two characters or more, followed by one with text, where the stop first occurs.
+    index = next(
+        index
+        for index in range(len(generated) - 1)
+        if ends[index + 1] - ends[index] >= 2 and ends[index + 2] > ends[index + 1]
+        and "\ufffd" not in stop_at(index) and text.find(stop_at(index)) == ends[index] + offset
+    )  # fmt: skip
+    stop = stop_at(index)
+    result = llama.text_completion(["The sea"], stop=[stop], **options)[0]
+    assert result["generation"] == text[: ends[index] + offset]
+    assert result["tokens"] == [tokenizer.decode([token]) for token in generated[:index]]
+    assert result["logprobs"] == pytest.approx(logprobs[:index], abs=1e-5)
