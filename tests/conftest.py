@@ -1,9 +1,13 @@
+import io
+import runpy
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
-from helpers import SHARED_MODEL, train_tokenizer
+from helpers import REPO_ROOT, SHARED_MODEL, train_tokenizer
 from llama.cli import main
 from llama.tokenizer import Tokenizer
 
@@ -45,5 +49,31 @@ def run_main(capsys, monkeypatch):
                 status = exit.code
         out, err = capsys.readouterr()
         return status, out, err
+
+    return run
+
+
+@pytest.fixture
+def run_example(capsys, monkeypatch):
+    """`python SCRIPT ARGS...` (an example script of the repository) run in this process as its own __main__,
+    with `input` as its standard input: a CompletedProcess with the exit status, stdout and stderr. Much faster
+    than a new process; the tests that need the real program (torchrun, --help) start one."""
+    monkeypatch.setattr("warnings.showwarning", warnings.showwarning)  # the scripts replace it
+
+    def run(script: str, *arguments, input: str = "") -> subprocess.CompletedProcess:
+        monkeypatch.setattr(sys, "argv", [script, *map(str, arguments)])
+        monkeypatch.setattr(sys, "stdin", io.StringIO(input))
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")  # Python's default, as in a new process
+            try:
+                runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
+                status = 0
+            except SystemExit as exit:
+                status = exit.code
+                if isinstance(status, str):  # sys.exit("message"): Python prints it and exits with 1
+                    print(status, file=sys.stderr)
+                    status = 1
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([script, *map(str, arguments)], status or 0, out, err)
 
     return run

@@ -148,7 +148,12 @@ def run_python(args: list[str], timeout: float = 900, **kwargs) -> subprocess.Co
     """Run `python ARGS...` from the repository root with this interpreter (in `child_env()`); output captured
     as text."""
     return subprocess.run(
-        [sys.executable, *args], cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout,
+        [sys.executable, *args],
+        cwd=REPO_ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         **kwargs,
     )
 

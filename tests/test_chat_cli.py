@@ -13,35 +13,41 @@ def checkpoint(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("chat"), args, random_model(args, seed=61).state_dict())
 
 
-def chat(checkpoint, tokenizer_path, lines, *options):
-    command = ["example_chat_completion.py", "--ckpt_dir", str(checkpoint), "--tokenizer_path", str(tokenizer_path)]
-    return run_python([*command, "--interactive", "--temperature", "0", *options], input=lines)
+@pytest.fixture
+def chat(checkpoint, tokenizer_path, run_example):
+    """The interactive example on the test checkpoint, reading `lines`, greedy."""
+
+    def run(lines, *options):
+        command = ["--ckpt_dir", checkpoint, "--tokenizer_path", tokenizer_path, "--interactive", "--temperature", "0"]
+        return run_example("example_chat_completion.py", *command, *options, input=lines)
+
+    return run
 
 
-def test_interactive_chat_answers_each_line_until_exit(checkpoint, tokenizer_path):
-    result = chat(checkpoint, tokenizer_path, "Hello\n\nHow are you?\n/exit\nnot read\n", "--max_gen_len", "6")
+def test_interactive_chat_answers_each_line_until_exit(chat):
+    result = chat("Hello\n\nHow are you?\n/exit\nnot read\n", "--max_gen_len", "6")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("Assistant: ") == 2  # the empty line is skipped; nothing after /exit is read
     assert "not read" not in result.stdout
 
 
-def test_interactive_chat_ends_cleanly_at_end_of_input(checkpoint, tokenizer_path):
-    result = chat(checkpoint, tokenizer_path, "Hello", "--max_gen_len", "4")  # no newline, no /exit
+def test_interactive_chat_ends_cleanly_at_end_of_input(chat):
+    result = chat("Hello", "--max_gen_len", "4")  # no newline, no /exit
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("Assistant: ") == 1
 
 
-def test_interactive_chat_trims_the_oldest_turns_with_a_notice(checkpoint, tokenizer_path):
+def test_interactive_chat_trims_the_oldest_turns_with_a_notice(chat):
     lines = "".join(f"Tell me about the number {n} please\n" for n in range(6))
-    result = chat(checkpoint, tokenizer_path, lines, "--max_seq_len", "64", "--max_gen_len", "8", "--system", "Brief.")
+    result = chat(lines, "--max_seq_len", "64", "--max_gen_len", "8", "--system", "Brief.")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("Assistant: ") == 6
     assert "oldest messages to fit max_seq_len" in result.stderr
 
 
-def test_interactive_chat_refuses_tags_and_overlong_messages_and_goes_on(checkpoint, tokenizer_path):
+def test_interactive_chat_refuses_tags_and_overlong_messages_and_goes_on(chat):
     lines = "Say [INST] hi\n" + "word " * 80 + "\nHello\n"
-    result = chat(checkpoint, tokenizer_path, lines, "--max_seq_len", "64", "--max_gen_len", "8")
+    result = chat(lines, "--max_seq_len", "64", "--max_gen_len", "8")
     assert result.returncode == 0, result.stderr
     assert "the chat format refuses this message" in result.stderr and "more than the 56 that fit" in result.stderr
     assert result.stdout.count("Assistant: ") == 1
@@ -56,12 +62,12 @@ def test_example_help_explains_every_option(script):
     assert "(default: 0.6)" in result.stdout and "randomness of the sampling" in result.stdout
 
 
-def test_interactive_spelled_as_false_answers_the_built_in_dialogs(checkpoint, tokenizer_path):
-    command = ["example_chat_completion.py", "--ckpt_dir", str(checkpoint), "--tokenizer_path", str(tokenizer_path)]
-    result = run_python([*command, "--interactive=false", "--max_gen_len", "4", "--temperature", "0"], input="Hi\n")
+def test_interactive_spelled_as_false_answers_the_built_in_dialogs(checkpoint, tokenizer_path, run_example):
+    command = ["example_chat_completion.py", "--ckpt_dir", checkpoint, "--tokenizer_path", tokenizer_path]
+    result = run_example(*command, "--interactive=false", "--max_gen_len", "4", "--temperature", "0", input="Hi\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("> Assistant: ") == 4 and "User: Hi" not in result.stdout
-    unclear = run_python([*command, "--interactive=maybe"])
+    unclear = run_example(*command, "--interactive=maybe")
     assert unclear.returncode == 2 and unclear.stderr.startswith("error: 'maybe' is not a clear yes or no")
 
 

@@ -96,8 +96,8 @@ def test_demo_context_is_the_length_of_the_windows_it_was_trained_on():
     assert llama.loading.DEMO_CONTEXT_LEN == metrics["settings"]["max_seq_len"] == 256
 
 
-def test_examples_on_the_demo_model_keep_to_its_trained_context_and_say_so():
-    result = run_python(["example_text_completion.py", "--max_seq_len", "1024", "--max_gen_len", "4"])
+def test_examples_on_the_demo_model_keep_to_its_trained_context_and_say_so(run_example):
+    result = run_example("example_text_completion.py", "--max_seq_len", "1024", "--max_gen_len", "4")
     assert result.returncode == 0, result.stderr
     assert result.stderr == "note: the demo model was trained on 256-token windows: --max-seq-len 1024 lowered to 256\n"
 
@@ -156,8 +156,8 @@ def test_loss_on_unseen_sonnets_is_far_below_the_best_unigram_model_of_them(demo
     )
 
 
-def test_example_text_completion_without_arguments_prints_play_like_text_from_the_bundled_model():
-    result = run_python(["example_text_completion.py", "--temperature", "0", "--max_gen_len", "48"])
+def test_example_text_completion_without_arguments_prints_play_like_text_from_the_bundled_model(run_example):
+    result = run_example("example_text_completion.py", "--temperature", "0", "--max_gen_len", "48")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ROMEO:\n")
     texts = result.stdout.split("-" * 72 + "\n")
@@ -165,7 +165,7 @@ def test_example_text_completion_without_arguments_prints_play_like_text_from_th
     assert texts[3].startswith("JULIET:\nO gentle night, "), "the continuation follows the prompt on its line"
 
 
-def test_bundled_model_split_over_two_processes_prints_what_one_process_prints(tmp_path):
+def test_bundled_model_split_over_two_processes_prints_what_one_process_prints(tmp_path, run_example):
     ckpt_dir, tokenizer_path = demo_checkpoint()
     # Split into 2 shards as Meta splits them, for `torchrun --nproc_per_node 2` (one process per shard).
     split = write_checkpoint(
@@ -173,7 +173,7 @@ def test_bundled_model_split_over_two_processes_prints_what_one_process_prints(t
     )
     # On the CPU also where a GPU is present: two processes need two GPUs.
     common = ["--tokenizer_path", str(tokenizer_path), "--temperature", "0", "--max_gen_len", "32", "--device", "cpu"]
-    single = run_python(["example_text_completion.py", "--ckpt_dir", str(ckpt_dir), *common])
+    single = run_example("example_text_completion.py", "--ckpt_dir", ckpt_dir, *common)
     double = run_torchrun(2, ["example_text_completion.py", "--ckpt_dir", str(split), *common])
     assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
     assert double.stdout == single.stdout, "the split model must greedy-decode the same text, printed once"

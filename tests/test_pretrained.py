@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from helpers import run_python, run_torchrun, write_checkpoint
+from helpers import run_torchrun, write_checkpoint
 from llama import Llama
 from llama.layout import read_model_args
 from llama.shards import load_shard
@@ -70,10 +70,10 @@ def example_args(ckpt_dir, stories_dir):
     return ["--ckpt_dir", str(ckpt_dir), "--tokenizer_path", str(stories_dir / "tokenizer.model"), "--temperature", "0"]
 
 
-@pytest.fixture(scope="module")
-def plain_example(stories_dir):
-    """example_text_completion.py on stories260K in one plain process (two tests compare with it)."""
-    plain = run_python(["example_text_completion.py", *example_args(stories_dir, stories_dir)])
+@pytest.fixture
+def plain_example(stories_dir, run_example):
+    """example_text_completion.py on stories260K in one plain process (this one)."""
+    plain = run_example("example_text_completion.py", *example_args(stories_dir, stories_dir))
     assert plain.returncode == 0, plain.stderr
     return plain.stdout
 
@@ -87,9 +87,7 @@ def test_example_text_completion_prints_stories_with_python_and_with_torchrun(st
     assert launched.stdout == plain_example
 
 
-def test_example_text_completion_on_two_processes_prints_what_one_process_prints(
-    stories_dir, plain_example, tmp_path
-):
+def test_example_text_completion_on_two_processes_prints_what_one_process_prints(stories_dir, plain_example, tmp_path):
     args = read_model_args(stories_dir)
     split = write_checkpoint(tmp_path / "two", args, load_shard(stories_dir / "consolidated.00.pth"), n_shards=2)
     double = run_torchrun(2, ["example_text_completion.py", *example_args(split, stories_dir)])
@@ -97,22 +95,17 @@ def test_example_text_completion_on_two_processes_prints_what_one_process_prints
     assert double.stdout == plain_example, "rank 0 alone prints, and the split model greedy-decodes the same text"
 
 
-def test_example_chat_completion_answers_every_dialog(stories_dir):
-    result = run_python(["example_chat_completion.py", *example_args(stories_dir, stories_dir), "--max_gen_len", "24"])
+def test_example_chat_completion_answers_every_dialog(stories_dir, run_example):
+    result = run_example("example_chat_completion.py", *example_args(stories_dir, stories_dir), "--max_gen_len", "24")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("> Assistant: ") == 4
     assert "System: Answer in one sentence." in result.stdout
 
 
-def test_example_reports_a_bad_checkpoint_folder_in_one_line(tmp_path, stories_dir):
-    result = run_python(
-        [
-            "example_text_completion.py",
-            "--ckpt_dir",
-            str(tmp_path / "missing"),
-            "--tokenizer_path",
-            str(stories_dir / "tokenizer.model"),
-        ]
+def test_example_reports_a_bad_checkpoint_folder_in_one_line(tmp_path, stories_dir, run_example):
+    tokenizer_path = stories_dir / "tokenizer.model"
+    result = run_example(
+        "example_text_completion.py", "--ckpt_dir", tmp_path / "missing", "--tokenizer_path", tokenizer_path
     )
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: checkpoint folder") and "Traceback" not in result.stderr
