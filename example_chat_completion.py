@@ -1,6 +1,6 @@
-"""Answer dialogs with a Llama 2 chat checkpoint, in the Llama 2 chat format: a few built-in dialogs, or
-an interactive chat that streams its answers. With no checkpoint given it runs the bundled demo model, which
-shows the mechanics but is no chat model.
+"""Answer dialogs with a chat checkpoint (Llama 2 chat, or Llama 3.x instruct), in its chat format, which its
+tokenizer decides: a few built-in dialogs, or an interactive chat that streams its answers. With no checkpoint
+given it runs the bundled demo model, which shows the mechanics but is no chat model.
 
     python example_chat_completion.py
     python example_chat_completion.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
@@ -99,8 +99,9 @@ def chat(generator: Llama, system: Optional[str], temperature: float, top_p: flo
 
 DEMO_NOTE = (
     "Note: no --ckpt_dir given, so this runs the bundled demo model. It was trained on Shakespeare's plays only and "
-    "is no chat model: its replies are play-like text, not answers. For answers, pass --ckpt_dir and "
-    "--tokenizer_path of a Llama 2 chat model (for example llama-2-7b-chat/).\n"
+    "is no chat model: its replies are play-like text, not answers. For answers, pass --ckpt_dir of a chat model "
+    "(for example llama-2-7b-chat/, or Llama 3's 8B instruct model) and, where its tokenizer.model is not in that "
+    "folder, --tokenizer_path.\n"
 )
 
 

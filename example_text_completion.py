@@ -1,4 +1,4 @@
-"""Complete a few text prompts with a Llama 2 checkpoint, or with the bundled demo model when none is given.
+"""Complete a few text prompts with a Llama 2 or Llama 3.x checkpoint, or the bundled demo model if none is given.
 
     python example_text_completion.py
     python example_text_completion.py --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model

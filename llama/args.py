@@ -1,6 +1,7 @@
 """The settings of a model (`ModelArgs`, the fields of Meta's params.json plus the cache's sizes), and their
 checks: each setting's type and range, then what the network needs of them together."""
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -62,9 +63,16 @@ class ModelArgs:
         self.use_scaled_rope = flag(self.use_scaled_rope, "use_scaled_rope")
         self.rope_scaling_factor = real_number(self.rope_scaling_factor, "rope_scaling_factor", "a positive number")
 
-    def validate(self, model_parallel_size: int = 1) -> None:
+    def model_parallel_sizes(self) -> list[int]:
+        """The model-parallel sizes that split this model evenly: those that divide the heads, key/value heads,
+        FFN width, dim and vocabulary."""
+        common = math.gcd(self.n_heads, self.kv_heads, self.ffn_hidden_dim, self.dim, self.vocab_size)
+        return [size for size in range(1, common + 1) if common % size == 0]
+
+    def validate(self, model_parallel_size: int = 1, remedy: str = "run with a number of processes") -> None:
         """Raise ValueError naming the first setting that cannot build a model split over
-        `model_parallel_size` ranks."""
+        `model_parallel_size` ranks; for a size that does not divide the model, the message says `remedy`
+        "that divides the model" and lists the sizes that do."""
         self.check_settings()
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
@@ -83,7 +91,9 @@ class ModelArgs:
         }
         for name, size in split_sizes.items():
             if size % model_parallel_size:
+                *others, last = [str(size) for size in self.model_parallel_sizes()]
+                listing = f"{', '.join(others)} or {last}" if others else last
                 raise ValueError(
                     f"{name}={size} is not divisible by the model-parallel size {model_parallel_size}: "
-                    f"run with a number of processes that divides it"
+                    f"{remedy} that divides the model: {listing}"
                 )

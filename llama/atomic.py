@@ -37,6 +37,7 @@ def staged_folder(destination: PathLike, overwrite: bool = False, source: Option
     staging.mkdir()  # not tempfile.mkdtemp: its folders are private to the user, and this one is the result
     try:
         yield staging
+        _give_new_file_modes(staging)
         _replace(staging, destination)
     finally:
         if staging.exists():
@@ -95,6 +96,18 @@ def _process_exists(pid: int) -> bool:
     except (PermissionError, OSError):
         return True  # a process of another user holds that number
     return True
+
+
+def _give_new_file_modes(folder: Path) -> None:
+    """Give every file in `folder` the mode the umask gives a new file (0644 under umask 022). A file written
+    through a temporary one (safetensors writes through mkstemp, which makes it 0600) would otherwise stay
+    readable by its owner only, and a server or another user reading the checkpoint would be refused."""
+    # The folder was made with mkdir's 0777 less the umask: the same permissions without execute are a new
+    # file's. Read from it rather than from os.umask, which can only be read by setting it, for every thread.
+    mode = folder.stat().st_mode & 0o666
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def _replace(staging: Path, destination: Path) -> None:

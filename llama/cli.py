@@ -29,6 +29,8 @@ from llama.convert import fold_norms, quantize, reshard
 from llama.data import read_text
 from llama.generation import Llama
 from llama.hf import from_hf, to_hf
+from llama.layout import check_folder, tokenizer_file, trained_context_len
+from llama.loading import trained_on
 from llama.perplexity import text_perplexity
 from llama.train import TrainConfig, train
 
@@ -73,19 +75,34 @@ class Command(NamedTuple):
 
 
 def _train(text_path: str, out_dir: str, device: Optional[str], overwrite: bool, **settings) -> None:
+    warmup, steps = settings["warmup_steps"], settings["steps"]
+    if 0 < steps <= warmup:  # checked here to name the flags: a short run trips on the default warm-up
+        default = " (its default)" if warmup == TrainConfig.warmup_steps else ""
+        raise ValueError(
+            f"--warmup-steps {warmup}{default} must be below --steps {steps}: pass --warmup-steps {steps - 1} or "
+            "less (0: no warm-up), or more --steps"
+        )
     train(text_path, out_dir, TrainConfig(**settings), device, overwrite)
 
 
 def _perplexity(
     ckpt_dir: str, tokenizer_path: Optional[str], text_path: str, max_seq_len: int, stride: Optional[int], **build
 ) -> str:
+    check_folder(ckpt_dir)  # first, as every command does, before the text and the tokenizer
     text = read_text(text_path)
-    tokenizer_path = tokenizer_path or str(Path(ckpt_dir) / "tokenizer.model")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="the demo model was trained on")
+    tokenizer_path = tokenizer_file(ckpt_dir, tokenizer_path)
+    trained = trained_context_len(ckpt_dir)
+    with warnings.catch_warnings():  # build's warning is about generated text; the one below about scoring
+        warnings.filterwarnings("ignore", message=r"the (demo model|model in .*) was trained on \d+-token windows")
         generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, **build)
     stride = max(1, max_seq_len // 2) if stride is None else stride
-    return str(text_perplexity(generator.model, generator.tokenizer, text, max_seq_len, stride))
+    result = text_perplexity(generator.model, generator.tokenizer, text, max_seq_len, stride)
+    if trained is not None and min(max_seq_len, result.tokens + 1) > trained:  # a window went past `trained`
+        warnings.warn(
+            f"{trained_on(ckpt_dir, trained)}: scoring with --max-seq-len {max_seq_len} reads past what it "
+            f"learned, which makes its perplexity worse: pass --max-seq-len {trained}"
+        )
+    return str(result)
 
 
 def _option(flag: str, help: str, **settings) -> tuple[str, dict]:
@@ -197,7 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS, parser_class=Parser)
     for name, command in COMMANDS.items():
         description = command.summary[0].upper() + command.summary[1:] + "."
-        _add_options(commands.add_parser(name, description=description, formatter_class=HelpFormatter), command)
+        # prog: the usage line and the --help hint read `llama reshard`, not the main parser's usage before it.
+        subparser = commands.add_parser(
+            name, prog=f"llama {name}", description=description, formatter_class=HelpFormatter
+        )
+        _add_options(subparser, command)
     return parser
 
 

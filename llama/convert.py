@@ -54,7 +54,7 @@ def reshard(src: PathLike, dst: PathLike, model_parallel_size: int, overwrite: b
     model_parallel_size = whole_number(model_parallel_size, "model_parallel_size")
     src = Path(src)
     args, checkpoint = open_checkpoint(src)
-    args.validate(model_parallel_size)
+    args.validate(model_parallel_size, remedy="choose a --model-parallel-size")
     if checkpoint.scheme is not None:
         check_divisible(expected_shapes(args), checkpoint.scheme, model_parallel_size)
     suffix = checkpoint.paths[0].suffix

@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import io
 import os
+import sys
 from typing import Optional, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -46,6 +47,22 @@ def _launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
+def _init_process_group(backend: str) -> None:
+    """The default process group: the torchrun processes', or a one-process group in memory.
+
+    Creating it makes torch replace sys.excepthook with one that prefixes every line of every later traceback
+    with `[rankN]: `, the program's own errors included. Where several processes write to one terminal the
+    prefix says which one failed, so it stays; a single process has nothing to tell apart, and a library must
+    not change how the program that imports it reports its errors, so there the hook is put back."""
+    excepthook = sys.excepthook
+    if _launched_by_torchrun():
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if dist.get_world_size() == 1:
+        sys.excepthook = excepthook
+
+
 def setup_model_parallel(model_parallel_size: Optional[int] = None, device: DeviceLike = None) -> torch.device:
     """Make sure a process group and fairscale's model-parallel group exist, and return the device to use.
 
@@ -57,11 +74,7 @@ def setup_model_parallel(model_parallel_size: Optional[int] = None, device: Devi
     """
     device = resolve_device(device)
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if _launched_by_torchrun():
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        _init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(shut_down)
     world_size = dist.get_world_size()
     if world_size > 1 and device.type == "cpu" and dist.get_backend() == "nccl":

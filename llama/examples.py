@@ -8,6 +8,7 @@ from typing import Optional
 from llama.cli import HelpFormatter, Parser
 from llama.distributed import is_main_process
 from llama.generation import Llama
+from llama.layout import tokenizer_file
 from llama.loading import DEMO_CONTEXT_LEN, demo_checkpoint
 
 # The yes/no options example_parser adds, for `llama.cli.parse_arguments` to read strictly.
@@ -20,7 +21,7 @@ def example_parser(description: str, max_seq_len: Optional[int], max_gen_len: Op
     that Meta's spellings (--ckpt_dir) work too."""
     parser = Parser(description=description, formatter_class=HelpFormatter)
     parser.add_argument("--ckpt-dir", help="a Meta-layout checkpoint folder (default: the bundled demo model)")
-    parser.add_argument("--tokenizer-path", help="its tokenizer.model (give both, or neither for the demo model)")
+    parser.add_argument("--tokenizer-path", help="its tokenizer.model (default: CKPT_DIR/tokenizer.model)")
     parser.add_argument("--temperature", type=float, default=0.6, help="randomness of the sampling; 0 is greedy")
     parser.add_argument(
         "--top-p", type=float, default=0.9,
@@ -46,8 +47,8 @@ def example_parser(description: str, max_seq_len: Optional[int], max_gen_len: Op
 def build_example(options: argparse.Namespace, default_max_seq_len: int) -> tuple[Llama, bool]:
     """`Llama.build` from the example options, and whether it runs the bundled demo model: the demo model when
     neither --ckpt-dir nor --tokenizer-path is given, with a context of at most the 256 tokens it was trained on
-    (saying so on standard error when more was asked for). Raises ValueError for one without the other, and as
-    `Llama.build` does."""
+    (saying so on standard error when more was asked for); the tokenizer defaults to the one in --ckpt-dir.
+    Raises ValueError for --tokenizer-path without --ckpt-dir, and as `Llama.build` does."""
     on_demo = options.ckpt_dir is None and options.tokenizer_path is None
     max_seq_len = options.max_seq_len or default_max_seq_len
     if on_demo:
@@ -56,10 +57,13 @@ def build_example(options: argparse.Namespace, default_max_seq_len: int) -> tupl
             print(f"note: the demo model was trained on {DEMO_CONTEXT_LEN}-token windows: --max-seq-len "
                   f"{options.max_seq_len} lowered to {DEMO_CONTEXT_LEN}", file=sys.stderr)  # fmt: skip
         max_seq_len = min(max_seq_len, DEMO_CONTEXT_LEN)
-    elif options.ckpt_dir is None or options.tokenizer_path is None:
-        raise ValueError("give both --ckpt-dir and --tokenizer-path, or neither to run the bundled demo model")
+    elif options.ckpt_dir is None:
+        raise ValueError(
+            "--tokenizer-path was given without --ckpt-dir: give the checkpoint folder too, or neither to run the "
+            "bundled demo model"
+        )
     else:
-        ckpt_dir, tokenizer_path = options.ckpt_dir, options.tokenizer_path
+        ckpt_dir, tokenizer_path = options.ckpt_dir, tokenizer_file(options.ckpt_dir, options.tokenizer_path)
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, options.max_batch_size, device=options.device,
                             dtype=options.dtype, quantize=options.quantize, compile=options.compile)  # fmt: skip
     return generator, on_demo

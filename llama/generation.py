@@ -14,7 +14,7 @@ from llama.chat_format import Dialog, Message, chat_format_for
 from llama.cuda_graphs import decode_step
 from llama.decoding import Batch, Completion, StepResult, completions, decode
 from llama.distributed import is_main_process, resolve_dtype, setup_model_parallel
-from llama.layout import read_quantization
+from llama.layout import check_folder, read_quantization
 from llama.loading import load_model, model_args_for
 from llama.model import Transformer
 from llama.prompts import check_token_prompts, encode_dialogs, encode_prompts
@@ -83,6 +83,7 @@ class Llama:
         if model_parallel_size is not None:
             model_parallel_size = whole_number(model_parallel_size, "model_parallel_size")
         scheme = None if quantize is None and group_size is None else quantization(quantize, group_size)
+        check_folder(ckpt_dir)  # the first file read: a wrong folder is named as such, not as a missing tokenizer
         device = setup_model_parallel(model_parallel_size, device)
         tokenizer = Tokenizer(tokenizer_path)
         args = model_args_for(ckpt_dir, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
@@ -165,7 +166,8 @@ class Llama:
 
         `max_gen_len` defaults to max_seq_len - 1. A sequence ends at EOS, or when its text contains one of
         the `stop` strings (the returned text ends before it). A prompt must leave room for one new token
-        (at most max_seq_len - 1 tokens); with truncate=True a longer one keeps BOS and its last tokens. `seed`
+        (at most max_seq_len - 1 tokens); with truncate=True one keeps BOS and as many of its last tokens as leave
+        room for max_gen_len new ones (see `llama.prompts.truncated_len`). `seed`
         seeds each prompt's own sampling, as in `generate`; `frequency_penalty` and `presence_penalty` (-2 to
         2, OpenAI's) lower a token's logit by the first times its count among the tokens generated so far, and
         by the second if it was generated at all (see SamplingParams). Returns one {"generation": str} per
@@ -180,7 +182,7 @@ class Llama:
             temperature, top_p, top_k, max_gen_len, stop, logprobs, echo, seed=seed, top_logprobs=top_logprobs,
             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
         )  # fmt: skip
-        prompt_tokens = encode_prompts(self.tokenizer, prompts, self.model.params, truncate)
+        prompt_tokens = encode_prompts(self.tokenizer, prompts, self.model.params, truncate, params.max_gen_len)
         steps = self._steps(prompt_tokens, params, bool(stop))
         return [self._prediction(result, params) for result in completions(steps)]
 
@@ -189,7 +191,7 @@ class Llama:
         step, a list with the new text of each prompt ("" where there is none). The pieces of a prompt add up
         to its final "generation" exactly. Arguments are checked, and errors raised, before the first step."""
         params, truncate = _settings("text_completion", settings)
-        prompt_tokens = encode_prompts(self.tokenizer, prompts, self.model.params, truncate)
+        prompt_tokens = encode_prompts(self.tokenizer, prompts, self.model.params, truncate, params.max_gen_len)
         return _pieces(self._steps(prompt_tokens, params, follow_text=True, streaming=True))
 
     def chat_completion(
@@ -210,7 +212,7 @@ class Llama:
             temperature, top_p, top_k, max_gen_len, stop, logprobs, seed=seed, top_logprobs=top_logprobs,
             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
         )  # fmt: skip
-        prompts, refusals = encode_dialogs(self.chat_format, dialogs, self.model.params, truncate)
+        prompts, refusals = encode_dialogs(self.chat_format, dialogs, self.model.params, truncate, params.max_gen_len)
         answers = iter(completions(self._steps(prompts, params, follow_text=bool(stop))))
         results: list[ChatPrediction] = []
         for refusal in refusals:
@@ -224,7 +226,7 @@ class Llama:
         the new answer text of each dialog ("" where there is none); the pieces add up to the final content
         exactly (for a refused dialog, the error text comes in the first list)."""
         params, truncate = _settings("chat_completion", settings)
-        prompts, refusals = encode_dialogs(self.chat_format, dialogs, self.model.params, truncate)
+        prompts, refusals = encode_dialogs(self.chat_format, dialogs, self.model.params, truncate, params.max_gen_len)
         return _merge_refusals(_pieces(self._steps(prompts, params, follow_text=True, streaming=True)), refusals)
 
     def generate_steps(

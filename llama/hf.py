@@ -19,7 +19,16 @@ import torch
 from llama.args import ModelArgs
 from llama.atomic import staged_folder
 from llama.hf_tokenizer import write_tokenizer_files
-from llama.layout import TOKENIZER_FILE, PathLike, check_shapes, expected_shapes, read_settings, write_params
+from llama.layout import (
+    TOKENIZER_FILE,
+    PathLike,
+    check_folder,
+    check_shapes,
+    expected_shapes,
+    read_settings,
+    tokenizer_file,
+    write_params,
+)
 from llama.model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT
 from llama.shards import ShardedCheckpoint, load_shard, open_checkpoint, save_shard
 from llama.tokenizer import Tokenizer
@@ -280,8 +289,8 @@ def to_hf(
     FileNotFoundError without a tokenizer, ValueError if its vocabulary differs from the checkpoint's or a
     tensor does not match params.json, and as `open_checkpoint` and `staged_folder` do.
     """
-    src = Path(src)
-    tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else src / TOKENIZER_FILE
+    src = check_folder(src)
+    tokenizer_path = tokenizer_file(src, tokenizer_path)
     if not tokenizer_path.is_file():
         raise FileNotFoundError(
             f"tokenizer file {str(tokenizer_path)!r} does not exist: pass --tokenizer-path with the checkpoint's "
@@ -344,7 +353,7 @@ def from_hf(src: PathLike, dst: PathLike, overwrite: bool = False) -> None:
     warning otherwise). Reshard the result for more ranks with `reshard`. `dst` appears only when complete;
     `src` is never changed. Raises FileNotFoundError for a folder without config.json or weights, ValueError
     for a model this library does not implement or tensors that do not match the config."""
-    src = Path(src)
+    src = check_folder(src, "Hugging Face model", "config.json")
     config = read_settings(src / "config.json", f"is {str(src)!r} a Hugging Face model folder?")
     args = model_args_from_hf_config(config)
     state = hf_to_meta_state_dict(_hf_weights(src), args, tie_word_embeddings=config.get("tie_word_embeddings", False))

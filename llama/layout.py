@@ -9,6 +9,7 @@ others.
 
 import dataclasses
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -26,6 +27,7 @@ PathLike = Union[str, Path]
 
 PARAMS_FILE = "params.json"
 TOKENIZER_FILE = "tokenizer.model"
+METRICS_FILE = "metrics.json"  # what `llama train` measured, and its settings
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.(pth|safetensors)")
 
 # The settings params.json holds, under Meta's names: the architecture only (and, for Llama 3.1 and 3.2, the
@@ -41,6 +43,38 @@ QUANTIZATION_KEY = "quantization"
 # Keys Meta's checkpoints may hold that are not weights of the model: the 7B shards carry the rotary table
 # (`rope.freqs`), which the model computes itself.
 IGNORED_KEYS = frozenset({"rope.freqs"})
+
+
+def check_folder(path: PathLike, kind: str = "checkpoint", holds: str = PARAMS_FILE) -> Path:
+    """`path` as a Path, once it is known to be a folder: every command checks the folder it reads this way,
+    before anything in it. Raises FileNotFoundError when nothing is there and ValueError for a file, each
+    naming the `kind` of folder expected and what it `holds`; TypeError for something other than a path."""
+    if not isinstance(path, (str, os.PathLike)):  # a (ckpt_dir, tokenizer_path) pair given whole, for one
+        raise TypeError(f"the {kind} folder must be a path (str or Path), got {type(path).__name__} {path!r}")
+    folder = Path(path)
+    if folder.is_file():
+        raise ValueError(f"{kind} path {str(folder)!r} is a file: pass the folder that holds {holds}")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{kind} folder {str(folder)!r} does not exist")
+    return folder
+
+
+def tokenizer_file(ckpt_dir: PathLike, tokenizer_path: Optional[PathLike] = None) -> Path:
+    """`tokenizer_path` when given, else where a checkpoint folder keeps its tokenizer, ckpt_dir/tokenizer.model:
+    the default of every command and example script."""
+    return Path(tokenizer_path) if tokenizer_path is not None else Path(ckpt_dir) / TOKENIZER_FILE
+
+
+def trained_context_len(ckpt_dir: PathLike) -> Optional[int]:
+    """The length of the windows the model in `ckpt_dir` was trained on, where its folder records it (in the
+    metrics.json that `llama train` writes beside the weights), else None. params.json never holds it: Meta's
+    loader passes max_seq_len itself and refuses keys it does not know."""
+    try:
+        settings = json.loads((Path(ckpt_dir) / METRICS_FILE).read_text())["settings"]
+        length = settings["max_seq_len"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else None
 
 
 def read_settings(path: Path, what_holds_it: str) -> dict:
@@ -65,12 +99,7 @@ def read_model_args(ckpt_dir: PathLike, **overrides) -> ModelArgs:
     Keys ModelArgs does not know are skipped with one warning that lists them. Raises FileNotFoundError if
     the folder or params.json is missing, ValueError if params.json is not a JSON object of settings.
     """
-    ckpt_dir = Path(ckpt_dir)
-    if ckpt_dir.is_file():
-        raise ValueError(f"checkpoint path {str(ckpt_dir)!r} is a file: pass the folder that holds params.json")
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {str(ckpt_dir)!r} does not exist")
-    params_path = ckpt_dir / PARAMS_FILE
+    params_path = check_folder(ckpt_dir) / PARAMS_FILE
     params = read_settings(
         params_path, "a Meta-layout checkpoint folder holds params.json and consolidated.NN.pth files"
     )

@@ -24,6 +24,7 @@ from llama.layout import (
     read_model_args,
     read_quantization,
     split_dim,
+    trained_context_len,
 )
 from llama.model import KVCache, Transformer
 from llama.quantize import (
@@ -47,9 +48,9 @@ DEMO_CONTEXT_LEN = 256
 
 
 def demo_checkpoint() -> tuple[Path, Path]:
-    """The bundled demo model, a few million parameters trained on Shakespeare's plays: (ckpt_dir,
-    tokenizer_path), ready for `Llama.build`. Raises FileNotFoundError if the package was installed without
-    its data files."""
+    """The bundled demo model, a few million parameters trained on Shakespeare's plays, as a pair of paths (not a
+    folder): `ckpt_dir, tokenizer_path = demo_checkpoint()`, then `Llama.build(ckpt_dir, tokenizer_path, ...)`.
+    Raises FileNotFoundError if the package was installed without its data files."""
     tokenizer_path = DEMO_DIR / TOKENIZER_FILE
     for path in (DEMO_DIR / PARAMS_FILE, DEMO_DIR / "consolidated.00.pth", tokenizer_path):
         if not path.is_file():
@@ -57,6 +58,12 @@ def demo_checkpoint() -> tuple[Path, Path]:
                 f"the bundled demo model file {str(path)!r} is missing: reinstall the package with `pip install .`"
             )
     return DEMO_DIR, tokenizer_path
+
+
+def trained_on(ckpt_dir: PathLike, length: int) -> str:
+    """The start of a warning that the model in `ckpt_dir` learned a context of `length` tokens."""
+    model = "the demo model" if Path(ckpt_dir).resolve() == DEMO_DIR else f"the model in {str(ckpt_dir)!r}"
+    return f"{model} was trained on {length}-token windows"
 
 
 def reshard_command(ckpt_dir: PathLike, model_parallel_size: int) -> str:
@@ -72,15 +79,16 @@ def reshard_command(ckpt_dir: PathLike, model_parallel_size: int) -> str:
 
 def model_args_for(ckpt_dir: PathLike, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int) -> ModelArgs:
     """The settings of `ckpt_dir` for a model that holds max_batch_size sequences of max_seq_len tokens in its
-    cache, split over the processes started: a vocab_size of -1 is taken from the tokenizer. Warns when the
-    demo model is asked for a longer context than it was trained on. Raises as
+    cache, split over the processes started: a vocab_size of -1 is taken from the tokenizer. Warns when a
+    model whose trained context is known (see `trained_context_len`) is asked for a longer one. Raises as
     `read_model_args` does, and ValueError for a tokenizer of another vocabulary or settings that do not
     divide by the number of processes."""
     args = read_model_args(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    if Path(ckpt_dir).resolve() == DEMO_DIR and max_seq_len > DEMO_CONTEXT_LEN:
+    trained = trained_context_len(ckpt_dir)
+    if trained is not None and max_seq_len > trained:
         warnings.warn(
-            f"the demo model was trained on {DEMO_CONTEXT_LEN}-token windows: past that position its text falls "
-            f"apart (max_seq_len={max_seq_len}; keep prompt and generation within {DEMO_CONTEXT_LEN} tokens)",
+            f"{trained_on(ckpt_dir, trained)}: past that position its text falls apart (max_seq_len={max_seq_len}; "
+            f"keep prompt and generation within {trained} tokens)",
             stacklevel=3,
         )
     if args.vocab_size == -1:

@@ -198,10 +198,10 @@ def test_truncate_keeps_bos_and_the_end_of_a_long_prompt(tokenizer):
     with pytest.raises(ValueError, match="prompt 0 is .* tokens long"):
         llama.text_completion([long_prompt], max_gen_len=4)
     tokens = tokenizer.encode(long_prompt, bos=True, eos=False)
-    kept = tokens[:1] + tokens[len(tokens) - 22 :]  # BOS and the last 22: 23 = max_seq_len - 1 tokens
-    expected, _ = llama.generate([kept], max_gen_len=1, temperature=0)
+    kept = tokens[:1] + tokens[len(tokens) - 19 :]  # BOS and the last 19: room for max_gen_len=4 in max_seq_len 24
+    expected, _ = llama.generate([kept], max_gen_len=4, temperature=0)
     result = llama.text_completion([long_prompt], temperature=0, max_gen_len=4, truncate=True, logprobs=True)[0]
-    assert len(result["tokens"]) == 1 and result["generation"] == tokenizer.decode(expected[0])
+    assert len(result["tokens"]) == 4 and result["generation"] == tokenizer.decode(expected[0])
 
 
 # ---- robust sampling -----------------------------------------------------------------------------------------
