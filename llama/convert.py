@@ -10,7 +10,15 @@ from typing import Optional
 import torch
 
 from llama.atomic import staged_folder
-from llama.layout import PARAMS_FILE, TOKENIZER_FILE, PathLike, copy_params, expected_shapes, split_dim
+from llama.layout import (
+    METRICS_FILE,
+    PARAMS_FILE,
+    TOKENIZER_FILE,
+    PathLike,
+    copy_params,
+    expected_shapes,
+    split_dim,
+)
 from llama.quantize import check_divisible, int8_scales, is_quantized, quantization, quantize_weight, quantized_names
 from llama.shards import open_checkpoint, save_shard
 from llama.values import whole_number
@@ -45,12 +53,11 @@ def fold_norm_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def reshard(src: PathLike, dst: PathLike, model_parallel_size: int, overwrite: bool = False) -> None:
     """Write the Meta-layout checkpoint `src` (any number of shards) to the new folder `dst` with
-    `model_parallel_size` shards, one output shard at a time from the memory-mapped source shards, so that only
-    one output shard is in memory. params.json and tokenizer.model are copied unchanged, and the shards keep
-    their format (.pth or .safetensors). `dst` appears only when complete (see `staged_folder`); `src` is never
-    changed. Raises ValueError for a size that does not divide the heads, key/value heads, FFN
-    width, dim or vocabulary (naming which), and as `open_checkpoint` and `staged_folder` do.
-    """
+    `model_parallel_size` shards, one output shard at a time from the memory-mapped source shards, so that only one
+    output shard is in memory. params.json, tokenizer.model and metrics.json are copied unchanged, and the shards
+    keep their format (.pth or .safetensors). `dst` appears only when complete (see `staged_folder`); `src` is never
+    changed. Raises ValueError for a size that does not divide the heads, key/value heads, FFN width, dim or
+    vocabulary (naming which), and as `open_checkpoint` and `staged_folder` do."""
     model_parallel_size = whole_number(model_parallel_size, "model_parallel_size")
     src = Path(src)
     args, checkpoint = open_checkpoint(src)
@@ -67,9 +74,9 @@ def reshard(src: PathLike, dst: PathLike, model_parallel_size: int, overwrite: b
 
 def fold_norms(src: PathLike, dst: PathLike, overwrite: bool = False) -> None:
     """Write the Meta-layout checkpoint `src` to the new folder `dst` with its RMSNorm weights folded into the
-    linear layers (see `fold_norm_weights`): same shard count and format, params.json and tokenizer.model
-    copied. For inference the result gives the same logits (up to rounding). `dst` appears only when complete;
-    `src` is never changed. Raises as `open_checkpoint` and `staged_folder` do."""
+    linear layers (see `fold_norm_weights`): same shard count and format, params.json, tokenizer.model and
+    metrics.json copied. For inference the result gives the same logits (up to rounding). `dst` appears only when
+    complete; `src` is never changed. Raises as `open_checkpoint` and `staged_folder` do."""
     src = Path(src)
     _, checkpoint = open_checkpoint(src)
     checkpoint.require_floating_point("folding the norm weights")
@@ -85,10 +92,10 @@ def quantize(
     """Write the floating-point Meta-layout checkpoint `src` to the new folder `dst` with every linear layer's
     weight quantized to `bits` (8: int8 per output channel; 4: int4 in groups of `group_size` input channels,
     default 32; see llama/quantize.py): same shard count and format, params.json recording the scheme, and
-    tokenizer.model copied. `Llama.build` loads the result quantized, on any number of ranks that keeps int4's
-    groups whole. One tensor is quantized at a time, and one output shard is held in memory. `dst` appears only
-    when complete; `src` is never changed. Raises ValueError for an unknown scheme or group size, a group size
-    that does not divide a layer's input channels, or a source that is already quantized, and as
+    tokenizer.model and metrics.json copied. `Llama.build` loads the result quantized, on any number of ranks that
+    keeps int4's groups whole. One tensor is quantized at a time, and one output shard is held in memory. `dst`
+    appears only when complete; `src` is never changed. Raises ValueError for an unknown scheme or group size, a
+    group size that does not divide a layer's input channels, or a source that is already quantized, and as
     `open_checkpoint` and `staged_folder` do."""
     scheme = quantization(bits, group_size)
     src = Path(src)
@@ -114,12 +121,14 @@ def quantize(
                 checkpoint.release_all()
             save_shard(shard, staging / path.name)
         copy_params(src, staging, scheme)
-        if (src / TOKENIZER_FILE).is_file():
-            shutil.copyfile(src / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+        _copy_companions(src, staging, (TOKENIZER_FILE, METRICS_FILE))
 
 
-def _copy_companions(source: Path, destination: Path) -> None:
-    """params.json and tokenizer.model go unchanged into every rewritten copy."""
-    for name in (PARAMS_FILE, TOKENIZER_FILE):
+def _copy_companions(
+    source: Path, destination: Path, names: tuple[str, ...] = (PARAMS_FILE, TOKENIZER_FILE, METRICS_FILE)
+) -> None:
+    """params.json, tokenizer.model and a trained model's metrics.json (where the length of its training windows
+    is known from) go unchanged into every rewritten copy."""
+    for name in names:
         if (source / name).is_file():
             shutil.copyfile(source / name, destination / name)

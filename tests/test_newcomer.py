@@ -250,7 +250,7 @@ def test_an_example_given_only_a_checkpoint_folder_takes_the_tokenizer_inside_it
     )
 
 
-def test_a_model_whose_trained_context_is_known_warns_when_read_past_it(trained, text_path, run_main):
+def test_a_model_whose_trained_context_is_known_warns_when_read_past_it(tmp_path, trained, text_path, run_main):
     status, _, stderr = run_main("perplexity", "--ckpt-dir", trained, "--text-path", text_path)
     assert status == 0, stderr
     assert stderr == (
@@ -261,8 +261,12 @@ def test_a_model_whose_trained_context_is_known_warns_when_read_past_it(trained,
     status, _, stderr = run_main("perplexity", "--ckpt-dir", trained, "--text-path", text_path,
                                  "--max-seq-len", TRAINED_LEN)  # fmt: skip
     assert (status, stderr) == (0, "")
-    with pytest.warns(UserWarning, match=f"the model in .* was trained on {TRAINED_LEN}-token windows: past that"):
-        Llama.build(trained, trained / "tokenizer.model", max_seq_len=2 * TRAINED_LEN, max_batch_size=1)
+    # and so do the copies the commands make of it
+    assert run_main("reshard", trained, tmp_path / "mp1", "--model-parallel-size", 1)[0] == 0
+    assert run_main("quantize", trained, tmp_path / "int8", "--bits", 8)[0] == 0
+    for folder in (trained, tmp_path / "mp1", tmp_path / "int8"):
+        with pytest.warns(UserWarning, match=f"the model in .* was trained on {TRAINED_LEN}-token windows: past"):
+            Llama.build(folder, folder / "tokenizer.model", max_seq_len=2 * TRAINED_LEN, max_batch_size=1)
     assert "max_seq_len" not in (trained / "params.json").read_text(), "Meta's loader refuses keys it does not know"
 
 
