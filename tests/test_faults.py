@@ -155,22 +155,17 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount_point)], check=True)
 
 
-def test_a_disk_that_fills_up_ends_in_one_line_and_keeps_source_and_old_destination(
-    tmp_path, tokenizer_path, small_disk
-):
+def test_a_disk_that_fills_up_ends_in_one_line_and_keeps_source_and_old_destination(tmp_path, small_disk, run_main):
     args = small_args(dim=256, n_heads=8, n_kv_heads=4, vocab_size=1000, multiple_of=64)
     source = write_checkpoint(tmp_path / "big", args, random_model(args, seed=82).state_dict())  # 4 MB of weights
     previous = small_disk / "out"
     previous.mkdir()
     (previous / "notes.txt").write_text("mine")
     before_source, before_previous = hashes(source), hashes(previous)
-    command = [sys.executable, "-m", "llama", "reshard", str(source), str(previous), "--model-parallel-size", "1"]
-    done = subprocess.run(
-        [*command, "--overwrite"], cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=900
-    )
-    assert done.returncode == 1
-    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("error: cannot write "), done.stderr
-    assert "its disk is full" in done.stderr or "No space left on device" in done.stderr, done.stderr
+    status, _, stderr = run_main("reshard", source, previous, "--model-parallel-size", "1", "--overwrite")
+    assert status == 1
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: cannot write "), stderr
+    assert "its disk is full" in stderr or "No space left on device" in stderr, stderr
     assert hashes(source) == before_source and hashes(previous) == before_previous
     assert sorted(path.name for path in small_disk.iterdir()) == ["out"], "the partial folder is removed"
 
