@@ -11,9 +11,10 @@ in alternating order, so that a load change on the machine affects both alike an
   greedy choice, through each library's generation API); prefill tokens/s is prompt_len / that time.
 - decode tokens/s at batch 1 and 8: greedy, --new_tokens new tokens after a --decode_prompt_len prompt, EOS
   ignored by both; the time of one-token generation is subtracted, so the figure is the decoding steps alone.
-- the memory-bandwidth floor: a matrix-vector product over a 1 GiB float32 matrix gives the bytes per second
-  this machine can stream; decoding one token at batch 1 reads every weight once, so the fastest possible
-  decode is bandwidth / weight bytes. Ours is reported as a percentage of it, and as GB/s achieved.
+- the memory-bandwidth floor: a matrix-vector product over a 1 GiB float32 matrix (4 GiB on a GPU; 64 MiB for
+  the smoke-test shape tiny) gives the bytes per second this machine can stream; decoding one token at batch 1
+  reads every weight once, so the fastest possible decode is bandwidth / weight bytes. Ours is reported as a
+  percentage of it, and as GB/s achieved.
 - load: the weights written as a Meta-layout checkpoint, then `Llama.build` timed in a fresh process
   (benchmarks/load_probe.py), with the peak resident memory above the process's baseline (file already in the
   page cache: a warm load).
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from arms import hf_model, implementations  # noqa: E402
 from random_model import DTYPES, SHAPES, prepare_checkpoint, random_prompts  # noqa: E402
 from tables import format_table, run_and_report  # noqa: E402
-from timing import BandwidthProbe, run_probe, time_rounds  # noqa: E402
+from timing import BandwidthProbe, probe_gib, run_probe, time_rounds  # noqa: E402
 
 from llama import Llama  # noqa: E402
 
@@ -168,11 +169,11 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
     theirs = None if options.no_hf else hf_model(args, ours.model.state_dict(), dtype, device)
     generators = implementations(ours, theirs, device)
     work = jobs(options, args.vocab_size)
-    probe = BandwidthProbe(device)
+    probe = BandwidthProbe(device, probe_gib(None if options.ckpt_dir else options.shape, device))
     times, tokens = time_rounds(generators, work, options.warmup, options.repeats, device, probe)
     check_same_work(tokens, work)
     bytes_per_s, probe_bytes = probe.median(), probe.matrix.numel() * probe.matrix.element_size()
-    del probe  # 1 or 4 GiB
+    del probe  # up to 4 GiB
     floor, floor_read = bytes_per_s / weights, bytes_per_s / weights_read
     figures = {name: speed_figures(times[name], options, floor, floor_read, weights_read) for name in generators}
     figures["ours"].update(load_figures(load, checkpoint_bytes))

@@ -11,10 +11,10 @@ alternates between rounds, so that a load change on the machine affects all alik
 - decode tokens/s at batch 1: greedy, --new_tokens tokens after a short prompt, EOS ignored; the time of a
   one-token generation is subtracted, so the figure is the decoding steps alone. Ratios are to HF float32.
 - the bytes one step reads (every linear weight in its stored form, one embedding row) and so the GB/s each
-  arm achieves and its percentage of the floor: the bandwidth of a streaming read (a sum over 1 GiB), with the
-  bandwidth of a float32 matrix-vector product over 1 GiB beside it.
-- the share of one of our decoding steps spent in matrix products (PyTorch's profiler), and which kernel
-  each of our arms used.
+  arm achieves and its percentage of the floor: the bandwidth of a streaming read (a sum over 1 GiB; 64 MiB for
+  the smoke-test shape tiny), with the bandwidth of a float32 matrix-vector product over as many bytes beside it.
+- the share of one of our decoding steps spent in matrix products (PyTorch's profiler, over --profile_steps
+  steps), and which kernel each of our arms used.
 - with --compile, each of our arms also with its decoding step compiled (`Llama.build(compile=True)`).
 - llama.cpp (optional: `CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python gguf`, a build from source
   of 10-15 minutes on two cores): the checkpoint written as GGUF in float32 (benchmarks/to_gguf.py), and that
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arms import hf_model, our_generate, their_generate  # noqa: E402
 from random_model import SHAPES, prepare_checkpoint, random_prompts  # noqa: E402
 from tables import run_and_report  # noqa: E402
-from timing import bandwidth, run_probe, time_rounds  # noqa: E402
+from timing import bandwidth, probe_gib, run_probe, time_rounds  # noqa: E402
 
 from llama import Llama  # noqa: E402
 from llama.quantize import QuantizedLinear  # noqa: E402
@@ -189,7 +189,8 @@ def our_arms(ckpt_dir: Path, tokenizer_path: Path, options: argparse.Namespace) 
     for name, (dtype, scheme) in OURS.items():
         llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device="cpu", dtype=dtype, quantize=scheme)
         arms[name], bytes_read[name] = our_generate(llama), bytes_per_step(llama)
-        details[name] = {"matrix_product_share": matrix_product_share(llama), "kernels": kernels(llama)}
+        share = matrix_product_share(llama, options.profile_steps)
+        details[name] = {"matrix_product_share": share, "kernels": kernels(llama)}
         if options.compile:
             compiled = Llama(llama.model, llama.tokenizer, compile=True)
             arms[f"{name} compiled"], bytes_read[f"{name} compiled"] = our_generate(compiled), bytes_read[name]
@@ -217,7 +218,8 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
     prompt = random_prompts(1, options.prompt_len, args.vocab_size, seed=2)
     work = [("one", prompt, 1), ("all", prompt, options.new_tokens)]
     times, tokens = time_rounds(arms, work, 1, options.repeats, torch.device("cpu"))  # one round to warm up
-    probe, peaks = bandwidth(), peak_memory(ckpt_dir, tokenizer_path, gguf_files, options)
+    probe = bandwidth(probe_gib(options.shape, torch.device("cpu")))
+    peaks = peak_memory(ckpt_dir, tokenizer_path, gguf_files, options)
     result = {"shape": options.shape, "threads": options.threads, "new_tokens": options.new_tokens,
               "repeats": options.repeats, "bandwidth_gb_per_s": {k: v / 1e9 for k, v in probe.items()},
               "arms": {}}  # fmt: skip
@@ -273,6 +275,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--no_hf", action="store_true", help="measure only this library")
     parser.add_argument("--compile", action="store_true", help="also each of our arms with a compiled step")
+    parser.add_argument("--profile_steps", type=int, default=8, help="steps profiled for the matrix products' share")
     parser.add_argument("--no_llama_cpp", action="store_true", help="leave out llama.cpp even when installed")
     parser.add_argument("--peak_arms", default="all", help="the arms whose peak memory is measured (comma-separated)")
     parser.add_argument("--json", help="write the figures to this file")

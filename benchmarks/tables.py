@@ -44,7 +44,7 @@ def notes(result: dict) -> list[str]:
     """The lines under the table: bandwidth and floors, load and memory, and whether the tokens agreed."""
     ours, mb = result["ours"], 1e6
     lines = [
-        f"memory bandwidth (float32 matrix-vector product over {result['bandwidth_probe_bytes'] / 2**30:.0f} GiB): "
+        f"memory bandwidth (float32 matrix-vector product over {result['bandwidth_probe_bytes'] / 2**30:g} GiB): "
         f"{result['memory_bandwidth_gb_per_s']:.1f} GB/s",
         f"decode floor, batch 1: {result['decode_floor_tokens_per_s']:.1f} tokens/s reading all "
         f"{result['weight_bytes'] / mb:.0f} MB of weights per token; "

@@ -27,14 +27,22 @@ def timed(function: Callable[[], object], device: torch.device) -> tuple[float, 
     return time.perf_counter() - start, result
 
 
-class BandwidthProbe:
-    """Bytes per second streamed by a float32 matrix-vector product over a large matrix (1 GiB on the CPU,
-    4 GiB on a GPU, whose product takes a millisecond): far larger than any cache, read once per product, as
-    decoding reads the weights. Sampled between the timed rounds, so that the floor is measured under the same
-    conditions as the figures compared with it."""
+def probe_gib(shape: Optional[str], device: torch.device) -> float:
+    """GiB of float32 for the bandwidth probes: 1 on the CPU, 4 on a GPU (whose product over 1 GiB takes a
+    millisecond), far larger than any cache; 1/16 for a random model of the smoke-test shape `tiny`, whose
+    figures show only that the run works, and whose 1 GiB of random numbers would take most of its run."""
+    if shape == "tiny":
+        return 1 / 16
+    return 4.0 if device.type == "cuda" else 1.0
 
-    def __init__(self, device: torch.device):
-        gib, columns = (4.0 if device.type == "cuda" else 1.0), 8192
+
+class BandwidthProbe:
+    """Bytes per second streamed by a float32 matrix-vector product over a matrix of `gib` GiB (see probe_gib),
+    read once per product, as decoding reads the weights. Sampled between the timed rounds, so that the floor is
+    measured under the same conditions as the figures compared with it."""
+
+    def __init__(self, device: torch.device, gib: float):
+        columns = 8192
         self.device = device
         self.matrix = torch.randn(int(gib * 2**30 / 4 / columns), columns, device=device)
         self.vector = torch.randn(columns, device=device)

@@ -1,15 +1,25 @@
 """The benchmark (benchmarks/bench.py) runs end to end on a tiny random model, writes every figure to JSON, and
 finds that this library and Hugging Face transformers produce the same greedy tokens (equal work). Timings are
-not checked: they depend on the machine."""
+not checked: they depend on the machine.
+
+The benchmark commands run in this process (a new one would spend seconds importing torch again, more than the
+tiny run itself); the probes whose point is a fresh process (load time and peak memory) still get one each."""
 
 import importlib.util
 import json
+import sys
 
 import pytest
 
-from helpers import run_python
+from helpers import REPO_ROOT
 
 pytest.importorskip("transformers")
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+import bench  # noqa: E402
+import decode_side_by_side  # noqa: E402
+import step_profile  # noqa: E402
 
 EXPECTED_FIGURES = {
     "prefill_tokens_per_s",
@@ -21,12 +31,12 @@ EXPECTED_FIGURES = {
 }
 
 
-def test_benchmark_smoke_run_writes_all_figures_and_both_libraries_agree_on_greedy_tokens(tmp_path):
+def test_benchmark_smoke_run_writes_all_figures_and_both_libraries_agree_on_greedy_tokens(tmp_path, capsys):
     output = tmp_path / "figures.json"
     arguments = ["--shape", "tiny", "--repeats", "1", "--new_tokens", "4", "--prompt_len", "16", "--threads", "1"]
-    done = run_python(["benchmarks/bench.py", *arguments, "--json", str(output)])
-    assert done.returncode == 0, done.stderr
-    assert "same greedy tokens as HF" in done.stdout, done.stdout
+    bench.main([*arguments, "--json", str(output)])
+    stdout = capsys.readouterr().out
+    assert "same greedy tokens as HF" in stdout, stdout
     figures = json.loads(output.read_text())
     assert EXPECTED_FIGURES <= set(figures["ours"]) and EXPECTED_FIGURES <= set(figures["hf"])
     assert {"load_s", "load_peak_rss_above_baseline_bytes", "peak_rss_build_and_generate_bytes"} <= set(figures["ours"])
@@ -44,9 +54,8 @@ def test_side_by_side_decoding_benchmark_runs_every_arm_with_the_kernels(tmp_pat
     float32 tokens (and llama.cpp's)."""
     output = tmp_path / "side.json"
     arguments = ["--shape", "tiny", "--repeats", "1", "--new_tokens", "4", "--threads", "1", "--json", str(output),
-                 "--peak_arms", "int4,llama.cpp q4_0"]  # fmt: skip
-    done = run_python(["benchmarks/decode_side_by_side.py", *arguments])
-    assert done.returncode == 0, done.stderr
+                 "--peak_arms", "int4,llama.cpp q4_0", "--profile_steps", "2"]  # fmt: skip
+    decode_side_by_side.main(arguments)
     arms = json.loads(output.read_text())["arms"]
     expected = {"float32", "bfloat16", "int8", "int4", "hf float32", "hf bfloat16"}
     if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf"):
@@ -64,12 +73,12 @@ def test_side_by_side_decoding_benchmark_runs_every_arm_with_the_kernels(tmp_pat
     assert arms["int4"]["bytes_per_step"] < arms["int8"]["bytes_per_step"] < arms["bfloat16"]["bytes_per_step"]
 
 
-def test_step_profile_splits_each_step_into_its_parts(tmp_path):
+def test_step_profile_splits_each_step_into_its_parts(capsys):
     """benchmarks/step_profile.py on a tiny random model: one row per arm, the parts no larger than the step."""
-    done = run_python(["benchmarks/step_profile.py", "--shape", "tiny", "--threads", "1", "--rounds", "1",
-                       "--steps", "2", "--no_compile", "--arms", "float32,int8"])  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| float32") or
+    step_profile.main(["--shape", "tiny", "--threads", "1", "--rounds", "1", "--steps", "2", "--no_compile",
+                       "--arms", "float32,int8"])  # fmt: skip
+    stdout = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in stdout.splitlines() if line.startswith("| float32") or
             line.startswith("| int8")]  # fmt: skip
     assert [row[0].strip() for row in rows] == ["float32", "int8"]
     for row in rows:
