@@ -4,9 +4,9 @@
     llama fold-norms SRC DST
     llama to-hf SRC DST
     llama from-hf SRC DST
-    llama quantize SRC DST --bits 8|4 [--group-size N]
+    llama quantize SRC DST --bits 8|4 [--group-size N]   (or --scheme q8_0|q4_0)
     llama train --text-path FILE --out-dir DST
-    llama perplexity --ckpt-dir DIR --tokenizer-path FILE --text-path FILE [--quantize int8|int4]
+    llama perplexity --ckpt-dir DIR --tokenizer-path FILE --text-path FILE [--quantize int8|int4|q8_0|q4_0]
 
 Every command but perplexity writes a new folder and never changes its source, refuses an existing destination
 unless given --overwrite, and prints one line naming what it wrote; perplexity prints its figures. A mistake is
@@ -136,7 +136,9 @@ _MODEL_PARALLEL_SIZE = _option(
 
 _QUANTIZE_OPTIONS = (
     _option("--bits", "8: int8 with a scale per output channel; 4: int4 with a scale and zero per group",
-            type=int, required=True, metavar="N"),
+            type=int, metavar="N"),
+    _option("--scheme", "instead of --bits: int8, int4, or q8_0 or q4_0, which round the activations too and "
+            "multiply bytes (blocks of 32 with a scale each)", metavar="NAME"),
     _option("--group-size", "int4's group of input channels: 32, 64 or 128 (default 32)", type=int, metavar="N"),
 )  # fmt: skip
 _PERPLEXITY_OPTIONS = (
@@ -145,7 +147,7 @@ _PERPLEXITY_OPTIONS = (
     _option("--text-path", "the UTF-8 text file to score", required=True, metavar="FILE"),
     _option("--max-seq-len", "the window of tokens the model reads at once", type=int, default=512, metavar="N"),
     _option("--stride", "tokens between the starts of windows (default: half the window)", type=int, metavar="N"),
-    _option("--quantize", "int8 or int4: quantize the linear layers as they load", metavar="NAME"),
+    _option("--quantize", "int8, int4, q8_0 or q4_0: quantize the linear layers as they load", metavar="NAME"),
     _option("--group-size", "int4's group of input channels: 32, 64 or 128 (default 32)", type=int, metavar="N"),
     _option("--device", "cpu or cuda (default: CUDA when available)", metavar="NAME"),
     _option("--dtype", "float32, bfloat16 or float16 (default: float32 on the CPU)", metavar="NAME"),
@@ -160,8 +162,8 @@ COMMANDS = {
         "convert a checkpoint to Hugging Face's Llama layout", to_hf, "Meta-layout checkpoint", _TO_HF_OPTIONS
     ),
     "from-hf": Command("convert a Hugging Face Llama model to Meta's layout", from_hf, "Hugging Face Llama model"),
-    "quantize": Command("quantize a checkpoint's linear layers to int8 or int4", quantize, "Meta-layout checkpoint",
-                        _QUANTIZE_OPTIONS),
+    "quantize": Command("quantize a checkpoint's linear layers: int8, int4, q8_0, q4_0", quantize,
+                        "Meta-layout checkpoint", _QUANTIZE_OPTIONS),
     "train": Command("train a small model and its tokenizer on a text file", _train, None, _TRAIN_OPTIONS),
     "perplexity": Command("score a text file with a model: perplexity, nats per token, bits per character",
                           _perplexity, None, _PERPLEXITY_OPTIONS, writes=False),

@@ -19,7 +19,17 @@ from llama.layout import (
     expected_shapes,
     split_dim,
 )
-from llama.quantize import check_divisible, int8_scales, is_quantized, quantization, quantize_weight, quantized_names
+from llama.quantize import (
+    check_divisible,
+    int8_scales,
+    is_quantized,
+    layer_scheme,
+    quantization,
+    quantize_weight,
+    quantized_names,
+    row_scaled,
+    warn_weight_only_layers,
+)
 from llama.shards import open_checkpoint, save_shard
 from llama.values import whole_number
 
@@ -87,24 +97,34 @@ def fold_norms(src: PathLike, dst: PathLike, overwrite: bool = False) -> None:
 
 
 def quantize(
-    src: PathLike, dst: PathLike, bits: int, group_size: Optional[int] = None, overwrite: bool = False
+    src: PathLike,
+    dst: PathLike,
+    bits: Optional[int] = None,
+    group_size: Optional[int] = None,
+    overwrite: bool = False,
+    scheme: Optional[str] = None,
 ) -> None:
     """Write the floating-point Meta-layout checkpoint `src` to the new folder `dst` with every linear layer's
     weight quantized to `bits` (8: int8 per output channel; 4: int4 in groups of `group_size` input channels,
-    default 32; see llama/quantize.py): same shard count and format, params.json recording the scheme, and
+    default 32; see llama/quantize.py) or with the `scheme` named instead ("int8", "int4", or the block schemes
+    "q8_0" and "q4_0" of llama/block_quant.py, whose layers of an input width that is not a multiple of 32 keep
+    int8, as a warning says): same shard count and format, params.json recording the scheme, and
     tokenizer.model and metrics.json copied. `Llama.build` loads the result quantized, on any number of ranks that
     keeps int4's groups whole. One tensor is quantized at a time, and one output shard is held in memory. `dst`
-    appears only when complete; `src` is never changed. Raises ValueError for an unknown scheme or group size, a
-    group size that does not divide a layer's input channels, or a source that is already quantized, and as
-    `open_checkpoint` and `staged_folder` do."""
-    scheme = quantization(bits, group_size)
+    appears only when complete; `src` is never changed. Raises ValueError for both or neither of bits and scheme,
+    an unknown scheme or group size, a group size or block that does not divide a layer's input channels, or a
+    source that is already quantized, and as `open_checkpoint` and `staged_folder` do."""
+    if (bits is None) == (scheme is None):
+        raise ValueError("give the bits (8 or 4) or the scheme (int8, int4, q8_0 or q4_0): one of the two")
+    chosen = quantization(bits if scheme is None else scheme, group_size)
     src = Path(src)
     _, checkpoint = open_checkpoint(src)
     if checkpoint.scheme is not None:
         raise ValueError(
             f"{str(src)!r} is already quantized ({checkpoint.scheme}): quantize its floating-point original instead"
         )
-    check_divisible(checkpoint.shapes, scheme, len(checkpoint.paths))
+    check_divisible(checkpoint.shapes, chosen, len(checkpoint.paths))
+    warn_weight_only_layers(checkpoint.shapes, chosen)
     with staged_folder(dst, overwrite, source=src) as staging:
         world_size = len(checkpoint.paths)
         for rank, path in enumerate(checkpoint.paths):
@@ -113,14 +133,14 @@ def quantize(
                 if not is_quantized(name):
                     shard[name] = checkpoint.slice(name, rank, world_size)
                     continue
-                scales = None
-                if scheme.bits == 8 and split_dim(name) == 1:  # a row's scale covers all of its columns
+                scales, scheme_here = None, layer_scheme(chosen, checkpoint.shapes[name])
+                if row_scaled(scheme_here) and split_dim(name) == 1:  # a row's scale covers all of its columns
                     scales = int8_scales(checkpoint.slice(name, 0, 1))
-                parts = quantize_weight(checkpoint.slice(name, rank, world_size), scheme, scales)
-                shard.update(zip(quantized_names(name, scheme), parts.values()))
+                parts = quantize_weight(checkpoint.slice(name, rank, world_size), scheme_here, scales)
+                shard.update(zip(quantized_names(name, scheme_here), parts.values()))
                 checkpoint.release_all()
             save_shard(shard, staging / path.name)
-        copy_params(src, staging, scheme)
+        copy_params(src, staging, chosen)
         _copy_companions(src, staging, (TOKENIZER_FILE, METRICS_FILE))
 
 

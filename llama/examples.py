@@ -38,7 +38,7 @@ def example_parser(description: str, max_seq_len: Optional[int], max_gen_len: Op
         "--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPUs that support it, float16 on other "
         "GPUs, float32 on the CPU; bfloat16 for a quantized model)",
     )  # fmt: skip
-    parser.add_argument("--quantize", help="int8 or int4: quantize the linear layers as they load")
+    parser.add_argument("--quantize", help="int8, int4, q8_0 or q4_0: quantize the linear layers as they load")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="compile the decoding step (slower start, faster steps)")  # fmt: skip
     return parser

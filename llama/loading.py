@@ -37,6 +37,8 @@ from llama.quantize import (
     quantized_bytes,
     quantized_names,
     quantized_shapes,
+    row_scaled,
+    warn_weight_only_layers,
 )
 from llama.shards import ShardedCheckpoint
 from llama.tokenizer import Tokenizer
@@ -148,6 +150,7 @@ def load_model(
     )
     if scheme is not None:
         check_divisible(expected, scheme, world_size)
+        warn_weight_only_layers(expected, scheme)
     if rank == 0:
         _warn_if_resliced(ckpt_dir, len(checkpoint.paths), world_size)
     layers = quantize_model(model, scheme) if scheme is not None else []
@@ -277,7 +280,7 @@ def _quantized_loader(
             }
         else:
             scales = None
-            if scheme.bits == 8 and split_dim(weight_name) == 1 and world_size > 1:
+            if row_scaled(scheme) and split_dim(weight_name) == 1 and world_size > 1:
                 scales = int8_scales(checkpoint.slice(weight_name, 0, 1))
             parts = quantize_weight(checkpoint.slice(weight_name, rank, world_size), scheme, scales)
         layer.load(parts, dtype)

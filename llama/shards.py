@@ -23,7 +23,7 @@ from llama.layout import (
     read_quantization,
     split_dim,
 )
-from llama.quantize import Quantization, is_quantized, quantized_shapes
+from llama.quantize import Scheme, is_quantized, quantized_shapes, stored_weight_dtypes
 
 # madvise(2), to let go of file pages already copied (see ShardedCheckpoint.release); None where unavailable.
 try:
@@ -110,7 +110,7 @@ class ShardedCheckpoint:
     tensor's unsplit shape, and `slice(name, rank, world_size)` gives any rank's part for any number of ranks,
     reading only the shards that hold it. Loading (on the fly) and `reshard` (to files) both use it."""
 
-    def __init__(self, ckpt_dir: PathLike, scheme: Optional[Quantization] = None):
+    def __init__(self, ckpt_dir: PathLike, scheme: Optional[Scheme] = None):
         """Open the shards of `ckpt_dir`, a checkpoint quantized with `scheme` if given. Raises as `find_shards`
         and `load_shard` do, and ValueError naming the tensor and the files when the shards disagree (a tensor
         only some shards hold, a whole tensor whose shape differs between shards, a split tensor whose other
@@ -156,11 +156,12 @@ class ShardedCheckpoint:
         if name in IGNORED_KEYS:
             return
         if self.scheme is not None and is_quantized(name):
-            if dtypes[0] != self.scheme.weight_dtype():
+            allowed = stored_weight_dtypes(self.scheme)
+            if dtypes[0] not in allowed:
                 raise ValueError(
                     f"{str(self.folder)!r}: tensor {name} has dtype {str(dtypes[0]).removeprefix('torch.')} in "
                     f"{self.paths[0].name}, but params.json says the weights are quantized as {self.scheme.name}, "
-                    f"stored as {str(self.scheme.weight_dtype()).removeprefix('torch.')}"
+                    f"stored as {' or '.join(str(dtype).removeprefix('torch.') for dtype in allowed)}"
                 )
         elif not dtypes[0].is_floating_point:
             raise ValueError(

@@ -36,11 +36,14 @@ def checkpoint(tmp_path_factory, tokenizer_path):
 
 @pytest.fixture(scope="module")
 def quantized(checkpoint, tmp_path_factory):
-    """The checkpoint written quantized by `llama quantize`, per scheme."""
+    """The checkpoint written quantized by `llama quantize`, per scheme (the block schemes q8_0 and q4_0 too,
+    for the two-process test: tests/test_block_quant.py tests the rest of them)."""
     folder = tmp_path_factory.mktemp("quantized")
     quantize(checkpoint, folder / "int8", bits=8)
     quantize(checkpoint, folder / "int4", bits=4, group_size=32)
-    return {"int8": folder / "int8", "int4": folder / "int4"}
+    for scheme in ("q8_0", "q4_0"):
+        quantize(checkpoint, folder / scheme, scheme=scheme)
+    return {scheme: folder / scheme for scheme in ("int8", "int4", "q8_0", "q4_0")}
 
 
 def weights(rows=48, columns=256, seed=0) -> torch.Tensor:
@@ -163,7 +166,8 @@ def test_quantized_logits_stay_close_to_the_floating_point_ones(checkpoint, toke
     assert 0 < relative < bound, f"{scheme}: relative error {relative:.4f}"
 
 
-PARALLEL_CASES = [("int8", "disk", "on load"), ("int4", "on load", "disk")]
+PARALLEL_CASES = [("int8", "disk", "on load"), ("int4", "on load", "disk"), ("q8_0", "disk", "on load"),
+                  ("q4_0", "on load", "disk")]  # fmt: skip
 
 
 def quantized_sources(checkpoint, quantized, scheme):
@@ -185,7 +189,8 @@ def test_two_processes_give_the_logits_of_one_quantized_model(
     checkpoint, quantized, tokenizer_path, two_processes, scheme, one, two
 ):
     """int8's row-parallel layers (wo, w2) keep one scale per whole row: a rank holding half the row's columns
-    must use the scale of the whole row, or its products differ from one process's."""
+    must use the scale of the whole row, or its products differ from one process's. The block schemes' split
+    into whole blocks (wo: one of 32 on each rank), whose activations each rank rounds alone."""
     folder, option = quantized_sources(checkpoint, quantized, scheme)[one]
     single = fixed_outputs(folder, tokenizer_path, option)
     parallel = two_processes[scheme]
