@@ -7,6 +7,7 @@
     llama quantize SRC DST --bits 8|4 [--group-size N]   (or --scheme q8_0|q4_0)
     llama train --text-path FILE --out-dir DST
     llama perplexity --ckpt-dir DIR --tokenizer-path FILE --text-path FILE [--quantize int8|int4|q8_0|q4_0]
+    llama serve [--ckpt-dir DIR] [--port N] [--api-key KEY]
 
 Every command but perplexity writes a new folder and never changes its source, refuses an existing destination
 unless given --overwrite, and prints one line naming what it wrote; perplexity prints its figures. A mistake is
@@ -32,6 +33,7 @@ from llama.hf import from_hf, to_hf
 from llama.layout import check_folder, tokenizer_file, trained_context_len
 from llama.loading import trained_on
 from llama.perplexity import text_perplexity
+from llama.serve.command import SERVE_OPTIONS, serve
 from llama.train import TrainConfig, train
 
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
@@ -167,6 +169,8 @@ COMMANDS = {
     "train": Command("train a small model and its tokenizer on a text file", _train, None, _TRAIN_OPTIONS),
     "perplexity": Command("score a text file with a model: perplexity, nats per token, bits per character",
                           _perplexity, None, _PERPLEXITY_OPTIONS, writes=False),
+    "serve": Command("serve a model over HTTP with OpenAI's API (see docs/serving.md)", serve, None, SERVE_OPTIONS,
+                     writes=False),
 }  # fmt: skip
 
 
@@ -251,11 +255,18 @@ def parse_arguments(
     parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None, booleans: Sequence[str] = ("--overwrite",)
 ) -> argparse.Namespace:
     """`parser.parse_args` of `argv` (default: the program's arguments) after `normalize_arguments`; a mistake
-    ends the program with one line on standard error, status 2."""
+    ends the program with one line on standard error, status 2, naming the command's --help where there is one."""
     try:
-        return parser.parse_args(normalize_arguments(sys.argv[1:] if argv is None else argv, booleans))
+        words = normalize_arguments(sys.argv[1:] if argv is None else argv, booleans)
     except ValueError as error:
         parser.error(str(error))
+    options, unknown = parser.parse_known_args(words)
+    if unknown:  # reported by the command's own parser, whose --help lists what it takes
+        commands = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+        chosen = getattr(options, "command", None)
+        command_parser = commands[0].choices[chosen] if commands and chosen else parser
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return options
 
 
 def readable_warnings() -> None:

@@ -215,6 +215,7 @@ MINIMAL_COMMAND_LINES = {
     "quantize": ["quantize", "src", "dst", "--bits", "8"],
     "train": ["train", "--text-path", "text.txt", "--out-dir", "dst"],
     "perplexity": ["perplexity", "--ckpt-dir", "src", "--text-path", "text.txt"],
+    "serve": ["serve"],
 }
 YES, NO = [["{flag}"], ["{flag}=true"], ["{flag}=YES"], ["{flag}=1"], ["{flag}", "yes"]], [
     ["{flag}=false"], ["{flag}=no"], ["{flag}=0"], ["{flag}", "false"], ["--no-{name}"], []

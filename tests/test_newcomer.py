@@ -159,6 +159,7 @@ MISSING_INPUT = {
     "from-hf": (["from-hf", "nope", "out"], "error: Hugging Face model folder 'nope' does not exist"),
     "quantize": (["quantize", "nope", "out", "--bits", "8"], MISSING),
     "perplexity": (["perplexity", "--ckpt-dir", "nope", "--text-path", "missing.txt"], MISSING),
+    "serve": (["serve", "--ckpt-dir", "nope"], MISSING),
     "train": (
         ["train", "--text-path", "missing.txt", "--out-dir", "out"],
         "error: text file 'missing.txt' does not exist: pass a UTF-8 text file",

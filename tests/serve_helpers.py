@@ -1,0 +1,54 @@
+"""A server of llama.serve on 127.0.0.1 at a free port, running in a thread of the test process."""
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import uvicorn
+
+from llama import Llama
+from llama.serve.app import Server, Settings
+from llama.serve.scheduler import Scheduler
+
+START_TIMEOUT = 30  # seconds: a bound against hangs
+
+
+@contextlib.contextmanager
+def running_server(llama: Llama, start: bool = True, max_queue: int = 64, prefill_chunk: int = 16,
+                   **settings) -> Iterator[tuple[str, Scheduler]]:  # fmt: skip
+    """(base URL, scheduler) of a server over `llama` while the block runs; with start=False its scheduler
+    never runs a step (requests stay queued)."""
+    scheduler = Scheduler(llama, max_queue=max_queue, prefill_chunk=prefill_chunk)
+    if start:
+        scheduler.start()
+    app = Server(scheduler, llama, Settings(**settings)).app()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_TIMEOUT
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started, "the test server did not start"
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", scheduler
+    finally:
+        server.should_exit = True
+        scheduler.stop(0)
+        thread.join(START_TIMEOUT)
+        scheduler.join(START_TIMEOUT)
+        listener.close()
+
+
+def wait_for_free_rows(scheduler: Scheduler, rows: int, tries: int = 400) -> dict:
+    """The scheduler's state once `rows` rows are free and nothing waits (at most `tries` looks, 10 ms apart)."""
+    for _ in range(tries):
+        state = scheduler.state()
+        if state["free_rows"] == rows and state["waiting"] == 0:
+            return state
+        time.sleep(0.01)
+    return scheduler.state()
