@@ -4,6 +4,7 @@ input answered with OpenAI's error object and a documented status, never a 5xx."
 
 import asyncio
 import json
+import random
 
 import httpx
 import openai
@@ -316,3 +317,38 @@ def test_a_client_that_goes_away_cancels_its_request(demo, stream):
 
         asyncio.run(leave())
         assert scheduler.waiting[0].cancelled
+
+
+def test_200_requests_from_16_clients_with_disconnects_are_all_answered_or_refused_and_free_every_row(demo):
+    """A bounded load test: every request gets a 200 or a clean 429, or was dropped by its own client; none is
+    lost, and afterwards every row is free and nothing waits."""
+    rng = random.Random(0)
+    plans = [(rng.choice(["ROMEO:", "KING", "O", "JULIET:\n"]), rng.randint(1, 12), rng.random() < 0.2,
+              rng.random() < 0.5) for _ in range(200)]  # fmt: skip
+
+    async def client(http, queue, outcomes):
+        while plans_left := queue:
+            prompt, tokens, leave, stream = plans_left.pop()
+            call = asyncio.ensure_future(http.post("/v1/completions", json={"prompt": prompt, "max_tokens": tokens,
+                                                                            "stream": stream}))  # fmt: skip
+            if leave:
+                await asyncio.sleep(0.001 * tokens)
+                call.cancel()
+            try:
+                outcomes.append((await call).status_code)
+            except asyncio.CancelledError:
+                outcomes.append("left")
+
+    async def load(base):
+        outcomes: list = []
+        async with httpx.AsyncClient(base_url=base, timeout=TIMEOUT) as http:
+            queue = list(plans)
+            await asyncio.gather(*(client(http, queue, outcomes) for _ in range(16)))
+        return outcomes
+
+    with running_server(demo, max_queue=6) as (base, scheduler):
+        outcomes = asyncio.run(load(base))
+        state = wait_for_free_rows(scheduler, ROWS)
+    assert len(outcomes) == 200 and set(outcomes) <= {200, 429, "left"}, sorted(map(str, set(outcomes)))
+    assert 200 in outcomes
+    assert state["free_rows"] == ROWS and state["waiting"] == 0 and state["running"] == 0
