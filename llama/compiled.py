@@ -32,6 +32,9 @@ class CompiledStep:
         self.cpp_wrapper = cpp_wrapper
         self.compiled = torch.compile(model.forward_at, dynamic=False, options={"cpp_wrapper": cpp_wrapper})
 
+    def begin(self) -> None:
+        pass
+
     def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool) -> torch.Tensor:
         if tokens.shape[1] != 1:
             return self.model.forward(tokens, start_pos, last_only=last_only)

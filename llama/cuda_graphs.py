@@ -55,10 +55,11 @@ class DecodeGraphs:
         self.addresses = self._addresses()
         self.queued: Optional[tuple[int, torch.Tensor]] = None  # (position, logits) of a step already queued
 
+    def begin(self) -> None:
+        self.refresh()
+        self.queued = None  # computed for the last batch, which may have left off where this one starts
+
     def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool) -> torch.Tensor:
-        if start_pos == 0:  # a new batch of sequences
-            self.refresh()
-            self.queued = None
         if self.queued is not None and self.queued[0] == start_pos:
             logits, self.queued = self.queued[1], None
             return logits

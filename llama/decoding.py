@@ -20,6 +20,10 @@ from llama.tokenizer import Tokenizer
 
 
 class Step(Protocol):
+    def begin(self) -> None:
+        """A new batch starts (its first forward may come at any position, after what the cache holds): forget
+        whatever was computed ahead for the last one."""
+
     def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool) -> torch.Tensor:
         """Logits for `tokens` (bsz, seqlen) at positions start_pos.., as `Transformer.forward` gives them."""
 
@@ -34,6 +38,9 @@ class EagerStep:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+
+    def begin(self) -> None:
+        pass
 
     def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool) -> torch.Tensor:
         # forward itself, not the module's call: hooks are for training, and their machinery costs a few
@@ -95,9 +102,13 @@ class Batch:
         device: torch.device,
         text_of: Optional[Tokenizer] = None,
         generators: Optional[Sequence[torch.Generator]] = None,
+        cached: int = 0,
     ):
         """`text_of`: follow each sequence's text, as this tokenizer decodes it (with params.stop applied).
-        `generators`: each sequence's own random generator, for sampling (None: greedy)."""
+        `generators`: each sequence's own random generator, for sampling (None: greedy). `cached`: positions
+        0 .. cached - 1 of every row are in the key/value cache already, these very tokens fed to that cache row
+        by an earlier batch; decoding feeds the rest (at least each prompt's last token, so cached < the shortest
+        prompt's length; the logprobs of echoed prompt tokens need them all fed)."""
         self.params = params
         self.generators = generators
         self.streams = None
@@ -119,6 +130,7 @@ class Batch:
         # end[row]: one past the row's last returned token; it shrinks when the row stops early.
         self.end = [min(length + max_gen_len, self.total_len) for length in self.prompt_lens]
         self.done = [length >= end for length, end in zip(self.prompt_lens, self.end)]
+        self.cached = cached  # the cache holds the keys and values of positions 0 .. cached - 1 of every row
 
     def generators_at(self, position: int) -> Optional[list[Optional[torch.Generator]]]:
         """Each sequence's generator where `position` is generated, None where the sequence still reads its
@@ -224,21 +236,23 @@ def _check_logprobs(logprobs: list[float], start: int, end: int, row: int) -> No
 
 
 def decode(step: Step, batch: Batch, stop_ids: frozenset[int]) -> Iterator[StepResult]:
-    """Decode `batch` to the end. Yields a StepResult per position when the batch follows its text, and one at
-    the end that holds every sequence's Completion (and the text held back until then)."""
+    """Decode `batch` to the end, feeding the model from the first position its cache lacks (`batch.cached`).
+    Yields a StepResult per position when the batch follows its text, and one at the end that holds every
+    sequence's Completion (and the text held back until then)."""
     params = batch.params
+    step.begin()
     if batch.min_prompt_len == batch.total_len and params.logprobs:
         # Nothing to generate (every prompt fills the context): score the prompts.
         batch.record_logprobs(step.forward(batch.tokens, 0, last_only=False)[:, :-1], 0)
-    previous = 0
     for position in range(batch.min_prompt_len, batch.total_len):
-        # (bs, position - previous, vocab) for logprobs, else (bs, 1, vocab): the next token needs the last
-        logits = step.forward(batch.tokens[:, previous:position], previous, last_only=not params.logprobs)
+        fed = batch.cached  # feed the positions the cache lacks, up to this one
+        # (bs, position - fed, vocab) for logprobs, else (bs, 1, vocab): the next token needs the last
+        logits = step.forward(batch.tokens[:, fed:position], fed, last_only=not params.logprobs)
+        batch.cached = position
         sampled, usable = sample_usable(batch.penalized(logits[:, -1]), params, batch.generators_at(position))
         column = batch.place(position, sampled)
         if params.logprobs:
-            batch.record_logprobs(logits, previous)
-        previous = position
+            batch.record_logprobs(logits, fed)
         # The one host synchronisation per step: EOS, stop sequences and streaming need the tokens on the host.
         next_pos = position if position + 1 < batch.total_len else None
         new_tokens, usable = step.fetch(torch.stack((column, usable.long())), batch.tokens, next_pos)

@@ -115,6 +115,8 @@ class Llama:
         # each sequence of a call that gives no seed of its own.
         self.generator = torch.Generator(device=self.device).manual_seed(whole_number(seed, "seed", minimum=None))
         self._turns = Turns()
+        # The batch that last ran: cache row i holds the keys and values of its row i's tokens up to its `cached`.
+        self._last_batch: Optional[Batch] = None
 
     # ---- public API ----------------------------------------------------------------------------------------
 
@@ -230,15 +232,27 @@ class Llama:
         return _merge_refusals(_pieces(self._steps(prompts, params, follow_text=True, streaming=True)), refusals)
 
     def generate_steps(
-        self, prompt_tokens: Sequence[list[int]], params: SamplingParams, follow_text: bool = False
+        self,
+        prompt_tokens: Sequence[list[int]],
+        params: SamplingParams,
+        follow_text: bool = False,
+        reuse_cache: bool = False,
     ) -> Iterator[StepResult]:
         """The generator under every method above: decode the prompts (lists of token ids) in batches of at
         most max_batch_size, yielding StepResults; each sequence's Completion comes with the last one of its
         batch. With follow_text, a StepResult per decoding step gives the text each sequence gained, and
-        `params.stop` is applied (see llama.streaming); without, there is one StepResult per batch. Raises
-        ValueError for an empty batch, bad token ids or a
-        prompt longer than max_seq_len (before the first step), FloatingPointError as the model breaks."""
-        return self._steps(check_token_prompts(prompt_tokens, self.model.params), params, follow_text, streaming=True)
+        `params.stop` is applied (see llama.streaming); without, there is one StepResult per batch.
+
+        With reuse_cache, a batch starts from the longest prefix of its prompts that the key/value cache still
+        holds from this Llama's last batch (the same tokens in the same rows, as far as that batch fed them,
+        also when it was stopped early) and feeds the model only the rest: what a conversation does turn after
+        turn (see llama.chat). The results are those of feeding it all, up to the order of floating-point sums.
+        It trusts that nothing else ran on the model since: no other Llama over the same model, no direct call.
+
+        Raises ValueError for an empty batch, bad token ids or a prompt longer than max_seq_len (before the
+        first step), FloatingPointError as the model breaks."""
+        prompts = check_token_prompts(prompt_tokens, self.model.params)
+        return self._steps(prompts, params, follow_text, streaming=True, reuse_cache=flag(reuse_cache, "reuse_cache"))
 
     # ---- results -------------------------------------------------------------------------------------------------
 
@@ -257,14 +271,21 @@ class Llama:
     # ---- decoding -------------------------------------------------------------------------------------------
 
     def _steps(
-        self, prompts: list[list[int]], params: SamplingParams, follow_text: bool, streaming: bool = False
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        follow_text: bool,
+        streaming: bool = False,
+        reuse_cache: bool = False,
     ) -> Iterator[StepResult]:
         with self._turns.turn(streaming):
-            yield from self._batches(prompts, params, follow_text)
+            yield from self._batches(prompts, params, follow_text, reuse_cache)
 
     # A decorator, so that inference mode is on only while a step runs, not in the caller's code between steps.
     @torch.inference_mode()
-    def _batches(self, prompts: list[list[int]], params: SamplingParams, follow_text: bool) -> Iterator[StepResult]:
+    def _batches(
+        self, prompts: list[list[int]], params: SamplingParams, follow_text: bool, reuse_cache: bool
+    ) -> Iterator[StepResult]:
         size = self.model.params.max_batch_size
         starts = range(0, len(prompts), size)
         for number, start in enumerate(starts):
@@ -273,7 +294,11 @@ class Llama:
             batch_prompts = prompts[start : start + size]
             text_of = self.tokenizer if follow_text else None
             generators = self._row_generators(params, len(batch_prompts))
-            batch = Batch(batch_prompts, params, self.model.params.max_seq_len, self.device, text_of, generators)
+            cached = self._cached_prefix(batch_prompts, params) if reuse_cache else 0
+            batch = Batch(
+                batch_prompts, params, self.model.params.max_seq_len, self.device, text_of, generators, cached
+            )
+            self._last_batch = batch
             steps = decode(self.decode_step, batch, self.tokenizer.stop_ids)
             if len(batch_prompts) == len(prompts):
                 yield from steps
@@ -282,6 +307,16 @@ class Llama:
                 before, after = [""] * start, [""] * (len(prompts) - start - len(batch_prompts))
                 finished = [(start + row, completion) for row, completion in step.finished]
                 yield StepResult(before + step.pieces + after, finished)
+
+    def _cached_prefix(self, prompts: list[list[int]], params: SamplingParams) -> int:
+        """How many leading positions of every prompt the cache holds already, from the last batch: at most each
+        prompt's length less one (the last must be fed for the logits of the next); 0 where echoed logprobs need
+        every prompt token fed."""
+        last = self._last_batch
+        if last is None or len(prompts) > len(last.prompt_lens) or (params.logprobs and params.echo):
+            return 0
+        held = last.tokens[: len(prompts), : last.cached].tolist()
+        return min(min(_common_prefix_len(row, prompt), len(prompt) - 1) for row, prompt in zip(held, prompts))
 
     def _row_generators(self, params: SamplingParams, count: int) -> Optional[list[torch.Generator]]:
         """A generator per sequence of a batch, seeded with params.seed or else from the Llama's generator (a
@@ -293,6 +328,10 @@ class Llama:
         else:
             seeds = [params.seed] * count
         return [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+
+
+def _common_prefix_len(first: Sequence[int], second: Sequence[int]) -> int:
+    return next((index for index, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
 
 
 def _settings(method: str, settings: dict) -> tuple[SamplingParams, bool]:

@@ -1,4 +1,7 @@
-"""Claims about generation: batching, greedy and nucleus sampling, EOS, echo, logprobs, and the chat format."""
+"""Claims about generation: batching, greedy and nucleus sampling, EOS, echo, logprobs, the chat format, and a
+batch that starts from what the key/value cache holds."""
+
+import copy
 
 import pytest
 import sentencepiece as spm
@@ -149,9 +152,10 @@ class AheadStep(EagerStep):
         super().__init__(model)
         self.queued, self.queued_calls = None, 0
 
+    def begin(self):
+        self.queued = None
+
     def forward(self, tokens, start_pos, last_only):
-        if start_pos == 0:
-            self.queued = None
         if self.queued is not None and self.queued[0] == start_pos:
             logits, self.queued = self.queued[1], None
             return logits
@@ -172,6 +176,57 @@ def test_a_step_computed_ahead_gives_the_tokens_logprobs_and_samples_of_the_eage
         expected = eager.generate(PROMPTS, 12, temperature, logprobs=logprobs, echo=True)
         assert ahead.generate(PROMPTS, 12, temperature, logprobs=logprobs, echo=True) == expected
         assert ahead.decode_step.queued_calls >= 12, "the steps were really computed ahead"
+
+
+class Recorded(torch.nn.Module):
+    """Wraps a model and records the (start_pos, width) of each call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.params, self.calls = model, model.params, []
+
+    def forward(self, tokens, start_pos=0, last_only=False):
+        self.calls.append((start_pos, tokens.shape[1]))
+        return self.inner(tokens, start_pos, last_only=last_only)
+
+
+def test_reusing_the_cache_feeds_only_the_tokens_it_does_not_hold_and_gives_the_same_tokens(generator, tokenizer):
+    recorded = Recorded(EosAt(generator.model, tokenizer.eos_id, forbid=True))
+    reusing = Llama(recorded, tokenizer)
+    fresh = Llama(EosAt(copy.deepcopy(generator.model), tokenizer.eos_id, forbid=True), tokenizer)  # its own cache
+    params = SamplingParams(temperature=0, max_gen_len=6)
+
+    def run(llama, prompts, reuse):
+        return [result.tokens for result in completions(llama.generate_steps(prompts, params, reuse_cache=reuse))]
+
+    first = [[1, 40, 41, 42, 43], [1, 50, 51, 52, 53]]
+    generated = run(reusing, first, True)
+    # The cache holds every position fed: the prompts and the generated tokens but the last, never fed.
+    longer = [prompt + tokens + [60, 61] for prompt, tokens in zip(first, generated)]
+    recorded.calls.clear()
+    assert run(reusing, longer, True) == run(fresh, longer, False)
+    assert recorded.calls[0] == (10, 3), "the last generated token and the two new ones"
+    # A row that parts from its cache row early sets where every row starts.
+    parted = [longer[0] + [62], [1, 50, 51, 99] + longer[1][4:]]
+    recorded.calls.clear()
+    assert run(reusing, parted, True) == run(fresh, parted, False)
+    assert recorded.calls[0] == (3, len(parted[1]) - 3)
+
+
+def test_a_batch_that_starts_in_the_cache_takes_nothing_computed_ahead_for_the_batch_before(generator, tokenizer):
+    """A step that computes the next one ahead (as CUDA graphs do) leaves one queued when a batch ends early;
+    the next batch, starting from the cache at that very position, must compute its own."""
+    prompt = [1, 40, 41, 42, 43]
+    ending = EosAt(generator.model, tokenizer.eos_id, force={(0, 8)})  # EOS at position 8: the batch ends there
+    ahead = Llama(ending, tokenizer)
+    ahead.decode_step = AheadStep(ending)
+    params = SamplingParams(temperature=0, max_gen_len=6)
+    generated = completions(ahead.generate_steps([prompt], params, reuse_cache=True))[0].tokens
+    assert len(generated) == 3 and ahead.decode_step.queued is not None
+    following = [prompt + generated + [70, 71]]  # the cache holds positions 0 .. 7; 8 is now 70, not EOS
+    fresh = Llama(copy.deepcopy(ending), tokenizer)  # a cache of its own
+    expected = completions(fresh.generate_steps(following, params))[0].tokens
+    assert completions(ahead.generate_steps(following, params, reuse_cache=True))[0].tokens == expected
 
 
 def test_echo_returns_the_prompt_before_the_generation(generator):
