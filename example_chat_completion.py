@@ -10,16 +10,13 @@ given it runs the bundled demo model, which shows the mechanics but is no chat m
 
 import argparse
 import sys
-from collections.abc import Iterator
 from typing import Optional
 
-import torch.distributed as dist
-
-from llama import Dialog, Llama
-from llama.chat_format import trim_dialog
+from llama import Dialog
+from llama.chat import Chat
 from llama.cli import parse_arguments, readable_warnings
-from llama.distributed import is_main_process
 from llama.examples import BOOLEAN_OPTIONS, build_example, example_parser
+from llama.terminal import chat_in_terminal, say
 
 DIALOGS: list[Dialog] = [
     [{"role": "user", "content": "What should I pack for a weekend of hiking in the mountains?"}],
@@ -37,64 +34,6 @@ DIALOGS: list[Dialog] = [
         {"role": "user", "content": "What is a prime number?"},
     ],
 ]
-
-
-def say(*args, **kwargs) -> None:
-    if is_main_process():  # every rank computes the same text; one prints it
-        print(*args, **kwargs, flush=True)
-
-
-def user_lines() -> Iterator[str]:
-    """User turns, one line each, read on rank 0 and shared with the other ranks; ends at /exit or end of input."""
-    while True:
-        line = None
-        if is_main_process():
-            if sys.stdin.isatty():
-                try:
-                    line = input("User: ")
-                except EOFError:
-                    line = None
-            else:
-                line = sys.stdin.readline()
-                line = line.rstrip("\n") if line else None
-                if line is not None:
-                    print(f"User: {line}", flush=True)  # a transcript reads like the terminal session
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            shared = [line]
-            dist.broadcast_object_list(shared, src=0)
-            line = shared[0]
-        if line is None or line.strip() == "/exit":
-            return
-        yield line
-
-
-def chat(generator: Llama, system: Optional[str], temperature: float, top_p: float, max_gen_len: int) -> None:
-    """The interactive loop: keeps the history, streams each answer, trims the oldest turns when needed."""
-    max_prompt_len = generator.model.params.max_seq_len - max_gen_len
-    history: Dialog = [{"role": "system", "content": system}] if system else []
-    say("Chat started: type a message and press Enter; /exit or end of input quits.", file=sys.stderr)
-    for line in user_lines():
-        if not line.strip():
-            continue
-        dialog = history + [{"role": "user", "content": line}]
-        refusal = generator.chat_format.refusal(dialog)
-        if refusal:
-            say(f"error: the chat format refuses this message: {refusal}", file=sys.stderr)
-            continue
-        try:
-            dialog, dropped = trim_dialog(generator.chat_format, dialog, max_prompt_len)
-        except ValueError as error:
-            say(f"error: {error}", file=sys.stderr)
-            continue
-        if dropped:
-            say(f"(dropped the {dropped} oldest messages to fit max_seq_len)", file=sys.stderr)
-        say("Assistant: ", end="")
-        answer = ""
-        for pieces in generator.stream_chat([dialog], temperature=temperature, top_p=top_p, max_gen_len=max_gen_len):
-            say(pieces[0], end="")
-            answer += pieces[0]
-        say()
-        history = dialog + [{"role": "assistant", "content": answer}]
 
 
 DEMO_NOTE = (
@@ -135,9 +74,9 @@ def main() -> None:
             say(DEMO_NOTE)
             max_gen_len = max_gen_len or 64
         if options.interactive:
-            # Leave room for history: an answer gets at most a quarter of the context unless told otherwise.
-            max_seq_len = generator.model.params.max_seq_len
-            chat(generator, options.system, options.temperature, options.top_p, max_gen_len or max_seq_len // 4)
+            # An answer gets a quarter of the context unless told otherwise (Chat's default): the rest is history.
+            chat = Chat(generator, options.system, max_gen_len, temperature=options.temperature, top_p=options.top_p)
+            chat_in_terminal(chat)
             return
         results = generator.chat_completion(
             DIALOGS, temperature=options.temperature, top_p=options.top_p, max_gen_len=max_gen_len

@@ -1,5 +1,8 @@
-"""The `llama` command line (also `python -m llama`): one command per job on checkpoints and training.
+"""The `llama` command line (also `python -m llama`): a model's text in the terminal, and a command per job on
+checkpoints and training.
 
+    llama generate [--ckpt-dir DIR] PROMPT...
+    llama chat [--ckpt-dir DIR] [--system TEXT]
     llama reshard SRC DST --model-parallel-size N
     llama fold-norms SRC DST
     llama to-hf SRC DST
@@ -9,8 +12,9 @@
     llama perplexity --ckpt-dir DIR --tokenizer-path FILE --text-path FILE [--quantize int8|int4|q8_0|q4_0]
     llama serve [--ckpt-dir DIR] [--port N] [--api-key KEY]
 
-Every command but perplexity writes a new folder and never changes its source, refuses an existing destination
-unless given --overwrite, and prints one line naming what it wrote; perplexity prints its figures. A mistake is
+generate and chat stream a model's text to the terminal; perplexity prints its figures. Every command that writes
+writes a new folder and never changes its source, refuses an existing destination unless given --overwrite, and
+prints one line naming what it wrote. A mistake is
 reported in one line on standard error (exit status 1; 2 for a malformed command line). Options may also be
 spelled with underscores (--model_parallel_size).
 """
@@ -28,15 +32,18 @@ from typing import NamedTuple, NoReturn, Optional
 
 from llama.convert import fold_norms, quantize, reshard
 from llama.data import read_text
+from llama.distributed import compute_threads
 from llama.generation import Llama
 from llama.hf import from_hf, to_hf
 from llama.layout import check_folder, tokenizer_file, trained_context_len
 from llama.loading import trained_on
 from llama.perplexity import text_perplexity
 from llama.serve.command import SERVE_OPTIONS, serve
+from llama.terminal import CHAT_OPTIONS, GENERATE_OPTIONS, chat, generate
 from llama.train import TrainConfig, train
 
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
+YES_NO_OPTIONS = ("--overwrite", "--compile")  # the commands' yes/no options, which take a value too
 
 
 def parse_bool(value: str) -> bool:
@@ -88,23 +95,25 @@ def _train(text_path: str, out_dir: str, device: Optional[str], overwrite: bool,
 
 
 def _perplexity(
-    ckpt_dir: str, tokenizer_path: Optional[str], text_path: str, max_seq_len: int, stride: Optional[int], **build
-) -> str:
-    check_folder(ckpt_dir)  # first, as every command does, before the text and the tokenizer
-    text = read_text(text_path)
-    tokenizer_path = tokenizer_file(ckpt_dir, tokenizer_path)
-    trained = trained_context_len(ckpt_dir)
-    with warnings.catch_warnings():  # build's warning is about generated text; the one below about scoring
-        warnings.filterwarnings("ignore", message=r"the (demo model|model in .*) was trained on \d+-token windows")
-        generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, **build)
-    stride = max(1, max_seq_len // 2) if stride is None else stride
-    result = text_perplexity(generator.model, generator.tokenizer, text, max_seq_len, stride)
-    if trained is not None and min(max_seq_len, result.tokens + 1) > trained:  # a window went past `trained`
-        warnings.warn(
-            f"{trained_on(ckpt_dir, trained)}: scoring with --max-seq-len {max_seq_len} reads past what it "
-            f"learned, which makes its perplexity worse: pass --max-seq-len {trained}"
-        )
-    return str(result)
+    ckpt_dir: str, tokenizer_path: Optional[str], text_path: str, max_seq_len: int, stride: Optional[int],
+    threads: Optional[int], **build,
+) -> str:  # fmt: skip
+    with compute_threads(threads):  # a bad --threads is named before anything is read
+        check_folder(ckpt_dir)  # first, as every command does, before the text and the tokenizer
+        text = read_text(text_path)
+        tokenizer_path = tokenizer_file(ckpt_dir, tokenizer_path)
+        trained = trained_context_len(ckpt_dir)
+        with warnings.catch_warnings():  # build's warning is about generated text; the one below about scoring
+            warnings.filterwarnings("ignore", message=r"the (demo model|model in .*) was trained on \d+-token windows")
+            generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, **build)
+        stride = max(1, max_seq_len // 2) if stride is None else stride
+        result = text_perplexity(generator.model, generator.tokenizer, text, max_seq_len, stride)
+        if trained is not None and min(max_seq_len, result.tokens + 1) > trained:  # a window went past `trained`
+            warnings.warn(
+                f"{trained_on(ckpt_dir, trained)}: scoring with --max-seq-len {max_seq_len} reads past what it "
+                f"learned, which makes its perplexity worse: pass --max-seq-len {trained}"
+            )
+        return str(result)
 
 
 def _option(flag: str, help: str, **settings) -> tuple[str, dict]:
@@ -153,9 +162,13 @@ _PERPLEXITY_OPTIONS = (
     _option("--group-size", "int4's group of input channels: 32, 64 or 128 (default 32)", type=int, metavar="N"),
     _option("--device", "cpu or cuda (default: CUDA when available)", metavar="NAME"),
     _option("--dtype", "float32, bfloat16 or float16 (default: float32 on the CPU)", metavar="NAME"),
+    _option("--threads", "PyTorch's CPU threads (default: the machine's physical cores)", type=int, metavar="N"),
 )  # fmt: skip
 
 COMMANDS = {
+    "generate": Command("continue texts with a model, streaming them to the terminal", generate, None,
+                        GENERATE_OPTIONS, writes=False),
+    "chat": Command("chat with a model in the terminal", chat, None, CHAT_OPTIONS, writes=False),
     "reshard": Command(
         "write a checkpoint with another number of shards", reshard, "Meta-layout checkpoint", (_MODEL_PARALLEL_SIZE,)
     ),
@@ -192,7 +205,7 @@ def _add_options(parser: argparse.ArgumentParser, command: Command) -> None:
 
 def _run(command: Command, options: argparse.Namespace) -> str:
     """Run the command with the options given; the line to print: what it found, or the folder it wrote."""
-    values = {flag[2:].replace("-", "_"): None for flag, _ in command.options}
+    values = {flag.lstrip("-").replace("-", "_"): None for flag, _ in command.options}
     values = {name: getattr(options, name) for name in values}
     if not command.writes:
         return command.run(**values)
@@ -228,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def normalize_arguments(argv: Sequence[str], booleans: Sequence[str] = ("--overwrite",)) -> list[str]:
+def normalize_arguments(argv: Sequence[str], booleans: Sequence[str] = YES_NO_OPTIONS) -> list[str]:
     """Options spelled with underscores take dashes (--model_parallel_size -> --model-parallel-size), and a
     yes/no option (one of `booleans`) given a value (--overwrite=false, --overwrite no) becomes --overwrite or
     --no-overwrite. Raises ValueError for a value that is not a clear yes or no."""
@@ -252,7 +265,7 @@ def normalize_arguments(argv: Sequence[str], booleans: Sequence[str] = ("--overw
 
 
 def parse_arguments(
-    parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None, booleans: Sequence[str] = ("--overwrite",)
+    parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None, booleans: Sequence[str] = YES_NO_OPTIONS
 ) -> argparse.Namespace:
     """`parser.parse_args` of `argv` (default: the program's arguments) after `normalize_arguments`; a mistake
     ends the program with one line on standard error, status 2, naming the command's --help where there is one."""
@@ -324,5 +337,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         outcome = ": nothing was written" if COMMANDS[options.command].writes else ""
         print(f"interrupted by {signal.Signals(number).name}{outcome}", file=sys.stderr)
         return 128 + number
-    print(report)
+    if report:  # generate and chat have printed theirs
+        print(report)
     return 0

@@ -7,11 +7,15 @@ import contextlib
 import io
 import os
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Optional, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
+
+from llama.values import whole_number
 
 DeviceLike = Union[str, torch.device, None]
 
@@ -135,3 +139,39 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device, qu
     if resolved not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     return resolved
+
+
+def physical_cores() -> int:
+    """The physical cores this process may run on, the hyper-threads of a core counted once (from Linux's CPU
+    topology files); where those cannot be read, the logical CPUs it may run on."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            return len(cpus)
+    return max(1, len(cores))
+
+
+def default_threads() -> int:
+    """PyTorch's CPU threads for one process: the physical cores, shared among the processes torchrun starts on
+    this machine (a second thread on the same core only competes for its arithmetic units)."""
+    return max(1, physical_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+@contextlib.contextmanager
+def compute_threads(threads: Optional[int] = None) -> Iterator[int]:
+    """Run the block with PyTorch's intra-op threads set to `threads` (None: `default_threads()`), and put the
+    former number back after it; yields the number set. Raises ValueError for a number below 1."""
+    number = default_threads() if threads is None else whole_number(threads, "threads")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(number)
+    try:
+        yield number
+    finally:
+        torch.set_num_threads(previous)

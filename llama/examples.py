@@ -2,14 +2,12 @@
 the generator they build from them, the bundled demo model when no checkpoint is given."""
 
 import argparse
-import sys
 from typing import Optional
 
 from llama.cli import HelpFormatter, Parser
-from llama.distributed import is_main_process
 from llama.generation import Llama
-from llama.layout import tokenizer_file
-from llama.loading import DEMO_CONTEXT_LEN, demo_checkpoint
+from llama.loading import DEMO_CONTEXT_LEN
+from llama.terminal import load_generator
 
 # The yes/no options example_parser adds, for `llama.cli.parse_arguments` to read strictly.
 BOOLEAN_OPTIONS = ("--compile",)
@@ -45,25 +43,10 @@ def example_parser(description: str, max_seq_len: Optional[int], max_gen_len: Op
 
 
 def build_example(options: argparse.Namespace, default_max_seq_len: int) -> tuple[Llama, bool]:
-    """`Llama.build` from the example options, and whether it runs the bundled demo model: the demo model when
-    neither --ckpt-dir nor --tokenizer-path is given, with a context of at most the 256 tokens it was trained on
-    (saying so on standard error when more was asked for); the tokenizer defaults to the one in --ckpt-dir.
-    Raises ValueError for --tokenizer-path without --ckpt-dir, and as `Llama.build` does."""
-    on_demo = options.ckpt_dir is None and options.tokenizer_path is None
-    max_seq_len = options.max_seq_len or default_max_seq_len
-    if on_demo:
-        ckpt_dir, tokenizer_path = demo_checkpoint()
-        if options.max_seq_len is not None and options.max_seq_len > DEMO_CONTEXT_LEN and is_main_process():
-            print(f"note: the demo model was trained on {DEMO_CONTEXT_LEN}-token windows: --max-seq-len "
-                  f"{options.max_seq_len} lowered to {DEMO_CONTEXT_LEN}", file=sys.stderr)  # fmt: skip
-        max_seq_len = min(max_seq_len, DEMO_CONTEXT_LEN)
-    elif options.ckpt_dir is None:
-        raise ValueError(
-            "--tokenizer-path was given without --ckpt-dir: give the checkpoint folder too, or neither to run the "
-            "bundled demo model"
-        )
-    else:
-        ckpt_dir, tokenizer_path = options.ckpt_dir, tokenizer_file(options.ckpt_dir, options.tokenizer_path)
-    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, options.max_batch_size, device=options.device,
-                            dtype=options.dtype, quantize=options.quantize, compile=options.compile)  # fmt: skip
-    return generator, on_demo
+    """`Llama.build` from the example options, and whether it runs the bundled demo model (see
+    `llama.terminal.load_generator`: the demo model when neither --ckpt-dir nor --tokenizer-path is given).
+    Raises ValueError and FileNotFoundError as load_generator does."""
+    return load_generator(
+        options.ckpt_dir, options.tokenizer_path, options.max_seq_len, options.max_batch_size, default_max_seq_len,
+        device=options.device, dtype=options.dtype, quantize=options.quantize, compile=options.compile,
+    )  # fmt: skip

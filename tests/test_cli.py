@@ -117,7 +117,7 @@ def test_malformed_command_lines_are_reported_in_one_line(tmp_path, checkpoint, 
     assert not (tmp_path / "x").exists()
     status, _, stderr = run_main()
     assert status == 2 and stderr.startswith(
-        "error: give a command: reshard, fold-norms, to-hf, from-hf, quantize, train, perplexity"
+        "error: give a command: generate, chat, reshard, fold-norms, to-hf, from-hf, quantize, train, perplexity"
     )
 
 
@@ -208,6 +208,8 @@ def test_train_command_passes_every_setting_to_the_training_run(tmp_path, run_ma
 
 
 MINIMAL_COMMAND_LINES = {
+    "generate": ["generate", "a prompt"],
+    "chat": ["chat"],
     "reshard": ["reshard", "src", "dst", "--model-parallel-size", "1"],
     "fold-norms": ["fold-norms", "src", "dst"],
     "to-hf": ["to-hf", "src", "dst"],
@@ -258,6 +260,8 @@ def test_the_yes_no_options_are_found():
         ("example_text_completion.py", "--compile"),
         ("example_chat_completion.py", "--compile"),
         *((f"llama {name}", "--overwrite") for name, command in COMMANDS.items() if command.writes),
+        ("llama generate", "--compile"),
+        ("llama chat", "--compile"),
     }
 
 

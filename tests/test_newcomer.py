@@ -153,6 +153,8 @@ def test_every_file_a_command_writes_has_the_mode_the_umask_gives_a_new_file(
 # checkpoint: its input is a text file.
 MISSING = "error: checkpoint folder 'nope' does not exist"
 MISSING_INPUT = {
+    "generate": (["generate", "a prompt", "--ckpt-dir", "nope"], MISSING),
+    "chat": (["chat", "--ckpt-dir", "nope", "--tokenizer-path", "missing.model"], MISSING),
     "reshard": (["reshard", "nope", "out", "--model-parallel-size", "2"], MISSING),
     "fold-norms": (["fold-norms", "nope", "out"], MISSING),
     "to-hf": (["to-hf", "nope", "out", "--tokenizer-path", "missing.model"], MISSING),
