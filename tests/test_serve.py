@@ -298,6 +298,25 @@ def test_an_api_key_is_required_everywhere_but_health(demo):
             openai.OpenAI(base_url=base + "/v1", api_key="nope", max_retries=0).models.list()
 
 
+def test_only_allowed_origins_get_cors_headers_and_a_preflight_needs_no_api_key(demo, http):
+    origin, key = "http://front.example:3000", {"Authorization": "Bearer k"}
+    asks = {"Origin": origin, "Access-Control-Request-Method": "POST"}  # a browser's preflight
+    asks["Access-Control-Request-Headers"] = "authorization"
+    with running_server(demo, api_key="k", allow_origins=(origin,)) as (base, _):
+        with httpx.Client(base_url=base, timeout=TIMEOUT) as pool:
+            preflight = pool.options("/v1/chat/completions", headers=asks)
+            refused = pool.get("/v1/models", headers={"Origin": origin})
+            answered = pool.get("/v1/models", headers={"Origin": origin, **key})
+            elsewhere = pool.get("/v1/models", headers={"Origin": "http://elsewhere.example", **key})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == origin  # readable
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == origin
+    assert elsewhere.status_code == 200 and "access-control-allow-origin" not in elsewhere.headers
+    by_default = http.get("/v1/models", headers={"Origin": origin})
+    assert by_default.status_code == 200 and "access-control-allow-origin" not in by_default.headers
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
 def test_a_client_that_goes_away_cancels_its_request(demo, stream):
     with running_server(demo, start=False) as (base, scheduler):  # the request waits: only the client can end it

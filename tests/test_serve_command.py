@@ -57,3 +57,10 @@ def test_serve_refuses_bad_settings_in_one_line_before_loading(run_main):
     assert status == 1 and err.startswith("error: ") and "--prefill-chunk" in err and len(err.splitlines()) == 1
     status, _, err = run_main("serve", "--ckpt-dir", "/nonexistent/folder")
     assert status == 1 and "/nonexistent/folder" in err
+
+
+def test_serve_refuses_an_allow_origin_that_no_browser_sends(run_main):
+    for origin in ("http://localhost:3000/", "localhost:3000", "http://example.com/app"):
+        # (a folder that does not exist, so that a check that let the origin through ends the command all the same)
+        status, _, err = run_main("serve", "--allow-origin", "*", "--allow-origin", origin, "--ckpt-dir", "/nowhere")
+        assert status == 1 and "--allow-origin" in err and "not an origin" in err and len(err.splitlines()) == 1, err

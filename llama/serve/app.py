@@ -15,6 +15,7 @@ from typing import Optional
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -32,12 +33,14 @@ log = logging.getLogger("llama.serve")
 @dataclass
 class Settings:
     """What the server is told at start: the model's name, the API key (None: none needed), the largest body
-    in bytes, and whether the log shows prompts."""
+    in bytes, whether the log shows prompts, and the origins whose web pages may call it (CORS; none: only
+    pages of its own origin, as browsers allow by default)."""
 
     model_name: str = "llama"
     api_key: Optional[str] = None
     max_body_bytes: int = 1 << 20
     log_prompts: bool = False
+    allow_origins: tuple[str, ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -63,6 +66,15 @@ class Server:
         ]
         app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
         app.add_middleware(_Gate, server=self)
+        if self.settings.allow_origins:
+            # Added last, so outermost: a browser's preflight (OPTIONS, without the API key) is answered here,
+            # and the gate's 401 still carries the headers that let the page read it.
+            app.add_middleware(
+                CORSMiddleware,
+                allow_origins=list(self.settings.allow_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
         return app
 
     async def health(self, http: HttpRequest) -> Response:

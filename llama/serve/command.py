@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -36,6 +37,9 @@ SERVE_OPTIONS = (
                                            f"(default: the {API_KEY_VARIABLE} environment variable; none if unset)")),
     ("--model-name", dict(metavar="NAME", help="the model's name in the API (default: the checkpoint folder's)")),
     ("--log-prompts", dict(action="store_true", help="put each request's prompt in its log line")),
+    ("--allow-origin", dict(action="append", metavar="ORIGIN", help="let web pages of ORIGIN (e.g. "
+                            "http://localhost:3000, or * for any) call the server from a browser: CORS headers; "
+                            "repeat for several (default: none)")),
     ("--device", dict(metavar="NAME", help="cpu or cuda (default: CUDA when available)")),
     ("--dtype", dict(metavar="NAME", help="float32, bfloat16 or float16 (default: float32 on the CPU)")),
 )  # fmt: skip
@@ -45,17 +49,19 @@ def serve(
     ckpt_dir: Optional[str], tokenizer_path: Optional[str], host: str, port: int, max_batch_size: int,
     max_seq_len: Optional[int], max_queue: int, prefill_chunk: int, quantize: Optional[str], group_size: Optional[int],
     api_key: Optional[str], model_name: Optional[str], log_prompts: bool, device: Optional[str],
-    dtype: Optional[str],
+    dtype: Optional[str], allow_origin: Optional[list[str]] = None,
 ) -> str:  # fmt: skip
     """Serve until SIGTERM or Ctrl-C; returns the line to print at the end. Raises ValueError for bad settings
     and OSError for a port that cannot be bound or a checkpoint that cannot be read, before serving."""
     from llama.generation import Llama
     from llama.layout import check_folder, tokenizer_file, trained_context_len
     from llama.loading import demo_checkpoint
+    from llama.serve.app import Settings
     from llama.serve.scheduler import Scheduler
     from llama.values import whole_number
 
     max_queue, prefill_chunk = whole_number(max_queue, "--max-queue"), whole_number(prefill_chunk, "--prefill-chunk")
+    origins = check_origins(allow_origin or [])
     if ckpt_dir is None:
         ckpt_dir, default_tokenizer = demo_checkpoint()
         tokenizer_path = tokenizer_path or str(default_tokenizer)
@@ -70,8 +76,22 @@ def serve(
     scheduler = Scheduler(llama, max_queue=max_queue, prefill_chunk=prefill_chunk).start()
     name = model_name or Path(ckpt_dir).resolve().name
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_VARIABLE) or None
-    _run_server(scheduler, llama, listener, name, api_key, log_prompts)
+    settings = Settings(name, api_key, log_prompts=log_prompts, allow_origins=origins)
+    _run_server(scheduler, llama, listener, settings)
     return "stopped"
+
+
+def check_origins(origins: list[str]) -> tuple[str, ...]:
+    """--allow-origin's values, each `*` or SCHEME://HOST[:PORT] as a browser sends it in its Origin header.
+    Raises ValueError for anything else (a path or a trailing slash would never match)."""
+    for origin in origins:
+        parts = urllib.parse.urlsplit(origin)
+        if origin != "*" and not (parts.scheme and parts.netloc and origin == f"{parts.scheme}://{parts.netloc}"):
+            raise ValueError(
+                f"--allow-origin {origin!r} is not an origin: give SCHEME://HOST[:PORT] as the browser sends it "
+                f"(e.g. http://localhost:3000, no path and no trailing slash), or * for any"
+            )
+    return tuple(origins)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -87,17 +107,18 @@ def _listen(host: str, port: int) -> socket.socket:
     return listener
 
 
-def _run_server(scheduler, llama, listener: socket.socket, name: str, api_key: Optional[str], log_prompts: bool):
+def _run_server(scheduler, llama, listener: socket.socket, settings):
     import uvicorn
 
-    from llama.serve.app import Server, Settings
+    from llama.serve.app import Server
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    app = Server(scheduler, llama, Settings(name, api_key, log_prompts=log_prompts)).app()
+    app = Server(scheduler, llama, settings).app()
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(SHUTDOWN_GRACE) + 2)
     server = _stoppable_server()(config, scheduler)
     host, port = listener.getsockname()[:2]
-    print(f"serving {name} on http://{host}:{port} (SIGTERM or Ctrl-C stops it)", file=sys.stderr, flush=True)
+    url = f"http://{host}:{port}"
+    print(f"serving {settings.model_name} on {url} (SIGTERM or Ctrl-C stops it)", file=sys.stderr, flush=True)
     server.run(sockets=[listener])
     scheduler.stop(0)
     scheduler.join(SHUTDOWN_GRACE)
