@@ -152,6 +152,8 @@ def generate(prompts: list[str], threads: Optional[int], max_gen_len: Optional[i
     with compute_threads(threads):
         generator, _ = load_generator(max_batch_size=1, **options)
         bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+        if not prompts and sys.stdin.isatty():
+            say("(no PROMPT given: type the prompts, one a line; Ctrl-D ends)", file=sys.stderr)
         lines = iter(prompts) if prompts else iter(read_line, None)
         for number, prompt in enumerate(lines):
             if number:

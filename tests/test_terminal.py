@@ -140,6 +140,24 @@ def test_ctrl_c_stops_an_answer_keeps_what_was_said_and_the_chat_goes_on(chat, d
     assert "(answer stopped)" in stderr
 
 
+class InterruptedOnce(io.StringIO):
+    """Standard input whose first read is interrupted, as Ctrl-C at the prompt interrupts it."""
+
+    def readline(self, *args):
+        if not getattr(self, "interrupted", False):
+            self.interrupted = True
+            raise KeyboardInterrupt
+        return super().readline(*args)
+
+
+def test_ctrl_c_at_the_prompt_says_how_to_end_the_chat_and_goes_on(run_main, demo, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", InterruptedOnce(f"{MESSAGES[0]}\n"))
+    status, stdout, stderr = run_main("chat", *DEMO, "--temperature", "0", "--max-gen-len", "8")
+    assert status == 0, stderr
+    assert stdout == transcript(MESSAGES[:1], dialog_answers(demo, MESSAGES[:1], 8))
+    assert "/exit or Ctrl-D ends the chat)" in stderr
+
+
 def _read_until(fd: int, output: bytearray, text: str, start: int = 0, limit: float = 120) -> int:
     """Read the terminal's output into `output` until `text` appears after index `start`; its index."""
     deadline = time.monotonic() + limit  # a guard against a hang, not a measurement
