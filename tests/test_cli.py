@@ -262,6 +262,7 @@ def test_the_yes_no_options_are_found():
         *((f"llama {name}", "--overwrite") for name, command in COMMANDS.items() if command.writes),
         ("llama generate", "--compile"),
         ("llama chat", "--compile"),
+        ("llama serve", "--compile"),
     }
 
 

@@ -3,12 +3,14 @@
 and cancelling or stopping frees the rows. Orders of events are read from the scheduler's own step log."""
 
 import queue
+from typing import Optional
 
 import pytest
 import torch
 
 from helpers import random_model, small_args
 from llama import Llama, SamplingParams, Tokenizer, demo_checkpoint
+from llama.compiled import CompiledStep
 from llama.serve.scheduler import QueueFull, Scheduler, ShuttingDown
 from llama.serve.sequences import Failed, Finished, Piece, Request
 
@@ -63,9 +65,12 @@ def mixed_load(llama: Llama, texts: list[str], lengths: list[int], stops: list[l
         scheduler.join(TIMEOUT)
 
 
-def check_each_as_alone(llama: Llama, texts: list[str], lengths: list[int], stops: list[list[str]]) -> None:
+def check_each_as_alone(
+    llama: Llama, texts: list[str], lengths: list[int], stops: list[list[str]], alone_on: Optional[Llama] = None
+) -> None:
+    """Each request under load (on `llama`) gets what it gets alone (on `alone_on`, by default `llama` too)."""
     for index, (streamed, result) in enumerate(mixed_load(llama, texts, lengths, stops)):
-        alone = llama.text_completion(
+        alone = (alone_on or llama).text_completion(
             [texts[index]], temperature=0, max_gen_len=lengths[index], stop=stops[index] or None, logprobs=True
         )[0]
         assert result.completion.text == streamed == alone["generation"], f"request {index} got other text"
@@ -96,6 +101,17 @@ def test_greedy_requests_under_load_get_the_tokens_each_gets_alone_on_a_random_m
     lengths = [2 + (5 * index) % 23 for index in range(len(texts))]
     stops = [["e"] if index % 4 == 1 else [] for index in range(len(texts))]
     check_each_as_alone(random_llama, texts, lengths, stops)
+
+
+def test_with_a_compiled_step_requests_under_load_get_the_tokens_eager_decoding_gives_each_alone(random_llama):
+    compiled = Llama(random_llama.model, random_llama.tokenizer)
+    # One window (the whole context) and Inductor's Python wrapper: one graph, the quickest to compile.
+    step = compiled.decode_step = CompiledStep(random_llama.model, min_window=64, cpp_wrapper=False)
+    graph, calls = step.compiled, []
+    step.compiled = lambda *args, **kwargs: calls.append(args[0].shape) or graph(*args, **kwargs)
+    texts = ["The quick brown fox", "Once upon a time", "She read", "0 1 2 3 4 5 6 7 8 9", "a", "[INST] What"]
+    check_each_as_alone(compiled, texts, [20, 7, 25, 3, 14, 9], [[], ["e"], [], [], [], []], alone_on=random_llama)
+    assert calls and set(calls) == {(4, 1)}, "the steps of one token per row ran the graph, on every row"
 
 
 def test_a_greedy_chat_request_under_load_gets_what_chat_completion_gives_it_alone(demo):

@@ -3,6 +3,7 @@ OpenAI's API until SIGTERM or Ctrl-C. The options are in `SERVE_OPTIONS` (the `l
 the HTTP stack is imported only when the server starts, so that the rest of the command line works without the
 `serve` extra."""
 
+import argparse
 import logging
 import os
 import signal
@@ -33,6 +34,9 @@ SERVE_OPTIONS = (
                              help="the most prompt tokens a request feeds in one step")),
     ("--quantize", dict(metavar="NAME", help="int8 or int4: quantize the linear layers as they load")),
     ("--group-size", dict(type=int, metavar="N", help="int4's group of input channels: 32, 64 or 128")),
+    ("--compile", dict(action=argparse.BooleanOptionalAction, default=False,
+                       help="run the steps of one token per request through a compiled graph: faster steps, after "
+                            "a compile of tens of seconds at the first step that reads each cache window")),
     ("--api-key", dict(metavar="KEY", help=f"require `Authorization: Bearer KEY` on every route but /health "
                                            f"(default: the {API_KEY_VARIABLE} environment variable; none if unset)")),
     ("--model-name", dict(metavar="NAME", help="the model's name in the API (default: the checkpoint folder's)")),
@@ -49,7 +53,7 @@ def serve(
     ckpt_dir: Optional[str], tokenizer_path: Optional[str], host: str, port: int, max_batch_size: int,
     max_seq_len: Optional[int], max_queue: int, prefill_chunk: int, quantize: Optional[str], group_size: Optional[int],
     api_key: Optional[str], model_name: Optional[str], log_prompts: bool, device: Optional[str],
-    dtype: Optional[str], allow_origin: Optional[list[str]] = None,
+    dtype: Optional[str], allow_origin: Optional[list[str]] = None, compile: bool = False,
 ) -> str:  # fmt: skip
     """Serve until SIGTERM or Ctrl-C; returns the line to print at the end. Raises ValueError for bad settings
     and OSError for a port that cannot be bound or a checkpoint that cannot be read, before serving."""
@@ -72,7 +76,7 @@ def serve(
         warnings.warn(f"listening on {host}: anyone who reaches it can use the model (see --api-key)", stacklevel=2)
     listener = _listen(host, port)  # before loading: a port in use is reported at once
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype,
-                        quantize=quantize, group_size=group_size)  # fmt: skip
+                        quantize=quantize, group_size=group_size, compile=compile)  # fmt: skip
     scheduler = Scheduler(llama, max_queue=max_queue, prefill_chunk=prefill_chunk).start()
     name = model_name or Path(ckpt_dir).resolve().name
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_VARIABLE) or None

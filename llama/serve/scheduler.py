@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from llama.compiled import CompiledStep
+from llama.decoding import cache_window
 from llama.generation import Llama
 from llama.sampling import SamplingParams
 from llama.serve.sequences import Event, Failed, Finished, Request, Sequence
@@ -60,12 +62,15 @@ class Scheduler:
     `max_queue`: how many requests may wait for rows (beyond it, `submit` raises QueueFull). `prefill_chunk`:
     the most prompt tokens a row feeds in one step. `seed`: seeds the generator that seeds each sampled
     sequence of a request that gives no seed. `step_log`: how many of the last steps `steps` remembers.
+    When `llama` was built with compile=True, the steps in which every row feeds one token run its compiled
+    graph (see `_forward`); the others run eagerly.
     """
 
     def __init__(
         self, llama: Llama, max_queue: int = 64, prefill_chunk: int = 256, seed: int = 1, step_log: int = 1000
     ):
         self.model, self.tokenizer, self.device = llama.model, llama.tokenizer, llama.device
+        self.compiled = llama.decode_step if isinstance(llama.decode_step, CompiledStep) else None
         self.max_batch_size = self.model.params.max_batch_size
         self.max_seq_len = self.model.params.max_seq_len
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
@@ -218,9 +223,15 @@ class Scheduler:
 
     def _forward(self, active: list[tuple[int, Sequence]], fed: dict[int, list[int]], last_only: bool) -> torch.Tensor:
         """Logits (rows, width or 1, vocab) for the rows 0 .. the last active one, each feeding `fed[row]` (free
-        rows feed padding), right-aligned: a row's last token is in the last column."""
+        rows feed padding), right-aligned: a row's last token is in the last column.
+
+        With a compiled step, a step of one token per row runs its graph, which is specialised to the shapes of
+        its inputs: so that a few graphs serve every such step, it runs every row (the free ones too) and reads
+        a cache window of one of a few sizes (llama.decoding.cache_window), longer than the eager step's (the
+        positions past a row's own are masked: they add exact zeros)."""
         width = max(len(tokens) for tokens in fed.values())
-        rows = active[-1][0] + 1
+        compiled = self.compiled is not None and width == 1
+        rows = self.max_batch_size if compiled else active[-1][0] + 1
         tokens = [[PADDING_TOKEN] * width for _ in range(rows)]
         positions = [list(range(width)) for _ in range(rows)]
         for row, sequence in active:
@@ -228,12 +239,11 @@ class Scheduler:
             tokens[row] = [PADDING_TOKEN] * (width - count) + fed[row]
             positions[row] = list(range(start + count, start + width)) + list(range(start, start + count))
         cache_len = max(max(row_positions) for row_positions in positions) + 1
-        return self.model.forward_at(
-            torch.tensor(tokens, device=self.device),
-            torch.tensor(positions, device=self.device),
-            cache_len,
-            last_only=last_only,
-        )
+        tokens, positions = torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device)
+        if compiled:
+            window = cache_window(cache_len - 1, self.compiled.min_window, self.max_seq_len)
+            return self.compiled.compiled(tokens, positions, window, last_only=True)
+        return self.model.forward_at(tokens, positions, cache_len, last_only=last_only)
 
     def _record(self, active: list[tuple[int, Sequence]], fed: dict[int, list[int]]) -> None:
         counters = self.counters
