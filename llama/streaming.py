@@ -73,7 +73,12 @@ class TextStream:
         """How many generated tokens lie wholly inside the (stop-cut) text: those up to the one that reaches its
         end, less that one if it reaches past it. A token that straddles the cut (its first characters before a
         stop sequence, the rest in it) is left out of the result, while its part of the text stays."""
-        length = len(self.text)
+        return self.tokens_within(len(self.text))
+
+    def tokens_within(self, length: int) -> int:
+        """How many generated tokens lie wholly inside the first `length` characters of the text (an echoed
+        prefix included, `length` at least its length), as `tokens_inside` counts them; never fewer as `length`
+        or the tokens grow. With the length handed out so far (`emitted`): the tokens whose text is out."""
         count = next(count for count, after in enumerate(self.lengths) if after >= length or count == self.generated)
         return count - 1 if self.lengths[count] > length else count
 

@@ -95,6 +95,33 @@ def test_the_streamed_pieces_joined_are_the_whole_text_and_end_with_usage(client
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
 
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_a_streams_logprobs_come_with_its_pieces_and_joined_are_the_whole_answers(client, chat):
+    settings = dict(model="demo", max_tokens=30, temperature=0.8, seed=3, stop=["\n\n", "e"])
+    if chat:
+        create, settings["messages"] = client.chat.completions.create, [{"role": "user", "content": "Speak."}]
+        settings.update(logprobs=True, top_logprobs=2)
+    else:
+        create, settings["prompt"], settings["logprobs"] = client.completions.create, "JULIET:", 2
+    whole = create(**settings).choices[0].logprobs
+    parts = [chunk.choices[0].logprobs for chunk in create(**settings, stream=True)]
+    if chat:
+        entries = [entry for part in parts if part for entry in part.content]
+        assert [entry.token for entry in entries] == [entry.token for entry in whole.content]
+        assert [entry.logprob for entry in entries] == pytest.approx([entry.logprob for entry in whole.content])
+        assert [[top.token for top in entry.top_logprobs] for entry in entries] == [
+            [top.token for top in entry.top_logprobs] for entry in whole.content
+        ]
+        counts = [len(part.content) for part in parts if part]
+    else:
+        for field in ("tokens", "text_offset", "top_logprobs"):
+            assert sum((getattr(part, field) for part in parts if part), []) == getattr(whole, field), field
+        joined = sum((part.token_logprobs for part in parts if part), [])
+        assert joined == pytest.approx(whole.token_logprobs)
+        counts = [len(part.tokens) for part in parts if part]
+    assert sum(count > 0 for count in counts) > 1, f"logprobs came in one chunk only: {counts}"
+
+
 def test_a_stream_ends_in_done(http, server):
     body = {"prompt": "O", "max_tokens": 3, "stream": True}
     lines = http.post("/v1/completions", json=body).text.split("\r\n\r\n")

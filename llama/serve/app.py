@@ -26,6 +26,7 @@ from llama.serve.metrics import metrics_text
 from llama.serve.responses import Shapes
 from llama.serve.runs import Run, RunFailed
 from llama.serve.scheduler import QueueFull, Scheduler, ShuttingDown
+from llama.serve.sequences import Piece
 
 log = logging.getLogger("llama.serve")
 
@@ -160,20 +161,21 @@ class Server:
         return JSONResponse(shapes.whole(results))
 
     async def _stream(self, http: HttpRequest, run: Run, shapes: Shapes) -> AsyncIterator[dict]:
-        """Server-sent events: a chunk per piece of text, a last chunk per choice with its finish_reason, the
-        usage with stream_options.include_usage, then [DONE]. Closing the connection cancels the run."""
+        """Server-sent events: a chunk per piece of text (with its tokens' logprobs), a last chunk per choice
+        with its finish_reason, the usage with stream_options.include_usage, then [DONE]. Closing the connection
+        cancels the run."""
         results = {}
         started = set()
         try:
-            async for index, piece, result in run.events():
+            async for index, event in run.events():
                 if index not in started and shapes.kind == "chat":
                     started.add(index)
                     yield {"data": json.dumps(shapes.chunk(index, "", first=True))}
-                if piece:
-                    yield {"data": json.dumps(shapes.chunk(index, piece))}
-                if result is not None:
-                    results[index] = result
-                    yield {"data": json.dumps(shapes.chunk(index, None, result))}
+                if isinstance(event, Piece):
+                    yield {"data": json.dumps(shapes.chunk(index, event.text, tokens=event.tokens))}
+                else:
+                    results[index] = event
+                    yield {"data": json.dumps(shapes.chunk(index, None, event))}
             http.state.completion_tokens = sum(result.generated for result in results.values())
             if run.job.include_usage:
                 yield {"data": json.dumps(shapes.usage_chunk(results))}

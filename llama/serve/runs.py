@@ -3,7 +3,7 @@ thread, are brought to the server's event loop."""
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Optional
+from typing import Union
 
 from llama.serve.contract import Job, RequestError
 from llama.serve.scheduler import Scheduler
@@ -33,7 +33,7 @@ class Run:
             def emit(event, index=index) -> None:
                 loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
 
-            self.requests.append(Request(prompt, job.params, emit, job.n, f"{request_id}/{index}"))
+            self.requests.append(Request(prompt, job.params, emit, job.n, f"{request_id}/{index}", job.stream))
         try:
             for request in self.requests:
                 scheduler.submit(request)
@@ -41,25 +41,21 @@ class Run:
             self.cancel()
             raise
 
-    async def events(self) -> AsyncIterator[tuple[int, str, Optional[Finished]]]:
-        """(choice, new text, None) for each piece and (choice, "", Finished) at each choice's end, until every
-        choice has ended. Raises RunFailed if the scheduler ends the run."""
+    async def events(self) -> AsyncIterator[tuple[int, Union[Piece, Finished]]]:
+        """(choice, Piece) for each piece and (choice, Finished) at each choice's end, until every choice has
+        ended. Raises RunFailed if the scheduler ends the run."""
         remaining = len(self.requests) * self.job.n
         while remaining:
             index, event = await self.queue.get()
             if isinstance(event, Failed):
                 status, code = (503, "shutting_down") if event.shutting_down else (500, "model_failed")
                 raise RunFailed(RequestError(status, event.message, code=code))
-            choice = index * self.job.n + event.choice
-            if isinstance(event, Piece):
-                yield choice, event.text, None
-            else:
-                remaining -= 1
-                yield choice, "", event
+            remaining -= isinstance(event, Finished)
+            yield index * self.job.n + event.choice, event
 
     async def results(self) -> dict[int, Finished]:
         """Every choice's Finished, by choice."""
-        return {choice: result async for choice, _, result in self.events() if result is not None}
+        return {choice: event async for choice, event in self.events() if isinstance(event, Finished)}
 
     def cancel(self) -> None:
         """Cancel every prompt's Request (those that ended are left as they are)."""

@@ -19,10 +19,13 @@ from llama.tokenizer import Tokenizer
 
 @dataclass
 class Piece:
-    """New text of choice `choice` (never a broken character; see llama.streaming)."""
+    """New text of choice `choice` (never a broken character; see llama.streaming). For a request that streams
+    with logprobs, `tokens`: the tokens whose text the pieces so far hold wholly and that no earlier piece had,
+    with their logprobs (a Completion without text); the rest of the result's come with its end."""
 
     choice: int
     text: str
+    tokens: Optional[Completion] = None
 
 
 @dataclass
@@ -53,13 +56,14 @@ class Request:
     """What the scheduler runs: prompt token ids, the sampling settings (max_gen_len is max_tokens), `n`
     choices, and `emit`, called from the scheduler's thread with each Event in order (it must not block).
     Choice i samples with params.seed + i (mod 2**64) when a seed is given, so that choice 0 draws what
-    `text_completion(seed=...)` draws."""
+    `text_completion(seed=...)` draws. `stream`: each Piece carries its tokens' logprobs (with params.logprobs)."""
 
     prompt: list[int]
     params: SamplingParams
     emit: Callable[[Event], None]
     n: int = 1
     id: str = ""
+    stream: bool = False
     cancelled: bool = field(default=False, init=False)
     finished: int = field(default=0, init=False)  # choices ended
 
@@ -86,6 +90,7 @@ class Sequence:
         self.batch = Batch([request.prompt], request.params, max_seq_len, device, tokenizer, generators)
         self.prompt_len = len(request.prompt)
         self.fed = 0
+        self.handed_out = 0  # tokens of the result whose logprobs went out with a Piece
 
     @property
     def params(self) -> SamplingParams:
@@ -124,14 +129,29 @@ class Sequence:
         """The host's part of the step, with the token drawn: the events it gives (new text, and the end)."""
         batch = self.batch
         pieces = batch.advance(self.fed, [token], [usable], stop_ids)
-        events: list[Event] = [Piece(self.choice, pieces[0])] if pieces[0] else []
+        events: list[Event] = [Piece(self.choice, pieces[0], self._tokens_out())] if pieces[0] else []
         if batch.done[0]:
             result = batch.finish()
             if result.pieces[0]:
-                events.append(Piece(self.choice, result.pieces[0]))
+                events.append(Piece(self.choice, result.pieces[0], self._tokens_out()))
             generated = len(batch.host[0]) - self.prompt_len
             events.append(Finished(self.choice, result.finished[0][1], self._finish_reason(stop_ids), generated))
         return events
+
+    def _tokens_out(self) -> Optional[Completion]:
+        """For a stream with logprobs, the tokens that the text handed out now holds wholly and that no piece has
+        had yet: those of the result, since the text only ever grows towards the result's."""
+        if not (self.request.stream and self.params.logprobs):
+            return None
+        batch, stream = self.batch, self.batch.streams[0]
+        start = 0 if self.params.echo else self.prompt_len  # the result's first position
+        first, end = start + self.handed_out, self.prompt_len + stream.tokens_within(stream.emitted)
+        self.handed_out = max(end - start, self.handed_out)
+        top = None
+        if batch.top_ids is not None:
+            ids, values = batch.top_ids[0, first:end].tolist(), batch.top_logprobs[0, first:end].tolist()
+            top = [list(zip(*pair)) if position else [] for position, pair in enumerate(zip(ids, values), first)]
+        return Completion(batch.host[0][first:end], batch.logprobs[0, first:end].tolist(), None, top)
 
     def _finish_reason(self, stop_ids: frozenset[int]) -> str:
         host, stream = self.batch.host[0], self.batch.streams[0]
