@@ -29,6 +29,8 @@ VARIANTS = {
     ),
     "avx2": (("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
 }
+# Variant -> its operators, once built and loaded: a plain lookup, which torch.compile traces as a constant.
+BUILT: dict = {}
 
 
 @cache
@@ -79,6 +81,7 @@ def _build(variant: str):
     for operator in ("q8_0_linear", "q4_0_linear"):
         # Shapes for torch.compile, which traces the operator without running it.
         torch.library.register_fake(f"{name}::{operator}")(_output_like)
+    BUILT[variant] = namespace
     return namespace
 
 

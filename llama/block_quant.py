@@ -24,7 +24,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from llama.block_kernels import best_variant, operators
+from llama.block_kernels import BUILT, best_variant, operators
 
 BLOCK = 32
 _PRODUCTS_PER_STEP = 1 << 22  # the PyTorch product's int32 temporaries, in elements
@@ -149,7 +149,7 @@ def product(kernel: str, x: Tensor, parts: dict[str, Tensor], scheme: BlockQuant
     """x @ weight.T with `kernel` ("torch" or a native variant) for the quantized `parts`."""
     if kernel == "torch":
         return block_product(x, parts, scheme)
-    linear = getattr(operators(kernel), f"{scheme.name}_linear")
+    linear = getattr(BUILT.get(kernel) or operators(kernel), f"{scheme.name}_linear")
     out = linear(x.reshape(-1, x.shape[-1]).float(), parts["weight"], parts["scales"])
     return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
 
