@@ -13,12 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serve_helpers import running_server, wait_for_free_rows
 
-from helpers import random_model, small_args
+from helpers import REPO_ROOT, random_model, small_args
 from llama import Llama, Tokenizer, demo_checkpoint
+from llama.chat_format import Llama3ChatFormat
 from llama.serve.contract import NUMBERS, UNSUPPORTED
 
 TIMEOUT = 60  # seconds for any one request: a bound against hangs, never a measure of speed
 ROWS = 4
+LLAMA3_TOKENIZER = REPO_ROOT.parent / "shared" / "models" / "llama3-tokenizer" / "tokenizer.model"
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,27 @@ def test_a_chat_completion_is_what_chat_completion_returns(demo, client):
     assert [entry.token for entry in choice.logprobs.content] == alone["tokens"]
     assert all(len(entry.top_logprobs) == 3 for entry in choice.logprobs.content)
     assert answer.usage.completion_tokens == len(alone["tokens"]) + (choice.finish_reason == "stop")
+
+
+def test_a_llama_3_model_answers_chat_in_its_own_format_as_chat_completion_does():
+    if not LLAMA3_TOKENIZER.is_file():
+        pytest.skip(f"the Llama 3 tokenizer is not at {LLAMA3_TOKENIZER}")
+    tokenizer = Tokenizer(LLAMA3_TOKENIZER)  # tiktoken's, and with it the chat format of Llama 3's headers
+    args = small_args(vocab_size=tokenizer.n_words, max_batch_size=2, max_seq_len=96)
+    llama = Llama(random_model(args, seed=3), tokenizer)
+    assert isinstance(llama.chat_format, Llama3ChatFormat)
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is 2 + 2?"}]  # fmt: skip
+    with running_server(llama, model_name="llama-3") as (base, _):
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
+        settings = dict(model="llama-3", messages=dialog, max_tokens=16, temperature=0)
+        answer = client.chat.completions.create(**settings, logprobs=True)
+        chunks = client.chat.completions.create(**settings, stream=True)
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    alone = llama.chat_completion([dialog], temperature=0, max_gen_len=16, logprobs=True)[0]
+    assert answer.choices[0].message.content == streamed == alone["generation"]["content"]
+    assert [entry.token for entry in answer.choices[0].logprobs.content] == alone["tokens"]
+    assert answer.usage.prompt_tokens == len(llama.chat_format.encode_dialog_prompt(dialog))
 
 
 def test_echo_returns_the_prompt_and_its_logprobs_as_text_completion_does(demo, client):
