@@ -1,11 +1,14 @@
 """A server of llama.serve on 127.0.0.1 at a free port, running in a thread of the test process."""
 
 import contextlib
+import gc
+import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
 
+import torch
 import uvicorn
 
 from llama import Llama
@@ -52,3 +55,12 @@ def wait_for_free_rows(scheduler: Scheduler, rows: int, tries: int = 400) -> dic
             return state
         time.sleep(0.01)
     return scheduler.state()
+
+
+def memory_in_use() -> tuple[int, int]:
+    """This process's resident memory in bytes (Linux's /proc/self/statm) and the tensors alive in it, after a
+    garbage collection."""
+    gc.collect()
+    with open("/proc/self/statm") as statm:
+        resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return resident, sum(issubclass(type(obj), torch.Tensor) for obj in gc.get_objects())
