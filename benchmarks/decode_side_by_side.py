@@ -1,5 +1,6 @@
 """Decoding speed at batch 1, every way of holding the weights side by side in one run: this library in
-float32, bfloat16, int8 and int4 (quantized as they load), Hugging Face transformers in float32 and bfloat16,
+float32, bfloat16, int8 and int4 (quantized as they load), and q8_0 and q4_0 (activations rounded too, the
+rest of the model in float32), Hugging Face transformers in float32 and bfloat16,
 and llama.cpp in f32, q8_0 and q4_0 when llama-cpp-python is installed, on the same random weights; against
 this machine's memory bandwidth.
 
@@ -46,10 +47,11 @@ from llama import Llama  # noqa: E402
 from llama.quantize import QuantizedLinear  # noqa: E402
 
 OURS = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8"),
-        "int4": (torch.bfloat16, "int4")}  # fmt: skip
+        "int4": (torch.bfloat16, "int4"), "q8_0": (torch.float32, "q8_0"), "q4_0": (torch.float32, "q4_0")}  # fmt: skip
 THEIRS = {"hf float32": torch.float32, "hf bfloat16": torch.bfloat16}
 MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm",
                    "aten::_weight_int4pack_mm", "aten::_weight_int4pack_mm_for_cpu")  # fmt: skip
+BLOCK_PRODUCTS = ("::q8_0_linear", "::q4_0_linear")  # llama/block_kernels.cpp's, in a namespace per build
 
 
 def bytes_per_step(llama: Llama) -> int:
@@ -74,7 +76,8 @@ def matrix_product_share(llama: Llama, steps: int = 8) -> float:
             for position in range(4, 4 + steps):
                 model(token, position)
             wall = time.perf_counter() - start
-    products = sum(event.self_cpu_time_total for event in profile.key_averages() if event.key in MATRIX_PRODUCTS)
+    products = sum(event.self_cpu_time_total for event in profile.key_averages()
+                   if event.key in MATRIX_PRODUCTS or event.key.endswith(BLOCK_PRODUCTS))  # fmt: skip
     return products / 1e6 / wall
 
 

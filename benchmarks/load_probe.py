@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--quantize", help="int8 or int4: quantize the linear layers as they load")
+    parser.add_argument("--quantize", help="int8, int4, q8_0 or q4_0: quantize the linear layers as they load")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     # The baseline: imports, the process group, and the ~800 modules (70 MB) the first dispatch mode imports.

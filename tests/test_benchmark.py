@@ -10,8 +10,10 @@ import json
 import sys
 
 import pytest
+import torch
 
 from helpers import REPO_ROOT
+from llama.block_quant import kernel_for
 
 pytest.importorskip("transformers")
 
@@ -48,21 +50,22 @@ def test_benchmark_smoke_run_writes_all_figures_and_both_libraries_agree_on_gree
 
 
 def test_side_by_side_decoding_benchmark_runs_every_arm_with_the_kernels(tmp_path):
-    """benchmarks/decode_side_by_side.py: float32, bfloat16, int8 and int4 of this library and Hugging Face's
+    """benchmarks/decode_side_by_side.py: float32, bfloat16, int8, int4, q8_0 and q4_0 of this library and HF's
     float32 and bfloat16 on one random model (and llama.cpp's f32, q8_0 and q4_0 where llama-cpp-python is
-    installed); the quantized arms use PyTorch's kernels, and this library's float32 decodes Hugging Face's
-    float32 tokens (and llama.cpp's)."""
+    installed); int8 and int4 use PyTorch's kernels, q8_0 and q4_0 this machine's block kernel, and this
+    library's float32 decodes Hugging Face's float32 tokens (and llama.cpp's)."""
     output = tmp_path / "side.json"
     arguments = ["--shape", "tiny", "--repeats", "1", "--new_tokens", "4", "--threads", "1", "--json", str(output),
                  "--peak_arms", "int4,llama.cpp q4_0", "--profile_steps", "2"]  # fmt: skip
     decode_side_by_side.main(arguments)
     arms = json.loads(output.read_text())["arms"]
-    expected = {"float32", "bfloat16", "int8", "int4", "hf float32", "hf bfloat16"}
+    expected = {"float32", "bfloat16", "int8", "int4", "q8_0", "q4_0", "hf float32", "hf bfloat16"}
     if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf"):
         expected |= {"llama.cpp f32", "llama.cpp q8_0", "llama.cpp q4_0"}
         assert arms["llama.cpp f32"]["greedy_tokens"] == arms["float32"]["greedy_tokens"]
     assert set(arms) == expected
     assert arms["int8"]["kernels"] == ["int8"] and arms["int4"]["kernels"] == ["int4-cpu"]
+    assert arms["q8_0"]["kernels"] == arms["q4_0"]["kernels"] == [kernel_for(torch.device("cpu"))]
     assert arms["float32"]["greedy_tokens"] == arms["hf float32"]["greedy_tokens"]
     assert arms["hf float32"]["tokens_as_float32"] == 4
     # The memory of the arms asked for, each measured in a process of its own.
