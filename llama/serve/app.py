@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Optional
 
 from sse_starlette.sse import EventSourceResponse
@@ -17,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from llama.generation import Llama
@@ -29,18 +30,20 @@ from llama.serve.scheduler import QueueFull, Scheduler, ShuttingDown
 from llama.serve.sequences import Piece
 
 log = logging.getLogger("llama.serve")
+OPEN_PATHS = ("/health", "/")  # no API key needed: the page asks for it itself
 
 
 @dataclass
 class Settings:
     """What the server is told at start: the model's name, the API key (None: none needed), the largest body
-    in bytes, whether the log shows prompts, and the origins whose web pages may call it (CORS; none: only
-    pages of its own origin, as browsers allow by default)."""
+    in bytes, whether the log shows prompts, the origins whose web pages may call it (CORS; none: only pages of
+    its own origin, as browsers allow by default), and whether / answers the chat page."""
 
     model_name: str = "llama"
     api_key: Optional[str] = None
     max_body_bytes: int = 1 << 20
     log_prompts: bool = False
+    ui: bool = True  # the chat page at /
     allow_origins: tuple[str, ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -55,6 +58,7 @@ class Server:
                        "prompt": params.max_seq_len - 1}  # fmt: skip
         self.responses: dict[int, int] = {}  # HTTP status: responses sent
         self.latency = [0, 0.0]  # responses, seconds in all
+        self.page = resources.files("llama.serve").joinpath("page.html").read_bytes() if settings.ui else None
 
     def app(self) -> Starlette:
         """The ASGI application: the routes behind the API key check and the request log."""
@@ -65,6 +69,8 @@ class Server:
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
         ]
+        if self.page is not None:
+            routes.append(Route("/", self.chat_page, methods=["GET"]))
         app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
         app.add_middleware(_Gate, server=self)
         if self.settings.allow_origins:
@@ -77,6 +83,9 @@ class Server:
                 allow_headers=["Authorization", "Content-Type"],
             )
         return app
+
+    async def chat_page(self, http: HttpRequest) -> Response:
+        return HTMLResponse(self.page, headers={"Cache-Control": "no-cache"})
 
     async def health(self, http: HttpRequest) -> Response:
         return JSONResponse({"status": "ok"})
@@ -204,8 +213,8 @@ async def _http_error(http: HttpRequest, error: HTTPException) -> Response:
 
 
 class _Gate:
-    """ASGI middleware: the API key on every route but /health, a request id, and one log line per request
-    (id, method, path, status, tokens in and out, seconds; the prompt only with log_prompts)."""
+    """ASGI middleware: the API key on every route but /health and the page, a request id, and one log line per
+    request (id, method, path, status, tokens in and out, seconds; the prompt only with log_prompts)."""
 
     def __init__(self, app, server: Server):
         self.app, self.server = app, server
@@ -223,7 +232,7 @@ class _Gate:
             await send(message)
 
         try:
-            if scope["path"] != "/health" and not self._authorized(scope):
+            if scope["path"] not in OPEN_PATHS and not self._authorized(scope):
                 error = RequestError(401, "missing or wrong API key: send the header Authorization: Bearer KEY",
                                      code="invalid_api_key")  # fmt: skip
                 return await _error(error)(scope, receive, sending)

@@ -41,6 +41,7 @@ SERVE_OPTIONS = (
                                            f"(default: the {API_KEY_VARIABLE} environment variable; none if unset)")),
     ("--model-name", dict(metavar="NAME", help="the model's name in the API (default: the checkpoint folder's)")),
     ("--log-prompts", dict(action="store_true", help="put each request's prompt in its log line")),
+    ("--no-ui", dict(action="store_true", help="serve no chat page at / (it answers 404); the API is unchanged")),
     ("--allow-origin", dict(action="append", metavar="ORIGIN", help="let web pages of ORIGIN (e.g. "
                             "http://localhost:3000, or * for any) call the server from a browser: CORS headers; "
                             "repeat for several (default: none)")),
@@ -53,7 +54,7 @@ def serve(
     ckpt_dir: Optional[str], tokenizer_path: Optional[str], host: str, port: int, max_batch_size: int,
     max_seq_len: Optional[int], max_queue: int, prefill_chunk: int, quantize: Optional[str], group_size: Optional[int],
     api_key: Optional[str], model_name: Optional[str], log_prompts: bool, device: Optional[str],
-    dtype: Optional[str], allow_origin: Optional[list[str]] = None, compile: bool = False,
+    dtype: Optional[str], allow_origin: Optional[list[str]] = None, compile: bool = False, no_ui: bool = False,
 ) -> str:  # fmt: skip
     """Serve until SIGTERM or Ctrl-C; returns the line to print at the end. Raises ValueError for bad settings
     and OSError for a port that cannot be bound or a checkpoint that cannot be read, before serving."""
@@ -80,7 +81,7 @@ def serve(
     scheduler = Scheduler(llama, max_queue=max_queue, prefill_chunk=prefill_chunk).start()
     name = model_name or Path(ckpt_dir).resolve().name
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_VARIABLE) or None
-    settings = Settings(name, api_key, log_prompts=log_prompts, allow_origins=origins)
+    settings = Settings(name, api_key, log_prompts=log_prompts, allow_origins=origins, ui=not no_ui)
     _run_server(scheduler, llama, listener, settings)
     return "stopped"
 
