@@ -11,6 +11,8 @@ layers compute with the PyTorch block product of llama/block_quant.py: the same 
 """
 
 import hashlib
+import os
+import shutil
 import warnings
 from functools import cache
 from pathlib import Path
@@ -68,8 +70,16 @@ def _build(variant: str):
     try:
         from torch.utils import cpp_extension
 
+        # Compiled from a copy in the build folder: ninja rebuilds when a source's path changes, and another
+        # checkout of the same source (a clone, a copy) should find the build made.
+        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+        source = folder / SOURCE.name
+        if not source.is_file():
+            staged = folder / f"{SOURCE.name}.{os.getpid()}"
+            shutil.copyfile(SOURCE, staged)
+            os.replace(staged, source)
         flags = ["-O3", "-std=c++17", *VARIANTS[variant][1], f"-DVARIANT={name}"]
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, is_python_module=False)
+        cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags, is_python_module=False)
     except Exception as error:  # no compiler, no ninja, headers missing: the PyTorch product still works
         warnings.warn(
             f"the {variant} q8_0/q4_0 kernels could not be built ({type(error).__name__}: {str(error)[:200]}): "
