@@ -37,7 +37,8 @@ SERVE_OPTIONS = (
     ("--compile", dict(action=argparse.BooleanOptionalAction, default=False,
                        help="run the steps of one token per request through a compiled graph: faster steps, after "
                             "a compile of tens of seconds at the first step that reads each cache window")),
-    ("--api-key", dict(metavar="KEY", help=f"require `Authorization: Bearer KEY` on every route but /health and the page / "
+    ("--api-key", dict(metavar="KEY", help=f"require `Authorization: Bearer KEY` on every route but "
+                                           f"/health and the page / "
                                            f"(default: the {API_KEY_VARIABLE} environment variable; none if unset)")),
     ("--model-name", dict(metavar="NAME", help="the model's name in the API (default: the checkpoint folder's)")),
     ("--log-prompts", dict(action="store_true", help="put each request's prompt in its log line")),
