@@ -234,12 +234,18 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& weight, const at:
   const auto* w_data = w.data_ptr<typename Scheme::Weight>();
   const auto* w_scale_data = reinterpret_cast<const uint16_t*>(w_scales.data_ptr<at::Half>());  // F16C converts them
   float* out_data = out.data_ptr<float>();
+  // A few weight rows at a time against every row of activations: the weights stay in the nearest cache while
+  // each row of activations is read once per few weight rows, not once per weight row.
+  constexpr int64_t kWeightRows = 8;
   at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
+    for (int64_t first = begin; first < end; first += kWeightRows) {
+      const int64_t last = std::min(end, first + kWeightRows);
       for (int64_t m = 0; m < rows; ++m) {
-        out_data[m * out_features + n] = row_product<Scheme>(
-            w_data + n * Scheme::kBytes * blocks, w_scale_data + n * blocks, q_data + m * in_features,
-            scale_data + m * blocks, offset_data == nullptr ? nullptr : offset_data + m * blocks * kLanes, blocks);
+        for (int64_t n = first; n < last; ++n) {
+          out_data[m * out_features + n] = row_product<Scheme>(
+              w_data + n * Scheme::kBytes * blocks, w_scale_data + n * blocks, q_data + m * in_features,
+              scale_data + m * blocks, offset_data == nullptr ? nullptr : offset_data + m * blocks * kLanes, blocks);
+        }
       }
     }
   });

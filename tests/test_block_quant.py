@@ -80,6 +80,20 @@ def test_each_kernel_computes_the_written_out_scheme(scheme_name, kernel):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bfloat16_activations_are_rounded_from_their_bfloat16_values(kernel):
+    """A model in bfloat16 (a quantized model's default on the CPU) hands the layers bfloat16 activations: the
+    scheme rounds those values, and the result comes back in bfloat16."""
+    if kernel != "torch" and (kernel not in runnable_variants() or operators(kernel) is None):
+        pytest.skip(f"no {kernel} kernels on this machine")
+    weight, x = varied(48, 256, seed=8), varied(5, 256, seed=9).bfloat16()
+    parts = quantize_weight(weight, Q8_0)
+    expected = written_out_activations(x.float()) @ written_out_weight(parts, "q8_0").T
+    got = block_layer(parts, Q8_0, kernel)(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), expected, rtol=2**-8, atol=2**-8 * expected.abs().max().item())
+
+
 def test_activations_round_within_half_a_step_of_each_block():
     x = varied(4, 256, seed=2)
     q, scales = quantize_activations(x)
