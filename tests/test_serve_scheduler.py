@@ -3,6 +3,7 @@
 and cancelling or stopping frees the rows. Orders of events are read from the scheduler's own step log."""
 
 import queue
+import time
 from typing import Optional
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from helpers import random_model, small_args
 from llama import Llama, SamplingParams, Tokenizer, demo_checkpoint
 from llama.compiled import CompiledStep
+from llama.serve.ranks import RankLost
 from llama.serve.scheduler import QueueFull, Scheduler, ShuttingDown
 from llama.serve.sequences import Failed, Finished, Piece, Request
 
@@ -246,3 +248,57 @@ def test_stop_refuses_new_and_waiting_requests_and_ends_running_ones_after_the_g
         events.append(running.get(timeout=TIMEOUT))
     assert isinstance(events[-1], Failed) and events[-1].shutting_down
     assert scheduler.state()["free_rows"] == 4
+
+
+class FakeLeader:
+    """Rank 0's link to the other ranks, as the scheduler sees it: each step through `forward`, a heartbeat when
+    idle, a stop at the end; once `gone`, a step finds another rank gone."""
+
+    def __init__(self, step):
+        self.step, self.steps, self.idles, self.stops, self.gone = step, 0, 0, 0, False
+
+    def forward(self, *inputs):
+        if self.gone:
+            raise RankLost("rank 0 lost another rank of the model (it was killed): the server stops")
+        self.steps += 1
+        return self.step(*inputs)
+
+    def idle(self):
+        self.idles += 1
+
+    def stop(self):
+        self.stops += 1
+
+
+def test_on_several_ranks_steps_go_to_the_others_and_a_lost_rank_ends_every_request_and_the_scheduler(
+    demo, monkeypatch
+):
+    monkeypatch.setattr("llama.serve.scheduler.HEARTBEAT", 0.01)  # seconds idle before telling the others
+    scheduler = Scheduler(demo)
+    leader = scheduler.leader = FakeLeader(scheduler.forward_step)
+    scheduler.start()
+    try:
+        collect(submit(scheduler, [1, 5], SamplingParams(temperature=0, max_gen_len=3, ignore_eos=True)))
+        for _ in range(500):  # idle now: until the heartbeats come
+            if leader.idles >= 2:
+                break
+            time.sleep(0.01)
+        running = submit(scheduler, [1, 6], SamplingParams(temperature=0, max_gen_len=100, ignore_eos=True))
+        running.get(timeout=TIMEOUT)
+        leader.gone = True
+        events = [running.get(timeout=TIMEOUT)]
+        while not isinstance(events[-1], (Failed, Finished)):
+            events.append(running.get(timeout=TIMEOUT))
+        assert scheduler.join(TIMEOUT), "the scheduler ends by itself when a rank is gone"
+    finally:
+        scheduler.stop(0)
+        scheduler.join(TIMEOUT)
+    assert leader.steps >= 3 and leader.idles >= 2 and leader.stops == 0
+    assert isinstance(events[-1], Failed) and events[-1].shutting_down
+    assert "lost another rank" in str(scheduler.lost) and scheduler.state()["free_rows"] == 4
+    with pytest.raises(ShuttingDown):
+        submit(scheduler, [1], SamplingParams(temperature=0, max_gen_len=1))
+    stopped = Scheduler(demo)
+    stopped.leader = FakeLeader(stopped.forward_step)
+    stopped.start().stop(0)
+    assert stopped.join(TIMEOUT) and stopped.leader.stops == 1 and stopped.lost is None

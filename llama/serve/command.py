@@ -63,6 +63,7 @@ def serve(
     from llama.layout import check_folder, tokenizer_file, trained_context_len
     from llama.loading import demo_checkpoint
     from llama.serve.app import Settings
+    from llama.serve.ranks import follow, model_step
     from llama.serve.scheduler import Scheduler
     from llama.values import whole_number
 
@@ -74,16 +75,22 @@ def serve(
     check_folder(ckpt_dir)
     tokenizer_path = tokenizer_file(ckpt_dir, tokenizer_path)
     max_seq_len = max_seq_len or trained_context_len(ckpt_dir) or 512
-    if host not in LOCAL_HOSTS:
+    leading = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 serves HTTP and the others follow it
+    if leading and host not in LOCAL_HOSTS:
         warnings.warn(f"listening on {host}: anyone who reaches it can use the model (see --api-key)", stacklevel=2)
-    listener = _listen(host, port)  # before loading: a port in use is reported at once
+    listener = _listen(host, port) if leading else None  # before loading: a port in use is reported at once
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device=device, dtype=dtype,
                         quantize=quantize, group_size=group_size, compile=compile)  # fmt: skip
+    if not leading:
+        follow(model_step(llama), llama.device)  # until rank 0 stops; RankLost (an OSError) if it is gone
+        return ""
     scheduler = Scheduler(llama, max_queue=max_queue, prefill_chunk=prefill_chunk).start()
     name = model_name or Path(ckpt_dir).resolve().name
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_VARIABLE) or None
     settings = Settings(name, api_key, log_prompts=log_prompts, allow_origins=origins, ui=not no_ui)
     _run_server(scheduler, llama, listener, settings)
+    if scheduler.lost is not None:
+        raise scheduler.lost
     return "stopped"
 
 
@@ -154,6 +161,11 @@ def _stoppable_server() -> type:
             finally:
                 for number, handler in previous.items():
                     signal.signal(number, handler)
+
+        async def on_tick(self, counter: int) -> bool:
+            if not self.scheduler.thread.is_alive():  # it ended by itself: another rank is gone
+                self.should_exit = True
+            return await super().on_tick(counter)
 
         def stop(self, number, frame) -> None:
             print(f"{signal.Signals(number).name}: stopping", file=sys.stderr, flush=True)

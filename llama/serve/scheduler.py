@@ -10,7 +10,8 @@ tokens than the widest fills the columns before its own with padding tokens at p
 its real tokens never read (the mask hides later positions) and which it overwrites before it reaches them.
 
 Requests come from other threads (the HTTP server's event loop) through `submit`, under a lock; the events of
-a request go back through its `emit` callback, called from the scheduler's thread.
+a request go back through its `emit` callback, called from the scheduler's thread. On several model-parallel
+processes, the scheduler runs on rank 0 and sends each step to the others (llama.serve.ranks).
 """
 
 import threading
@@ -25,6 +26,7 @@ from llama.compiled import CompiledStep
 from llama.decoding import cache_window
 from llama.generation import Llama
 from llama.sampling import SamplingParams
+from llama.serve.ranks import HEARTBEAT, Leader, RankLost, model_step, several_ranks
 from llama.serve.sequences import Event, Failed, Finished, Request, Sequence
 
 PADDING_TOKEN = 0  # fed where a row has no token of its own; its keys and values are never read
@@ -71,6 +73,9 @@ class Scheduler:
     ):
         self.model, self.tokenizer, self.device = llama.model, llama.tokenizer, llama.device
         self.compiled = llama.decode_step if isinstance(llama.decode_step, CompiledStep) else None
+        self.forward_step = model_step(llama)
+        self.leader = Leader(self.forward_step, self.device) if several_ranks() else None
+        self.lost: Optional[RankLost] = None  # why the scheduler ended early: another rank is gone
         self.max_batch_size = self.model.params.max_batch_size
         self.max_seq_len = self.model.params.max_seq_len
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
@@ -138,15 +143,23 @@ class Scheduler:
 
     def run(self) -> None:
         """The scheduler's loop (the thread's target): steps while any row runs, waits when none does, ends
-        after `stop` once no row is left."""
-        with torch.inference_mode():
-            while self._between_steps():
-                self._step()
+        after `stop` once no row is left (on several ranks, telling the others so). When another rank is gone,
+        it ends every request (503) and itself at once, and `lost` says why."""
+        try:
+            with torch.inference_mode():
+                while self._between_steps():
+                    self._step()
+            if self.leader is not None:
+                self.leader.stop()
+        except RankLost as lost:
+            with self.lock:
+                self.lost, self.accepting, self.deadline = lost, False, 0.0
+                self._end_for_shutdown()
 
     def _between_steps(self) -> bool:
         """Let cancelled requests go and waiting ones in; wait while nothing runs. False: the loop ends."""
-        with self.lock:
-            while True:
+        while True:
+            with self.lock:
                 self._drop_cancelled()
                 if not self.accepting:
                     self._end_for_shutdown()
@@ -155,7 +168,9 @@ class Scheduler:
                     return True
                 if not self.accepting:
                     return False
-                self.lock.wait()
+                woken = self.lock.wait(HEARTBEAT if self.leader is not None else None)
+            if not woken and self.leader is not None:
+                self.leader.idle()  # outside the lock: requests keep coming in meanwhile
 
     def _drop_cancelled(self) -> None:
         self.waiting = deque(request for request in self.waiting if not request.cancelled)
@@ -214,6 +229,8 @@ class Scheduler:
             # The one host synchronisation of the step: the tokens and whether each row's logits were usable.
             pairs = [torch.cat((token, usable.long())) for _, (token, usable) in drawn]
             values = torch.stack(pairs).tolist() if pairs else []
+        except RankLost:
+            raise
         except Exception as error:  # the model broke: the requests of this step end, the server goes on
             for _, sequence in active:
                 self._fail(sequence.request, f"the model failed: {error}")
@@ -239,11 +256,11 @@ class Scheduler:
             tokens[row] = [PADDING_TOKEN] * (width - count) + fed[row]
             positions[row] = list(range(start + count, start + width)) + list(range(start, start + count))
         cache_len = max(max(row_positions) for row_positions in positions) + 1
-        tokens, positions = torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device)
         if compiled:
-            window = cache_window(cache_len - 1, self.compiled.min_window, self.max_seq_len)
-            return self.compiled.compiled(tokens, positions, window, last_only=True)
-        return self.model.forward_at(tokens, positions, cache_len, last_only=last_only)
+            cache_len = cache_window(cache_len - 1, self.compiled.min_window, self.max_seq_len)
+        forward = self.forward_step if self.leader is None else self.leader.forward
+        return forward(torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device),
+                       cache_len, last_only)  # fmt: skip
 
     def _record(self, active: list[tuple[int, Sequence]], fed: dict[int, list[int]]) -> None:
         counters = self.counters
