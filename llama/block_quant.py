@@ -125,7 +125,7 @@ def block_product(x: Tensor, parts: dict[str, Tensor], scheme: BlockQuantization
     rows = x.reshape(-1, x.shape[-1])
     q, x_scales = quantize_activations(rows)  # (tokens, blocks, 32), (tokens, blocks)
     weights, w_scales = weight_integers(parts["weight"], scheme), parts["scales"].float()  # (out, blocks, 32)
-    step = max(1, _PRODUCTS_PER_STEP // q.numel())
+    step = max(1, _PRODUCTS_PER_STEP // max(1, q.numel()))
     outputs = []
     for start in range(0, len(weights), step):
         products = q[:, None].int() * weights[None, start : start + step].int()  # (tokens, step, blocks, 32)
