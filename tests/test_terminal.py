@@ -168,11 +168,12 @@ def _read_until(fd: int, output: bytearray, text: str, start: int = 0, limit: fl
     return output.find(text.encode(), start)
 
 
-def test_ctrl_c_in_a_terminal_stops_the_answer_and_the_chat_goes_on(demo):
-    """The real program in a pseudo-terminal, its steps slowed (tests/slow_step_worker.py) so that SIGINT, what
-    Ctrl-C sends, comes while the first answer streams."""
+def test_ctrl_c_in_a_terminal_stops_the_answer_and_the_chat_goes_on(demo, tmp_path):
+    """The real program in a pseudo-terminal, one of its steps waiting for the signal (tests/slow_step_worker.py)
+    so that SIGINT, what Ctrl-C sends, comes while the first answer streams."""
     controller, terminal = pty.openpty()
-    command = ["tests/slow_step_worker.py", "chat", *DEMO, "--temperature", "0", "--max-gen-len", "40"]
+    ready = tmp_path / "waiting"
+    command = ["tests/slow_step_worker.py", str(ready), "chat", *DEMO, "--temperature", "0", "--max-gen-len", "40"]
     process = subprocess.Popen(
         [sys.executable, *command], cwd=REPO_ROOT, env=child_env(), stdin=terminal, stdout=terminal, stderr=terminal
     )
@@ -182,7 +183,10 @@ def test_ctrl_c_in_a_terminal_stops_the_answer_and_the_chat_goes_on(demo):
         _read_until(controller, output, "User: ")
         os.write(controller, f"{MESSAGES[0]}\n".encode())
         first = _read_until(controller, output, "Assistant: ") + len("Assistant: ")
-        _read_until(controller, output, "", first + 1)  # a piece of the answer has been printed
+        deadline = time.monotonic() + 120  # a guard against a hang, not a measurement
+        while not ready.exists():  # the program waits in the middle of its answer
+            assert process.poll() is None and time.monotonic() < deadline, output.decode(errors="replace")
+            time.sleep(0.05)
         process.send_signal(signal.SIGINT)
         stopped = _read_until(controller, output, "(answer stopped)", first)
         os.write(controller, f"{MESSAGES[1]}\n".encode())
