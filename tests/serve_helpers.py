@@ -15,7 +15,7 @@ from llama import Llama
 from llama.serve.app import Server, Settings
 from llama.serve.scheduler import Scheduler
 
-START_TIMEOUT = 30  # seconds: a bound against hangs
+START_TIMEOUT = 120  # seconds: a bound against hangs, generous for a busy machine
 
 
 @contextlib.contextmanager
@@ -47,9 +47,11 @@ def running_server(llama: Llama, start: bool = True, max_queue: int = 64, prefil
         listener.close()
 
 
-def wait_for_free_rows(scheduler: Scheduler, rows: int, tries: int = 400) -> dict:
-    """The scheduler's state once `rows` rows are free and nothing waits (at most `tries` looks, 10 ms apart)."""
-    for _ in range(tries):
+def wait_for_free_rows(scheduler: Scheduler, rows: int, limit: float = 120) -> dict:
+    """The scheduler's state once `rows` rows are free and nothing waits, or after `limit` seconds (a bound
+    against hangs, generous because a busy machine can hold the scheduler's thread back for seconds)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
         state = scheduler.state()
         if state["free_rows"] == rows and state["waiting"] == 0:
             return state
