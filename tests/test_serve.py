@@ -338,7 +338,8 @@ def test_a_full_queue_answers_429_with_retry_after_and_shutting_down_503(demo):
 
 def test_an_api_key_is_required_everywhere_but_health(demo):
     with running_server(demo, api_key="s3cret") as (base, _):
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        wrong = ("Bearer wrong", "s3cret", "Bearer s3cret2")  # another key, no "Bearer", the key with more after it
+        for headers in ({}, *({"Authorization": value} for value in wrong)):
             response = httpx.get(base + "/v1/models", headers=headers, timeout=TIMEOUT)
             assert response.status_code == 401 and "API key" in response.json()["error"]["message"]
         assert httpx.get(base + "/health", timeout=TIMEOUT).status_code == 200
