@@ -175,27 +175,31 @@ class Batch:
         """The host's part of a step, given the tokens now at `position`: end sequences at a stop id (EOS, or
         the end of a turn), at a stop sequence or at their length, and return each sequence's new text. Raises
         FloatingPointError for a sequence whose logits were unusable."""
-        pieces = [""] * len(new_tokens)
-        for row, token in enumerate(new_tokens):
-            if self.done[row] or position < self.prompt_lens[row]:
-                continue
-            if not usable[row]:
-                raise FloatingPointError(
-                    f"the model's logits for sequence {row} at generation step {position - self.prompt_lens[row]} "
-                    f"(position {position}) hold NaN or +inf, or rule out every token: the weights hold "
-                    f"inf/nan or the dtype overflowed (float16 overflows most easily; try bfloat16 or float32)"
-                )
-            self.host[row].append(token)
-            if token in stop_ids and not self.params.ignore_eos:
-                self.end[row], self.done[row] = position, True
-                continue
-            if self.streams is not None:
-                pieces[row] = self.streams[row].push(token)
-                if self.streams[row].stopped:
-                    self.end[row], self.done[row] = self.prompt_lens[row] + self.streams[row].tokens_inside(), True
-            if position + 1 >= self.end[row]:
-                self.done[row] = True
-        return pieces
+        return [self.advance_row(row, position, token, usable[row], stop_ids) for row, token in enumerate(new_tokens)]
+
+    def advance_row(self, row: int, position: int, token: int, usable: bool, stop_ids: frozenset[int]) -> str:
+        """`advance` for one sequence, whose token now at `position` is `token`: its new text ("" when it has
+        ended or still reads its prompt there)."""
+        if self.done[row] or position < self.prompt_lens[row]:
+            return ""
+        if not usable:
+            raise FloatingPointError(
+                f"the model's logits for sequence {row} at generation step {position - self.prompt_lens[row]} "
+                f"(position {position}) hold NaN or +inf, or rule out every token: the weights hold "
+                f"inf/nan or the dtype overflowed (float16 overflows most easily; try bfloat16 or float32)"
+            )
+        self.host[row].append(token)
+        piece = ""
+        if token in stop_ids and not self.params.ignore_eos:
+            self.end[row], self.done[row] = position, True
+            return piece
+        if self.streams is not None:
+            piece = self.streams[row].push(token)
+            if self.streams[row].stopped:
+                self.end[row], self.done[row] = self.prompt_lens[row] + self.streams[row].tokens_inside(), True
+        if position + 1 >= self.end[row]:
+            self.done[row] = True
+        return piece
 
     def finish(self) -> StepResult:
         """The text not handed out yet, and every sequence's Completion."""
@@ -235,12 +239,16 @@ def _check_logprobs(logprobs: list[float], start: int, end: int, row: int) -> No
         )
 
 
-def decode(step: Step, batch: Batch, stop_ids: frozenset[int]) -> Iterator[StepResult]:
+def decode(step: Step, batch: Batch, stop_ids: frozenset[int], speculation=None) -> Iterator[StepResult]:
     """Decode `batch` to the end, feeding the model from the first position its cache lacks (`batch.cached`).
     Yields a StepResult per position when the batch follows its text, and one at the end that holds every
-    sequence's Completion (and the text held back until then)."""
+    sequence's Completion (and the text held back until then). With `speculation` (llama.speculative), each
+    step verifies proposed tokens instead, yielding per verification pass."""
     params = batch.params
     step.begin()
+    if speculation is not None and not all(batch.done):
+        yield from speculation.decode(batch, stop_ids)
+        return
     if batch.min_prompt_len == batch.total_len and params.logprobs:
         # Nothing to generate (every prompt fills the context): score the prompts.
         batch.record_logprobs(step.forward(batch.tokens, 0, last_only=False)[:, :-1], 0)

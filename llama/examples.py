@@ -7,7 +7,7 @@ from typing import Optional
 from llama.cli import HelpFormatter, Parser
 from llama.generation import Llama
 from llama.loading import DEMO_CONTEXT_LEN
-from llama.terminal import load_generator
+from llama.terminal import SPECULATION_OPTIONS, load_generator
 
 # The yes/no options example_parser adds, for `llama.cli.parse_arguments` to read strictly.
 BOOLEAN_OPTIONS = ("--compile",)
@@ -15,7 +15,7 @@ BOOLEAN_OPTIONS = ("--compile",)
 
 def example_parser(description: str, max_seq_len: Optional[int], max_gen_len: Optional[int]) -> argparse.ArgumentParser:
     """The options the example scripts share: the checkpoint (none: the bundled demo model), sampling, context
-    and batch sizes, device, dtype, quantization and a compiled step. Parse with `llama.cli.parse_arguments`, so
+    and batch sizes, device, dtype, quantization, a compiled step and speculative decoding. Parse with `llama.cli.parse_arguments`, so
     that Meta's spellings (--ckpt_dir) work too."""
     parser = Parser(description=description, formatter_class=HelpFormatter)
     parser.add_argument("--ckpt-dir", help="a Meta-layout checkpoint folder (default: the bundled demo model)")
@@ -39,6 +39,8 @@ def example_parser(description: str, max_seq_len: Optional[int], max_gen_len: Op
     parser.add_argument("--quantize", help="int8, int4, q8_0 or q4_0: quantize the linear layers as they load")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="compile the decoding step (slower start, faster steps)")  # fmt: skip
+    for flag, settings in SPECULATION_OPTIONS:
+        parser.add_argument(flag, **settings)
     return parser
 
 
@@ -49,4 +51,6 @@ def build_example(options: argparse.Namespace, default_max_seq_len: int) -> tupl
     return load_generator(
         options.ckpt_dir, options.tokenizer_path, options.max_seq_len, options.max_batch_size, default_max_seq_len,
         device=options.device, dtype=options.dtype, quantize=options.quantize, compile=options.compile,
+        speculate=options.speculate, prompt_lookup=options.prompt_lookup, draft_ckpt_dir=options.draft_ckpt_dir,
+        draft_quantize=options.draft_quantize,
     )  # fmt: skip

@@ -20,6 +20,7 @@ from llama.model import Transformer
 from llama.prompts import check_token_prompts, encode_dialogs, encode_prompts
 from llama.quantize import quantization
 from llama.sampling import SamplingParams
+from llama.speculative import Speculation, build_speculation, refuse_compiled_steps, speculation_settings
 from llama.tokenizer import Tokenizer
 from llama.turns import Turns
 from llama.values import flag, whole_number
@@ -55,6 +56,10 @@ class Llama:
         quantize: Optional[str] = None,
         group_size: Optional[int] = None,
         compile: bool = False,
+        speculate: Optional[int] = None,
+        prompt_lookup: Optional[int] = None,
+        draft_ckpt_dir: Union[str, Path, None] = None,
+        draft_quantize: Optional[str] = None,
     ) -> "Llama":
         """Load a Meta-layout checkpoint folder and its tokenizer, ready to generate.
 
@@ -76,6 +81,14 @@ class Llama:
         size that does not divide the model, a corrupt shard, shards that disagree, a tensor of the wrong shape,
         a tokenizer of another vocabulary size, non-positive sizes, an unknown quantization or group size, or
         quantize= for a checkpoint that is already quantized.
+
+        Speculative decoding (off by default; see llama/speculative.py and docs/generation.md): `speculate`
+        tokens are proposed per step and the model checks them all in one pass, keeping those it would have
+        produced itself, so that greedy decoding gives the same tokens and sampling the same distribution. The
+        proposals come from `prompt_lookup` (copy what followed the most recent earlier occurrence of the last
+        prompt_lookup tokens) or from the draft model in `draft_ckpt_dir` (same tokenizer; `draft_quantize` as
+        `quantize`). Raises ValueError for k or n below 1, speculate without exactly one proposer, a draft of
+        another tokenizer, or speculation with compile or cuda_graphs=True.
         """
         max_seq_len = whole_number(max_seq_len, "max_seq_len")
         max_batch_size = whole_number(max_batch_size, "max_batch_size")
@@ -83,6 +96,9 @@ class Llama:
         if model_parallel_size is not None:
             model_parallel_size = whole_number(model_parallel_size, "model_parallel_size")
         scheme = None if quantize is None and group_size is None else quantization(quantize, group_size)
+        speculation = speculation_settings(
+            speculate, prompt_lookup, draft_ckpt_dir, draft_quantize, compile, cuda_graphs
+        )  # checked before any file is read
         check_folder(ckpt_dir)  # the first file read: a wrong folder is named as such, not as a missing tokenizer
         device = setup_model_parallel(model_parallel_size, device)
         tokenizer = Tokenizer(tokenizer_path)
@@ -91,7 +107,11 @@ class Llama:
         if progress is None:
             progress = sys.stderr.isatty() and is_main_process()
         model = load_model(ckpt_dir, args, torch.distributed.get_rank(), device, dtype, progress, scheme)
-        return Llama(model, tokenizer, seed, progress=progress, cuda_graphs=cuda_graphs, compile=compile)
+        speculation = build_speculation(
+            model, speculation, draft_ckpt_dir, tokenizer=tokenizer, device=device, dtype=dtype, progress=progress,
+            quantize=draft_quantize,
+        )  # fmt: skip
+        return Llama(model, tokenizer, seed, progress, cuda_graphs, compile, speculation)
 
     def __init__(
         self,
@@ -101,12 +121,18 @@ class Llama:
         progress: bool = False,
         cuda_graphs: Optional[bool] = None,
         compile: bool = False,
+        speculation: Optional[Speculation] = None,
     ):
         """A generator for a model already built (a Transformer, or any module with its call and `params`) and
-        its tokenizer; the arguments as in `build`."""
+        its tokenizer; the arguments as in `build`, and `speculation` (llama.speculative.Speculation, for a
+        Transformer) to decode speculatively."""
         self.model = model
         self.tokenizer = tokenizer
         self.chat_format = chat_format_for(tokenizer)
+        self.speculation = speculation
+        if speculation is not None:
+            refuse_compiled_steps(speculation.speculate, flag(compile, "compile"), cuda_graphs)
+            cuda_graphs = False
         self.decode_step = decode_step(model, cuda_graphs, flag(compile, "compile"))
         self.progress = progress
         self.device = next(model.parameters()).device
@@ -278,6 +304,13 @@ class Llama:
         streaming: bool = False,
         reuse_cache: bool = False,
     ) -> Iterator[StepResult]:
+        if self.speculation is not None:
+            self.speculation.check(params)  # before the first step, as the other checks
+        return self._turn(prompts, params, follow_text, streaming, reuse_cache)
+
+    def _turn(
+        self, prompts: list[list[int]], params: SamplingParams, follow_text: bool, streaming: bool, reuse_cache: bool
+    ) -> Iterator[StepResult]:
         with self._turns.turn(streaming):
             yield from self._batches(prompts, params, follow_text, reuse_cache)
 
@@ -299,7 +332,7 @@ class Llama:
                 batch_prompts, params, self.model.params.max_seq_len, self.device, text_of, generators, cached
             )
             self._last_batch = batch
-            steps = decode(self.decode_step, batch, self.tokenizer.stop_ids)
+            steps = decode(self.decode_step, batch, self.tokenizer.stop_ids, self.speculation)
             if len(batch_prompts) == len(prompts):
                 yield from steps
                 continue

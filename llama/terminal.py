@@ -199,6 +199,16 @@ _MODEL_OPTIONS = (
     _option("--threads", "PyTorch's CPU threads (default: the machine's physical cores, shared among the "
             "processes torchrun starts on it)", type=int, metavar="N"),
 )  # fmt: skip
+# Speculative decoding (llama/speculative.py), for the commands and the example scripts alike.
+SPECULATION_OPTIONS = (
+    _option("--speculate", "speculative decoding: propose K tokens per step, which the model checks in one pass "
+            "(the same text; with --prompt-lookup or --draft-ckpt-dir)", type=int, metavar="K"),
+    _option("--prompt-lookup", "propose what followed the last N tokens where they occur earlier in the text",
+            type=int, metavar="N"),
+    _option("--draft-ckpt-dir", "propose with this draft model's greedy or sampled tokens (same tokenizer)",
+            metavar="DIR"),
+    _option("--draft-quantize", "int8, int4, q8_0 or q4_0: quantize the draft model as it loads", metavar="NAME"),
+)  # fmt: skip
 _SAMPLING_OPTIONS = (
     _option("--temperature", "randomness of the sampling; 0 is greedy", type=float, default=0.6, metavar="X"),
     _option("--top-p", "sample from the smallest set of most likely tokens whose probabilities add up to this",
@@ -210,6 +220,7 @@ _SAMPLING_OPTIONS = (
 GENERATE_OPTIONS = (
     _option("prompts", "the texts to continue (default: each line of standard input)", nargs="*", metavar="PROMPT"),
     *_MODEL_OPTIONS,
+    *SPECULATION_OPTIONS,
     *_SAMPLING_OPTIONS,
     _option("--max-gen-len", "the most tokens generated per text (default: to the end of the context)", type=int,
             metavar="N"),
@@ -218,6 +229,7 @@ GENERATE_OPTIONS = (
 CHAT_OPTIONS = (
     _option("--system", "a system prompt, kept through the whole chat", metavar="TEXT"),
     *_MODEL_OPTIONS,
+    *SPECULATION_OPTIONS,
     *_SAMPLING_OPTIONS,
     _option("--max-gen-len", "the most tokens of one answer (default: a quarter of the context)", type=int,
             metavar="N"),

@@ -1,0 +1,288 @@
+"""Claims about speculative decoding (llama/speculative.py): greedy output is plain greedy decoding's, token for
+token, whatever the proposer and however many proposals each row keeps; sampled output keeps the model's
+distribution; bad options are refused before any work."""
+
+import pytest
+import torch
+
+from helpers import random_model, small_args
+from llama.generation import Llama
+from llama.loading import demo_checkpoint
+from llama.sampling import SamplingParams, sample
+from llama.speculative import DraftModel, PromptLookup, Speculation, filtered_probs, lookup, verify_sampled
+
+LOGPROB_TOLERANCE = dict(rtol=0, atol=1e-4)
+
+
+def test_prompt_lookup_copies_what_followed_the_most_recent_earlier_match():
+    history = [5, 6, 7, 8, 9, 5, 6, 3, 4, 5, 6]
+    assert lookup(history, 2, 3) == [3, 4, 5]  # the later of the two earlier (5, 6)
+    assert lookup(history, 1, 2) == [3, 4]  # the last earlier 6
+    assert lookup([1, 2, 3, 9, 1, 2, 3], 3, 2) == [9, 1]
+    assert lookup([1, 2, 1, 2], 2, 5) == [1, 2]  # fewer than asked where the text ends
+
+
+def test_prompt_lookup_proposes_nothing_without_an_earlier_match_or_room():
+    assert lookup([5, 6, 7, 8, 9, 5, 6, 3, 4, 5, 6], 3, 4) == []  # (4, 5, 6) occurs nowhere earlier
+    assert lookup([1, 2, 3, 4], 1, 3) == []
+    assert lookup([1, 2, 1, 2], 2, 0) == []
+    assert lookup([7, 7], 2, 3) == []  # the n-gram is the whole history
+
+
+def _pair(model, tokenizer, proposer, speculate):
+    """A plain Llama and a speculative one over the same model (and so the same key/value cache)."""
+    return Llama(model, tokenizer), Llama(model, tokenizer, speculation=Speculation(model, speculate, proposer))
+
+
+def _assert_same(plain, speculative, message):
+    (plain_tokens, plain_logprobs), (tokens, logprobs) = plain, speculative
+    assert tokens == plain_tokens, message
+    for expected, got in zip(plain_logprobs, logprobs):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), **LOGPROB_TOLERANCE, msg=message)
+
+
+def _repeating_prompts(plain):
+    """Prompts of different lengths, the last of which is the start of its own greedy text, which falls into a
+    cycle of 4 tokens there: proposals from the prompt are found at once, and kept until the cycle breaks."""
+    base = [[1, 17, 18, 19, 20, 17, 18, 19], [1, 40], [1, 9, 9, 9, 30, 31]]
+    cycling, _ = plain.generate(base[2:], max_gen_len=10, temperature=0)
+    return base[:2] + [base[2] + cycling[0]]
+
+
+# Every k in 1..8 and every n in 1..4, each at least once.
+@pytest.mark.parametrize("speculate,ngram", [(1, 1), (2, 2), (3, 3), (4, 4), (5, 1), (6, 2), (7, 3), (8, 4)])
+def test_greedy_prompt_lookup_gives_plain_greedy_tokens_and_logprobs_in_a_batch_of_mixed_lengths(
+    tokenizer, speculate, ngram
+):
+    """Rows of different prompt lengths accept different counts per pass, on a cache full of a longer batch's
+    stale entries, and still get plain greedy decoding's tokens, up to max_gen_len reached inside an accepted
+    run."""
+    model = random_model(small_args(max_seq_len=48, max_batch_size=3), seed=33)
+    plain, speculative = _pair(model, tokenizer, PromptLookup(ngram), speculate)
+    prompts = _repeating_prompts(plain)
+    settings = dict(max_gen_len=24, temperature=0, logprobs=True)
+    expected = plain.generate(prompts, **settings)
+    got = speculative.generate(prompts, **settings)
+    _assert_same(expected, got, f"speculate={speculate}, prompt_lookup={ngram}")
+    stats = speculative.speculation
+    assert 0 < stats.accepted < stats.proposed, "the test needs proposals both kept and refused"
+
+
+def test_greedy_runs_to_the_end_of_the_context_with_proposals_cut_there(tokenizer):
+    """Without max_gen_len the rows run to max_seq_len; a proposal that would run past it is cut."""
+    model = random_model(small_args(max_seq_len=24, max_batch_size=2), seed=32)
+    plain, speculative = _pair(model, tokenizer, PromptLookup(1), 8)
+    prompts = [[1, 5, 6, 5, 6, 5], [1] + list(range(40, 58))]
+    expected = plain.generate(prompts, max_gen_len=None, temperature=0, logprobs=True)
+    _assert_same(expected, speculative.generate(prompts, max_gen_len=None, temperature=0, logprobs=True), "end")
+    assert len(expected[0][0]) == 24 - 6
+
+
+def test_greedy_stops_at_a_stop_id_inside_an_accepted_run(tokenizer):
+    """A stop id (EOS or an end of turn) that comes inside a run of kept proposals ends the row there, as in plain
+    decoding, and the tokens proposed after it are dropped."""
+    model = random_model(small_args(max_seq_len=48, max_batch_size=3), seed=33)
+    prompts = _repeating_prompts(Llama(model, tokenizer))
+    stopping = object.__new__(type(tokenizer))  # the same tokenizer, with one more stop id
+    stopping.__dict__.update(vars(tokenizer))
+    stopping.stop_ids = frozenset({tokenizer.eos_id, prompts[2][-3]})  # the 2nd token to come, proposed
+    plain, speculative = _pair(model, stopping, PromptLookup(2), 4)
+    expected = plain.generate(prompts, max_gen_len=20, temperature=0, logprobs=True)
+    _assert_same(expected, speculative.generate(prompts, max_gen_len=20, temperature=0, logprobs=True), "stop id")
+    assert expected[0][2] == [prompts[2][-4]], "the row must end at the stop id, the second token of a kept run"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    ckpt_dir, tokenizer_path = demo_checkpoint()
+    return Llama.build(ckpt_dir, tokenizer_path, 192, 3), Llama.build(
+        ckpt_dir, tokenizer_path, 192, 3, speculate=5, prompt_lookup=2
+    )
+
+
+PASSAGE = "ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and Juliet is the sun.\n"
+
+
+def test_demo_model_prompt_lookup_gives_plain_text_logprobs_and_stream_with_stop_sequences(demo):
+    """On the demo model, with a prompt that its text repeats: the same text, tokens and logprobs as plain
+    greedy decoding, also cut by a stop sequence that falls inside an accepted run, and streamed pieces that
+    add up to it."""
+    plain, speculative = demo
+    prompts = [PASSAGE + PASSAGE + "ROMEO:\nBut", "JULIET:\nO", PASSAGE]
+    settings = dict(temperature=0, max_gen_len=40, logprobs=True)
+    expected = plain.text_completion(prompts, **settings)
+    stop = [expected[0]["generation"][12:16]]  # inside the repeated passage
+    for options in (settings, dict(settings, stop=stop)):
+        expected = plain.text_completion(prompts, **options)
+        got = speculative.text_completion(prompts, **options)
+        assert [row["generation"] for row in got] == [row["generation"] for row in expected], options
+        assert [row["tokens"] for row in got] == [row["tokens"] for row in expected], options
+        for ours, theirs in zip(got, expected):
+            torch.testing.assert_close(ours["logprobs"], theirs["logprobs"], **LOGPROB_TOLERANCE)
+        streamed = ["".join(pieces) for pieces in zip(*speculative.stream_completion(prompts, **options))]
+        assert streamed == [row["generation"] for row in expected], options
+    assert speculative.speculation.accepted > 10, "the test needs runs of kept proposals"
+
+
+def test_draft_model_greedy_output_is_plain_whether_the_draft_is_right_or_always_wrong(tokenizer):
+    """With the model as its own draft every proposal is kept; with another random model nearly none is;
+    both give plain greedy decoding's tokens."""
+    args = small_args(max_seq_len=40, max_batch_size=2)
+    model = random_model(args, seed=33)
+    prompts = [[1, 50, 51, 52], [1, 60]]
+    expected = Llama(model, tokenizer).generate(prompts, max_gen_len=20, temperature=0, logprobs=True)
+    for draft, kept in ((random_model(args, seed=33), "all"), (random_model(args, seed=34), "few")):
+        speculative = Llama(model, tokenizer, speculation=Speculation(model, 3, DraftModel(draft)))
+        _assert_same(expected, speculative.generate(prompts, max_gen_len=20, temperature=0, logprobs=True), kept)
+        stats = speculative.speculation
+        if kept == "all":
+            assert stats.accepted == stats.proposed > 0
+        else:
+            assert stats.accepted < stats.proposed / 4
+
+
+def test_a_draft_rolled_back_after_a_rejection_proposes_what_a_fresh_draft_proposes():
+    """The draft's cache is rolled back past a rejected proposal: its next proposals equal those of a draft that
+    reads the whole history afresh."""
+    args = small_args(max_seq_len=32, max_batch_size=1)
+    draft = DraftModel(random_model(args, seed=36))
+    greedy = SamplingParams(temperature=0)
+    history = [1, 20, 21, 22]
+    draft.begin(1, 0)
+    proposed, _ = draft.propose([history], [4], greedy, None)
+    corrected = history + [proposed[0][0], (proposed[0][1] + 1) % args.vocab_size]  # one kept, then the model's
+    draft.rollback(0, len(history) + 1)
+    again, _ = draft.propose([corrected], [4], greedy, None)
+    fresh = DraftModel(random_model(args, seed=36))
+    fresh.begin(1, 0)
+    assert again == fresh.propose([corrected], [4], greedy, None)[0]
+
+
+def test_demo_model_drafting_for_itself_quantized_gives_plain_greedy_text(demo):
+    plain, _ = demo
+    ckpt_dir, tokenizer_path = demo_checkpoint()
+    speculative = Llama.build(ckpt_dir, tokenizer_path, 192, 3, speculate=4, draft_ckpt_dir=ckpt_dir,
+                              draft_quantize="int8")  # fmt: skip
+    prompts = ["KING:\nWhat say you", "JULIET:\nO"]
+    expected = plain.text_completion(prompts, temperature=0, max_gen_len=30)
+    assert speculative.text_completion(prompts, temperature=0, max_gen_len=30) == expected
+    stats = speculative.speculation
+    assert stats.accepted > stats.proposed / 2, "an int8 copy of the model should agree with it mostly"
+
+
+# Chi-square at 5 degrees of freedom (6 bins) exceeds this with probability 0.001 when the draws follow the
+# expected distribution; with fixed seeds the tests are deterministic.
+CHI2_BOUND = 20.5
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def _binned(tokens: torch.Tensor, probs: torch.Tensor, bins: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts and probabilities of the bins-1 most likely tokens and of all the others together."""
+    top = probs.topk(bins - 1).indices
+    counts = torch.stack([(tokens == token).sum() for token in top]).double()
+    counts = torch.cat([counts, (len(tokens) - counts.sum())[None]])
+    binned = torch.cat([probs[top], (1 - probs[top].sum())[None]]).double()
+    return counts, binned
+
+
+def test_rejection_sampling_keeps_the_models_distribution_and_the_drafts_would_not():
+    """The first token that verification keeps, over 3000 seeded draws, follows the model's distribution p
+    whether the proposal is certain (prompt lookup) or drawn from a draft's q; draws from q itself fail the same
+    bound by a wide margin."""
+    p = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.1, 0.05])
+    q = torch.tensor([0.3, 0.1, 0.3, 0.1, 0.1, 0.1])
+    generator = torch.Generator().manual_seed(0)
+    draws = 3000
+    for draft in (None, q):
+        firsts = []
+        for _ in range(draws):
+            proposal = 2 if draft is None else int(torch.multinomial(draft, 1, generator=generator))
+            probs = torch.stack([p, p])  # the proposal's position, and the one after it
+            firsts.append(verify_sampled(probs, [proposal], None if draft is None else draft[None], generator)[0])
+        counts = torch.bincount(torch.tensor(firsts), minlength=6).double()
+        assert _chi_square(counts, p.double()) < CHI2_BOUND, f"draft {draft}: {counts.tolist()}"
+    from_q = torch.bincount(torch.multinomial(q, draws, replacement=True, generator=generator), minlength=6)
+    assert _chi_square(from_q.double(), p.double()) > 10 * CHI2_BOUND
+
+
+def test_filtered_probs_are_the_distribution_the_plain_sampler_draws_from():
+    """top-k, temperature and top-p as `sample` applies them: 4000 draws of `sample` match the probabilities."""
+    logits = torch.tensor([2.0, 1.5, 0.3, 1.0, -1.0, 0.9, 1.2, -0.5])
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=6)
+    probs = filtered_probs(logits, params)
+    assert probs[4] == 0 and probs[7] == 0, "top-k must drop the two least likely tokens"
+    generator = torch.Generator().manual_seed(1)
+    tokens = sample(logits.expand(4000, -1), 0.8, 0.9, 6, generator)
+    counts = torch.bincount(tokens, minlength=8).double()
+    kept = probs > 0
+    assert counts[~kept].sum() == 0, "the sampler drew a token outside the filtered support"
+    assert _chi_square(counts[kept], probs[kept].double()) < CHI2_BOUND + 5  # 6 kept tokens, or fewer
+
+
+def test_sampled_speculation_gives_the_first_token_the_models_distribution(tokenizer):
+    """End to end: the first sampled token of 2048 seeded rows, proposed by prompt lookup, against the model's
+    softmax at the prompt's end."""
+    model = random_model(small_args(max_seq_len=16, max_batch_size=64), seed=35)
+    prompt = [1, 70, 71, 12, 70, 71]  # lookup proposes 12
+    logits = model(torch.tensor([prompt]), 0)[0, -1].detach()
+    probs = torch.softmax(logits / 0.3, dim=-1)
+    assert 0.1 < probs[12] < 0.9, "the proposal must be both kept and refused for the test to mean anything"
+    speculative = Llama(model, tokenizer, seed=5, speculation=Speculation(model, 1, PromptLookup(2)))
+    firsts = []
+    for _ in range(32):
+        tokens, _ = speculative.generate([prompt] * 64, max_gen_len=2, temperature=0.3, top_p=1.0)
+        firsts += [row[0] for row in tokens]
+    counts, binned = _binned(torch.tensor(firsts), probs)
+    assert _chi_square(counts, binned) < CHI2_BOUND, counts.tolist()
+    assert speculative.speculation.accepted > 0
+
+
+@pytest.mark.parametrize(
+    "options,error",
+    [
+        (dict(speculate=0, prompt_lookup=2), "speculate must be a positive integer"),
+        (dict(speculate=2, prompt_lookup=0), "prompt_lookup must be a positive integer"),
+        (dict(speculate=2), "needs one proposer.*got neither"),
+        (dict(prompt_lookup=2), "prompt_lookup=2 needs speculate"),
+        (dict(speculate=2, prompt_lookup=2, draft_ckpt_dir="."), "not both"),
+        (dict(speculate=2, prompt_lookup=2, draft_quantize="int8"), "draft_quantize='int8' needs draft_ckpt_dir"),
+        (dict(speculate=2, prompt_lookup=2, compile=True), "cannot be combined with compile=True"),
+        (dict(speculate=2, prompt_lookup=2, cuda_graphs=True), "cannot be combined with cuda_graphs=True"),
+    ],
+)
+def test_bad_speculation_options_are_refused_before_loading(options, error):
+    with pytest.raises(ValueError, match=error):
+        Llama.build("/nonexistent", "/nonexistent", 64, 1, **options)
+
+
+def test_a_missing_draft_folder_is_refused_before_loading():
+    with pytest.raises(FileNotFoundError, match="draft checkpoint folder '/nonexistent/draft' does not exist"):
+        Llama.build("/nonexistent", "/nonexistent", 64, 1, speculate=2, draft_ckpt_dir="/nonexistent/draft")
+
+
+def test_a_draft_with_another_tokenizer_is_refused(stories_dir):
+    ckpt_dir, tokenizer_path = demo_checkpoint()
+    with pytest.raises(ValueError, match="a draft must share the model's tokenizer"):
+        Llama.build(ckpt_dir, tokenizer_path, 64, 1, speculate=2, draft_ckpt_dir=stories_dir)
+
+
+def test_options_speculation_cannot_serve_are_refused_naming_them(demo):
+    _, speculative = demo
+    for name, value in (("top_logprobs", 2), ("frequency_penalty", 0.5), ("presence_penalty", 0.5)):
+        settings = {name: value, "logprobs": name == "top_logprobs"}
+        with pytest.raises(ValueError, match=f"{name}={value} is not available with speculative decoding"):
+            speculative.text_completion(["O"], max_gen_len=2, **settings)
+        with pytest.raises(ValueError, match=name):
+            speculative.stream_completion(["O"], max_gen_len=2, **settings)
+
+
+def test_llama_generate_with_prompt_lookup_prints_the_plain_text(run_main):
+    settings = ("--device", "cpu", "--threads", "1", "--temperature", "0", "--max-gen-len", "24", "ROMEO:\nBut soft")
+    plain = run_main("generate", *settings)
+    assert run_main("generate", "--speculate", "3", "--prompt-lookup", "2", *settings) == plain
+    status, out, err = run_main("generate", "--speculate", "3", "--threads", "1", "ROMEO:")
+    assert status != 0 and "speculate=3 needs one proposer" in err and "Traceback" not in err
