@@ -96,6 +96,7 @@ class DraftModel:
         feeding = [
             list(history[cached:]) if count else [] for history, count, cached in zip(histories, counts, self.cached)
         ]
+        feeding = read_ahead(self.model, feeding, self.cached, histories)
         distributions = []
         for index in range(width):
             logits, columns = feed(self.model, feeding, self.cached, histories, proposed)
@@ -123,6 +124,7 @@ def feed(
     cached: Sequence[int],
     histories: Sequence[list[int]],
     extra: Optional[Sequence[list[int]]] = None,
+    last_only: bool = False,
 ) -> tuple[torch.Tensor, list[int]]:
     """One forward pass in which row r reads tokens[r] at positions cached[r] on (a row may read none), each row
     at its own positions. Returns the logits (bsz, width, vocab) and, per row, the column of its first token.
@@ -145,7 +147,19 @@ def feed(
     tokens_tensor = torch.tensor(rows, dtype=torch.long, device=device)  # (bsz, width)
     positions_tensor = torch.tensor(positions, dtype=torch.long, device=device)  # (bsz, width)
     cache_len = int(max(first[0] for first in positions)) + width
-    return model.forward_at(tokens_tensor, positions_tensor, cache_len), columns
+    return model.forward_at(tokens_tensor, positions_tensor, cache_len, last_only=last_only), columns
+
+
+def read_ahead(model: Transformer, tokens: list[list[int]], cached: list[int], histories) -> list[list[int]]:
+    """Feed each row all but the last of its `tokens` (a prompt, mostly), whose logits nobody needs, with the
+    output layer run on one position only, advancing `cached`; returns what is left for the pass that needs
+    logits: each row's last token."""
+    if max(len(row) for row in tokens) <= 1:
+        return tokens
+    feed(model, [row[:-1] for row in tokens], cached, histories, last_only=True)
+    for row, row_tokens in enumerate(tokens):
+        cached[row] += max(len(row_tokens) - 1, 0)
+    return [row[-1:] for row in tokens]
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -257,6 +271,8 @@ class Speculation:
         proposed, draft_probs = self.proposer.propose(histories, counts, params, batch.generators)
         # What the cache lacks: a row's unread tokens (a finished row's prompt, read for its logprobs only).
         unfed = [histories[row][cached[row] : None if not batch.done[row] else batch.prompt_lens[row]] for row in rows]
+        if not params.logprobs:
+            unfed = read_ahead(self.model, unfed, cached, histories)
         raw, columns = feed(self.model, [unfed[row] + proposed[row] for row in rows], cached, histories)
         usable = torch.isfinite(raw.amax(dim=-1))  # (bsz, width): NaN or +inf anywhere, or no possible token
         logits = torch.where(usable[..., None], raw, 0.0)
