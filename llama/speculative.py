@@ -239,6 +239,7 @@ class Speculation:
         self.speculate = speculate
         self.proposer = proposer
         self.passes = self.proposed = self.accepted = self.generated = 0
+        self.limits: list[int] = []  # per row of the batch running: the most tokens it is proposed next
 
     def check(self, params: SamplingParams) -> None:
         """ValueError for sampling settings that speculative decoding does not serve, naming them."""
@@ -254,6 +255,7 @@ class Speculation:
         when the batch follows its text (the text of every token kept), and one at the end with every
         sequence's Completion."""
         cached = [batch.cached] * len(batch.host)  # per row: the positions its cache holds
+        self.limits = [self.speculate] * len(batch.host)
         self.proposer.begin(len(batch.host), batch.cached)
         while not all(batch.done):
             pieces = self._pass(batch, cached, stop_ids)
@@ -266,7 +268,7 @@ class Speculation:
         params, histories, rows = batch.params, batch.host, range(len(batch.host))
         # A proposal stops where the row must end, so that no position past max_seq_len is ever fed.
         counts = [
-            0 if batch.done[row] else min(self.speculate, batch.end[row] - 1 - len(histories[row])) for row in rows
+            0 if batch.done[row] else min(self.limits[row], batch.end[row] - 1 - len(histories[row])) for row in rows
         ]
         proposed, draft_probs = self.proposer.propose(histories, counts, params, batch.generators)
         # What the cache lacks: a row's unread tokens (a finished row's prompt, read for its logprobs only).
@@ -289,7 +291,7 @@ class Speculation:
                     probs = filtered_probs(logits[row, first : first + len(guesses) + 1], params)
                     row_draft = None if draft_probs is None else draft_probs[row]
                     new = verify_sampled(probs, guesses, row_draft, batch.generators[row])
-                self._count(len(guesses), len(new))
+                self._count(row, len(guesses), len(new))
             if params.logprobs:
                 _record_logprobs(batch, row, raw[row, columns[row] :], cached[row], new)
             cached[row] += len(unfed[row]) + max(len(new) - 1, 0)
@@ -298,7 +300,14 @@ class Speculation:
         batch.cached = min(cached)
         return pieces
 
-    def _count(self, proposed: int, produced: int) -> None:
+    def _count(self, row: int, proposed: int, produced: int) -> None:
+        """Count a row's pass, and set how much it may be proposed next: one more after a pass that kept every
+        proposal (up to `speculate`), one less (down to 1) after one that refused some, so that a row whose
+        proposals are refused soon costs one draft step and one position per pass. (The limit depends on past
+        passes only, so sampling keeps its distribution.)"""
+        if proposed:
+            limit = self.limits[row]
+            self.limits[row] = min(self.speculate, limit + 1) if produced - 1 == proposed else max(1, limit - 1)
         self.passes += 1
         self.proposed += proposed
         self.accepted += produced - 1

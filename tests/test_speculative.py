@@ -142,6 +142,7 @@ def test_draft_model_greedy_output_is_plain_whether_the_draft_is_right_or_always
             assert stats.accepted == stats.proposed > 0
         else:
             assert stats.accepted < stats.proposed / 4
+            assert stats.proposed < 1.5 * stats.passes, "refused proposals must shrink the next ones to about one"
 
 
 def test_a_draft_rolled_back_after_a_rejection_proposes_what_a_fresh_draft_proposes():
