@@ -165,11 +165,16 @@ class Batch:
         log_probs = F.log_softmax(logits, dim=-1)  # (bsz, n, vocab)
         self.logprobs[:, columns] = log_probs.gather(-1, self.tokens[:, columns].unsqueeze(-1)).squeeze(-1)
         if self.params.top_logprobs:
-            top = log_probs.topk(min(self.params.top_logprobs, log_probs.shape[-1]), dim=-1)  # (bsz, n, k) each
-            if self.top_ids is None:  # k is known now: at most the vocabulary
-                shape = (*self.tokens.shape, top.indices.shape[-1])  # (bsz, total_len, k)
-                self.top_ids, self.top_logprobs = self.tokens.new_zeros(shape), self.logprobs.new_zeros(shape)
-            self.top_ids[:, columns], self.top_logprobs[:, columns] = top.indices, top.values
+            self.record_top(log_probs, slice(None), columns)
+
+    def record_top(self, log_probs: torch.Tensor, rows, columns) -> None:
+        """Keep the params.top_logprobs most likely tokens of log_probs (..., vocab) and their log-probabilities
+        at batch.tokens[rows, columns]."""
+        top = log_probs.topk(min(self.params.top_logprobs, log_probs.shape[-1]), dim=-1)  # (..., k) each
+        if self.top_ids is None:  # k is known now: at most the vocabulary
+            shape = (*self.tokens.shape, top.indices.shape[-1])  # (bsz, total_len, k)
+            self.top_ids, self.top_logprobs = self.tokens.new_zeros(shape), self.logprobs.new_zeros(shape)
+        self.top_ids[rows, columns], self.top_logprobs[rows, columns] = top.indices, top.values
 
     def advance(self, position: int, new_tokens: list[int], usable: list[bool], stop_ids: frozenset[int]) -> list[str]:
         """The host's part of a step, given the tokens now at `position`: end sequences at a stop id (EOS, or

@@ -243,7 +243,7 @@ class Speculation:
 
     def check(self, params: SamplingParams) -> None:
         """ValueError for sampling settings that speculative decoding does not serve, naming them."""
-        for name in ("top_logprobs", "frequency_penalty", "presence_penalty"):
+        for name in ("frequency_penalty", "presence_penalty"):
             if getattr(params, name):
                 raise ValueError(
                     f"{name}={getattr(params, name)!r} is not available with speculative decoding "
@@ -322,8 +322,11 @@ def _record_logprobs(batch: Batch, row: int, logits: torch.Tensor, cached: int, 
     if count <= 0:
         return
     ids = torch.tensor(sequence[cached + 1 :], dtype=torch.long, device=logits.device)  # (count,)
-    log_probs = F.log_softmax(logits[:count], dim=-1).gather(-1, ids[:, None]).squeeze(-1)
-    batch.logprobs[row, cached + 1 : cached + 1 + count] = log_probs
+    log_probs = F.log_softmax(logits[:count], dim=-1)  # (count, vocab)
+    columns = slice(cached + 1, cached + 1 + count)
+    batch.logprobs[row, columns] = log_probs.gather(-1, ids[:, None]).squeeze(-1)
+    if batch.params.top_logprobs:
+        batch.record_top(log_probs, row, columns)
 
 
 def _advance(batch: Batch, row: int, new: list[int], usable: list[bool], stop_ids: frozenset[int]) -> str:

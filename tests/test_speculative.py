@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import REPO_ROOT, random_model, small_args
+from llama.decoding import completions
 from llama.generation import Llama
 from llama.loading import demo_checkpoint
 from llama.sampling import SamplingParams, sample
@@ -95,6 +96,21 @@ def test_greedy_stops_at_a_stop_id_inside_an_accepted_run(tokenizer):
     assert expected[0][2] == [prompts[2][-4]], "the row must end at the stop id, the second token of a kept run"
 
 
+def test_a_batch_started_from_the_cache_gives_the_tokens_of_plain_decoding(tokenizer):
+    """generate_steps(reuse_cache=True), as a conversation runs it: the second turn feeds only what the cache of
+    the first (rolled back where proposals were refused) lacks, and gets plain decoding's tokens."""
+    model = random_model(small_args(max_seq_len=64, max_batch_size=3), seed=33)
+    plain, speculative = _pair(model, tokenizer, PromptLookup(2), 4)
+    params = SamplingParams(temperature=0, max_gen_len=12)
+    first = _repeating_prompts(plain)
+    results = {}
+    for name, generator in (("plain", plain), ("speculative", speculative)):
+        answers = completions(generator.generate_steps(first, params, reuse_cache=True))
+        second = [prompt + answer.tokens + [7, 8] for prompt, answer in zip(first, answers)]
+        results[name] = [answers, completions(generator.generate_steps(second, params, reuse_cache=True))]
+    assert results["speculative"] == results["plain"]
+
+
 @pytest.fixture(scope="module")
 def demo():
     ckpt_dir, tokenizer_path = demo_checkpoint()
@@ -107,12 +123,12 @@ PASSAGE = "ROMEO:\nBut soft, what light through yonder window breaks? It is the 
 
 
 def test_demo_model_prompt_lookup_gives_plain_text_logprobs_and_stream_with_stop_sequences(demo):
-    """On the demo model, with a prompt that its text repeats: the same text, tokens and logprobs as plain
+    """On the demo model, with a prompt that its text repeats: the text, tokens, logprobs and top logprobs of plain
     greedy decoding, also cut by a stop sequence that falls inside an accepted run, and streamed pieces that
     add up to it."""
     plain, speculative = demo
     prompts = [PASSAGE + PASSAGE + "ROMEO:\nBut", "JULIET:\nO", PASSAGE]
-    settings = dict(temperature=0, max_gen_len=40, logprobs=True)
+    settings = dict(temperature=0, max_gen_len=40, logprobs=True, top_logprobs=3)
     expected = plain.text_completion(prompts, **settings)
     stop = [expected[0]["generation"][12:16]]  # inside the repeated passage
     for options in (settings, dict(settings, stop=stop)):
@@ -122,6 +138,14 @@ def test_demo_model_prompt_lookup_gives_plain_text_logprobs_and_stream_with_stop
         assert [row["tokens"] for row in got] == [row["tokens"] for row in expected], options
         for ours, theirs in zip(got, expected):
             torch.testing.assert_close(ours["logprobs"], theirs["logprobs"], **LOGPROB_TOLERANCE)
+            assert [[text for text, _ in top] for top in ours["top_logprobs"]] == [
+                [text for text, _ in top] for top in theirs["top_logprobs"]
+            ]
+            torch.testing.assert_close(
+                [[logprob for _, logprob in top] for top in ours["top_logprobs"]],
+                [[logprob for _, logprob in top] for top in theirs["top_logprobs"]],
+                **LOGPROB_TOLERANCE,
+            )
         streamed = ["".join(pieces) for pieces in zip(*speculative.stream_completion(prompts, **options))]
         assert streamed == [row["generation"] for row in expected], options
     assert speculative.speculation.accepted > 10, "the test needs runs of kept proposals"
@@ -276,8 +300,8 @@ def test_a_draft_with_another_tokenizer_is_refused(stories_dir):
 
 def test_options_speculation_cannot_serve_are_refused_naming_them(demo):
     _, speculative = demo
-    for name, value in (("top_logprobs", 2), ("frequency_penalty", 0.5), ("presence_penalty", 0.5)):
-        settings = {name: value, "logprobs": name == "top_logprobs"}
+    for name, value in (("frequency_penalty", 0.5), ("presence_penalty", 0.5)):
+        settings = {name: value}
         with pytest.raises(ValueError, match=f"{name}={value} is not available with speculative decoding"):
             speculative.text_completion(["O"], max_gen_len=2, **settings)
         with pytest.raises(ValueError, match=name):
