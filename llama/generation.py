@@ -82,13 +82,8 @@ class Llama:
         a tokenizer of another vocabulary size, non-positive sizes, an unknown quantization or group size, or
         quantize= for a checkpoint that is already quantized.
 
-        Speculative decoding (off by default; see llama/speculative.py and docs/generation.md): `speculate`
-        tokens are proposed per step and the model checks them all in one pass, keeping those it would have
-        produced itself, so that greedy decoding gives the same tokens and sampling the same distribution. The
-        proposals come from `prompt_lookup` (copy what followed the most recent earlier occurrence of the last
-        prompt_lookup tokens) or from the draft model in `draft_ckpt_dir` (same tokenizer; `draft_quantize` as
-        `quantize`). Raises ValueError for k or n below 1, speculate without exactly one proposer, a draft of
-        another tokenizer, or speculation with compile or cuda_graphs=True.
+        `speculate`=k: speculative decoding (docs/generation.md), k tokens proposed per step by `prompt_lookup`=n
+        or the draft in `draft_ckpt_dir` (`draft_quantize` as `quantize`); ValueError for options that do not fit.
         """
         max_seq_len = whole_number(max_seq_len, "max_seq_len")
         max_batch_size = whole_number(max_batch_size, "max_batch_size")
@@ -96,9 +91,7 @@ class Llama:
         if model_parallel_size is not None:
             model_parallel_size = whole_number(model_parallel_size, "model_parallel_size")
         scheme = None if quantize is None and group_size is None else quantization(quantize, group_size)
-        speculation = speculation_settings(
-            speculate, prompt_lookup, draft_ckpt_dir, draft_quantize, compile, cuda_graphs
-        )  # checked before any file is read
+        plan = speculation_settings(speculate, prompt_lookup, draft_ckpt_dir, draft_quantize, compile, cuda_graphs)
         check_folder(ckpt_dir)  # the first file read: a wrong folder is named as such, not as a missing tokenizer
         device = setup_model_parallel(model_parallel_size, device)
         tokenizer = Tokenizer(tokenizer_path)
@@ -107,10 +100,7 @@ class Llama:
         if progress is None:
             progress = sys.stderr.isatty() and is_main_process()
         model = load_model(ckpt_dir, args, torch.distributed.get_rank(), device, dtype, progress, scheme)
-        speculation = build_speculation(
-            model, speculation, draft_ckpt_dir, tokenizer=tokenizer, device=device, dtype=dtype, progress=progress,
-            quantize=draft_quantize,
-        )  # fmt: skip
+        speculation = build_speculation(model, plan, draft_ckpt_dir, draft_quantize, tokenizer, device, dtype, progress)
         return Llama(model, tokenizer, seed, progress, cuda_graphs, compile, speculation)
 
     def __init__(

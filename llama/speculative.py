@@ -386,16 +386,18 @@ def refuse_compiled_steps(speculate: int, compile: bool, cuda_graphs: Optional[b
 
 
 def build_speculation(
-    model: Transformer, settings: Optional[tuple[int, Optional[int]]], draft_ckpt_dir, **draft
-) -> Optional["Speculation"]:
-    """The Speculation for `model` from `speculation_settings`' result (None: none): prompt lookup, or the draft
-    in `draft_ckpt_dir` loaded with `draft`, load_draft's other arguments."""
-    if settings is None:
+    model: Transformer, plan: Optional[tuple[int, Optional[int]]], draft_ckpt_dir, draft_quantize: Optional[str],
+    tokenizer: Tokenizer, device: torch.device, dtype, progress: bool,
+) -> Optional["Speculation"]:  # fmt: skip
+    """The Speculation for `model` from `speculation_settings`' result `plan` (None: none): prompt lookup, or the
+    draft in `draft_ckpt_dir` loaded as `load_draft` does."""
+    if plan is None:
         return None
-    speculate, prompt_lookup = settings
+    speculate, prompt_lookup = plan
     if prompt_lookup is not None:
         return Speculation(model, speculate, PromptLookup(prompt_lookup))
-    return Speculation(model, speculate, DraftModel(load_draft(draft_ckpt_dir, args=model.params, **draft)))
+    draft = load_draft(draft_ckpt_dir, tokenizer, model.params, device, dtype, progress, draft_quantize)
+    return Speculation(model, speculate, DraftModel(draft))
 
 
 def load_draft(

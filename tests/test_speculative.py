@@ -72,10 +72,14 @@ def test_greedy_prompt_lookup_gives_plain_greedy_tokens_and_logprobs_in_a_batch_
     assert 0 < stats.accepted < stats.proposed, "the test needs proposals both kept and refused"
 
 
-def test_greedy_runs_to_the_end_of_the_context_with_proposals_cut_there(tokenizer):
-    """Without max_gen_len the rows run to max_seq_len; a proposal that would run past it is cut."""
-    model = random_model(small_args(max_seq_len=24, max_batch_size=2), seed=32)
-    plain, speculative = _pair(model, tokenizer, PromptLookup(1), 8)
+@pytest.mark.parametrize("proposer", ["prompt lookup", "draft model"])
+def test_greedy_runs_to_the_end_of_the_context_with_proposals_cut_there(tokenizer, proposer):
+    """Without max_gen_len the rows run to max_seq_len; a proposal that would run past it is cut (the draft
+    model's as well: it never reads past max_seq_len either)."""
+    args = small_args(max_seq_len=24, max_batch_size=2)
+    model = random_model(args, seed=32)
+    draft = DraftModel(random_model(args, seed=32)) if proposer == "draft model" else PromptLookup(1)
+    plain, speculative = _pair(model, tokenizer, draft, 8)
     prompts = [[1, 5, 6, 5, 6, 5], [1] + list(range(40, 58))]
     expected = plain.generate(prompts, max_gen_len=None, temperature=0, logprobs=True)
     _assert_same(expected, speculative.generate(prompts, max_gen_len=None, temperature=0, logprobs=True), "end")
