@@ -294,13 +294,6 @@ class Llama:
         streaming: bool = False,
         reuse_cache: bool = False,
     ) -> Iterator[StepResult]:
-        if self.speculation is not None:
-            self.speculation.check(params)  # before the first step, as the other checks
-        return self._turn(prompts, params, follow_text, streaming, reuse_cache)
-
-    def _turn(
-        self, prompts: list[list[int]], params: SamplingParams, follow_text: bool, streaming: bool, reuse_cache: bool
-    ) -> Iterator[StepResult]:
         with self._turns.turn(streaming):
             yield from self._batches(prompts, params, follow_text, reuse_cache)
 

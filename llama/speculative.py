@@ -241,15 +241,6 @@ class Speculation:
         self.passes = self.proposed = self.accepted = self.generated = 0
         self.limits: list[int] = []  # per row of the batch running: the most tokens it is proposed next
 
-    def check(self, params: SamplingParams) -> None:
-        """ValueError for sampling settings that speculative decoding does not serve, naming them."""
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(params, name):
-                raise ValueError(
-                    f"{name}={getattr(params, name)!r} is not available with speculative decoding "
-                    f"(speculate={self.speculate}): leave it out, or build the Llama without speculate"
-                )
-
     def decode(self, batch: Batch, stop_ids: frozenset[int]) -> Iterator[StepResult]:
         """`llama.decoding.decode` for `batch`, a verification pass per step: yields a StepResult per pass
         when the batch follows its text (the text of every token kept), and one at the end with every
@@ -278,19 +269,18 @@ class Speculation:
         raw, columns = feed(self.model, [unfed[row] + proposed[row] for row in rows], cached, histories)
         usable = torch.isfinite(raw.amax(dim=-1))  # (bsz, width): NaN or +inf anywhere, or no possible token
         logits = torch.where(usable[..., None], raw, 0.0)
-        targets = logits.argmax(dim=-1).tolist() if params.temperature == 0 else None
         usable_rows, pieces = usable.tolist(), [""] * len(rows)
         for row in rows:
             first = columns[row] + len(unfed[row]) - 1  # the column that predicts the row's next token
             new: list[int] = []
             if not batch.done[row]:
                 guesses = proposed[row]
-                if targets is not None:
-                    new = verify_greedy(targets[row][first : first + len(guesses) + 1], guesses)
+                scores = _penalized(batch, row, logits[row, first : first + len(guesses) + 1], guesses)
+                if params.temperature == 0:
+                    new = verify_greedy(scores.argmax(dim=-1).tolist(), guesses)
                 else:
-                    probs = filtered_probs(logits[row, first : first + len(guesses) + 1], params)
                     row_draft = None if draft_probs is None else draft_probs[row]
-                    new = verify_sampled(probs, guesses, row_draft, batch.generators[row])
+                    new = verify_sampled(filtered_probs(scores, params), guesses, row_draft, batch.generators[row])
                 self._count(row, len(guesses), len(new))
             if params.logprobs:
                 _record_logprobs(batch, row, raw[row, columns[row] :], cached[row], new)
@@ -314,6 +304,23 @@ class Speculation:
         self.generated += produced
 
 
+def _penalized(batch: Batch, row: int, scores: torch.Tensor, guesses: list[int]) -> torch.Tensor:
+    """The row's scores (len(guesses) + 1, vocab) less OpenAI's penalties, as `Batch.penalized` takes them
+    before each draw, for what the row will have generated before each position: its tokens so far, then the
+    guesses before that position (the model's own token, where one replaces a guess, comes last). Adds the
+    counts of this pass's tokens only once they are known (see `_advance`)."""
+    params = batch.params
+    if not (params.frequency_penalty or params.presence_penalty):
+        return scores
+    if batch.counts is None:
+        batch.counts = torch.zeros(len(batch.host), scores.shape[-1], device=scores.device)
+    counts = batch.counts[row].expand(len(guesses) + 1, -1).clone()  # (len(guesses) + 1, vocab)
+    for index, token in enumerate(guesses):
+        counts[index + 1 :, token] += 1
+    presence = (counts > 0).to(scores.dtype)
+    return scores - counts * params.frequency_penalty - presence * params.presence_penalty
+
+
 def _record_logprobs(batch: Batch, row: int, logits: torch.Tensor, cached: int, new: list[int]) -> None:
     """Log-probabilities of the row's tokens that this pass predicted: logits (width, vocab) from the row's first
     column, at positions cached, cached + 1, ...; each predicts the token after it, up to the last new one."""
@@ -334,7 +341,10 @@ def _advance(batch: Batch, row: int, new: list[int], usable: list[bool], stop_id
     max_gen_len, text) until the row ends; returns its new text."""
     begin = len(batch.host[row])
     if new:
-        batch.tokens[row, begin : begin + len(new)] = torch.tensor(new, device=batch.tokens.device)
+        new_tensor = torch.tensor(new, device=batch.tokens.device)
+        batch.tokens[row, begin : begin + len(new)] = new_tensor
+        if batch.counts is not None:  # penalties count the generated tokens
+            batch.counts[row].index_add_(0, new_tensor, torch.ones(len(new), device=batch.counts.device))
     piece = ""
     for offset, token in enumerate(new):
         if batch.done[row]:

@@ -302,14 +302,19 @@ def test_a_draft_with_another_tokenizer_is_refused(stories_dir):
         Llama.build(ckpt_dir, tokenizer_path, 64, 1, speculate=2, draft_ckpt_dir=stories_dir)
 
 
-def test_options_speculation_cannot_serve_are_refused_naming_them(demo):
-    _, speculative = demo
-    for name, value in (("frequency_penalty", 0.5), ("presence_penalty", 0.5)):
-        settings = {name: value}
-        with pytest.raises(ValueError, match=f"{name}={value} is not available with speculative decoding"):
-            speculative.text_completion(["O"], max_gen_len=2, **settings)
-        with pytest.raises(ValueError, match=name):
-            speculative.stream_completion(["O"], max_gen_len=2, **settings)
+def test_greedy_with_frequency_and_presence_penalties_gives_plain_greedy_tokens(tokenizer):
+    """The penalties at each verified position count the row's tokens so far and the proposals before it: a row
+    that has begun to repeat one token (proposed again and again, until the penalty turns it down), the cycling
+    row and a short one get plain decoding's tokens."""
+    model = random_model(small_args(max_seq_len=48, max_batch_size=3), seed=33)
+    plain, speculative = _pair(model, tokenizer, PromptLookup(1), 4)
+    prompts = _repeating_prompts(plain)
+    repeating, _ = plain.generate(prompts[:1], max_gen_len=8, temperature=0)  # ends in a token said twice
+    prompts[0] = prompts[0] + repeating[0]
+    for penalties in (dict(frequency_penalty=0.3), dict(presence_penalty=1.5, frequency_penalty=-0.3)):
+        settings = dict(max_gen_len=24, temperature=0, logprobs=True, **penalties)
+        _assert_same(plain.generate(prompts, **settings), speculative.generate(prompts, **settings), str(penalties))
+    assert speculative.speculation.accepted > 0
 
 
 def test_llama_generate_with_prompt_lookup_prints_the_plain_text(run_main):
