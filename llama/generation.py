@@ -20,7 +20,8 @@ from llama.model import Transformer
 from llama.prompts import check_token_prompts, encode_dialogs, encode_prompts
 from llama.quantize import quantization
 from llama.sampling import SamplingParams
-from llama.speculative import Speculation, build_speculation, refuse_compiled_steps, speculation_settings
+from llama.speculative import Speculation
+from llama.speculative_options import build_speculation, refuse_compiled_steps, speculation_settings
 from llama.tokenizer import Tokenizer
 from llama.turns import Turns
 from llama.values import flag, whole_number
