@@ -3,6 +3,7 @@ with the sixth decoding step of the run (the prompt, then five tokens of the fir
 minutes, for Ctrl-C. It creates the file READY when it starts waiting, and the test sends SIGINT only then: the
 answer is still streaming when the signal arrives, however fast or busy the machine is."""
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,4 +28,7 @@ def waiting_forward(self, tokens, start_pos, last_only):
 
 
 EagerStep.forward = waiting_forward
+# Ctrl-C as a terminal program gets it, even when this process inherits SIGINT ignored (as from a test runner's
+# worker, or a shell's background job): Python then installs no handler of its own.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.exit(main(sys.argv[2:]))
