@@ -273,6 +273,8 @@ class Speculation:
                 else:
                     row_draft = None if draft_probs is None else draft_probs[row]
                     new = verify_sampled(filtered_probs(scores, params), guesses, row_draft, batch.generators[row])
+                if not new:  # every pass gives a running row a token, or decoding would never end
+                    raise RuntimeError(f"a verification pass gave sequence {row} no token: its cache bookkeeping broke")
                 self._count(row, len(guesses), len(new))
             if params.logprobs:
                 _record_logprobs(batch, row, raw[row, columns[row] :], cached[row], new)
