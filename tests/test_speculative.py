@@ -155,6 +155,20 @@ def test_demo_model_prompt_lookup_gives_plain_text_logprobs_and_stream_with_stop
     assert speculative.speculation.accepted > 10, "the test needs runs of kept proposals"
 
 
+def test_stories260k_prompt_lookup_gives_plain_greedy_text_and_logprobs(stories_dir):
+    ckpt_dir = str(stories_dir)
+    plain = Llama.build(ckpt_dir, f"{ckpt_dir}/tokenizer.model", 160, 2)
+    speculative = Llama.build(ckpt_dir, f"{ckpt_dir}/tokenizer.model", 160, 2, speculate=3, prompt_lookup=1)
+    story = "Once upon a time, there was a little girl named Lily. She loved to play with her ball. "
+    prompts = [story * 2 + "Once upon a time,", "Tom and Sue"]
+    settings = dict(temperature=0, max_gen_len=60, logprobs=True)
+    expected, got = plain.text_completion(prompts, **settings), speculative.text_completion(prompts, **settings)
+    assert [row["generation"] for row in got] == [row["generation"] for row in expected]
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours["logprobs"], theirs["logprobs"], **LOGPROB_TOLERANCE)
+    assert speculative.speculation.accepted > 10
+
+
 def test_draft_model_greedy_output_is_plain_whether_the_draft_is_right_or_always_wrong(tokenizer):
     """With the model as its own draft every proposal is kept; with another random model nearly none is;
     both give plain greedy decoding's tokens."""
