@@ -257,6 +257,9 @@ def decode(step: Step, batch: Batch, stop_ids: frozenset[int], speculation=None)
     if batch.min_prompt_len == batch.total_len and params.logprobs:
         # Nothing to generate (every prompt fills the context): score the prompts.
         batch.record_logprobs(step.forward(batch.tokens, 0, last_only=False)[:, :-1], 0)
+    # A prompt that fills the context is done from the start, but its echoed logprobs are scored only as the
+    # loop feeds its tokens: the loop runs on until the longest prompt is read, though the others are done.
+    scored_until = max(batch.prompt_lens) - 1 if params.logprobs and params.echo else 0
     for position in range(batch.min_prompt_len, batch.total_len):
         fed = batch.cached  # feed the positions the cache lacks, up to this one
         # (bs, position - fed, vocab) for logprobs, else (bs, 1, vocab): the next token needs the last
@@ -272,6 +275,6 @@ def decode(step: Step, batch: Batch, stop_ids: frozenset[int], speculation=None)
         pieces = batch.advance(position, new_tokens, usable, stop_ids)
         if batch.streams is not None:  # else there is nothing to hand out before the end
             yield StepResult(pieces)
-        if all(batch.done):
+        if all(batch.done) and position >= scored_until:
             break
     yield batch.finish()

@@ -120,6 +120,22 @@ def test_logprobs_of_prompts_that_fill_the_context_are_not_shifted(generator):
         torch.testing.assert_close(torch.tensor(row_logprobs), torch.tensor(expected), rtol=1e-4, atol=1e-4)
 
 
+def test_logprobs_of_a_prompt_that_fills_the_context_are_scored_beside_shorter_prompts(generator):
+    """One prompt max_seq_len long, the others short and done long before it is read: every echoed logprob of
+    every prompt is still log_softmax of a full forward at its predicting position (none left at 0.0)."""
+    length = generator.model.params.max_seq_len
+    full = [1] + [(7 * i) % 300 + 3 for i in range(length - 1)]
+    prompts = [[1, 50], full, [1, 60, 61, 62, 63]]
+    out, logprobs = generator.generate(prompts, max_gen_len=4, temperature=0, logprobs=True, echo=True)
+    assert out[1] == full
+    for prompt, tokens, row_logprobs in zip(prompts, out, logprobs):
+        assert tokens[: len(prompt)] == prompt and len(row_logprobs) == len(tokens)
+        with torch.no_grad():
+            log_probs = F.log_softmax(generator.model(torch.tensor([tokens]), 0)[0], dim=-1)
+        expected = [0.0] + [float(log_probs[i - 1, tokens[i]]) for i in range(1, len(tokens))]
+        torch.testing.assert_close(torch.tensor(row_logprobs), torch.tensor(expected), rtol=1e-4, atol=1e-4)
+
+
 def test_generation_stops_at_eos_per_sequence_and_when_all_sequences_stopped(generator):
     eos = generator.tokenizer.eos_id
     plain, _ = generator.generate(PROMPTS, max_gen_len=6, temperature=0)
