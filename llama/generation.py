@@ -73,12 +73,13 @@ class Llama:
         long run on standard error (default: when it is a terminal, on rank 0). `cuda_graphs` records each
         decoding step as a CUDA graph and replays it (see llama/cuda_graphs.py; default: on a CUDA device with
         one process); `compile` compiles it with torch.compile instead (see llama/compiled.py: tens of seconds
-        to compile, then a faster step on the CPU). `quantize` ("int8" or "int4", with `group_size` 32, 64 or 128
-        for int4) quantizes the linear layers' weights as they load (see llama/quantize.py), so that memory holds
-        the quantized model, never the floating-point one; a checkpoint written quantized by `python -m llama
-        quantize` loads quantized without it. The caller's torch defaults are left alone, and build may
-        be called again in the same process. Raises FileNotFoundError for a missing folder, params.json, shard
-        or tokenizer, and ValueError for anything that does not fit: a malformed params.json, a model-parallel
+        to compile, then a faster step on the CPU). `quantize` ("int8" or "int4", weight-only, with `group_size` 32, 64
+        or 128 for int4, default 32; or llama.cpp's block schemes "q8_0" and "q4_0", which round the activations to int8
+        too, see llama/block_quant.py) quantizes the linear layers' weights as they load (see llama/quantize.py), so
+        that memory holds the quantized model, never the floating-point one; a checkpoint written quantized by `python
+        -m llama quantize` loads quantized without it. The caller's torch defaults are left alone, and build may be
+        called again in the same process. Raises FileNotFoundError for a missing folder, params.json, shard or
+        tokenizer, and ValueError for anything that does not fit: a malformed params.json, a model-parallel
         size that does not divide the model, a corrupt shard, shards that disagree, a tensor of the wrong shape,
         a tokenizer of another vocabulary size, non-positive sizes, an unknown quantization or group size, or
         quantize= for a checkpoint that is already quantized.

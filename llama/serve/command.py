@@ -32,8 +32,8 @@ SERVE_OPTIONS = (
                          help="the most requests waiting for a row; more are answered 429")),
     ("--prefill-chunk", dict(type=int, default=256, metavar="N",
                              help="the most prompt tokens a request feeds in one step")),
-    ("--quantize", dict(metavar="NAME", help="int8 or int4: quantize the linear layers as they load")),
-    ("--group-size", dict(type=int, metavar="N", help="int4's group of input channels: 32, 64 or 128")),
+    ("--quantize", dict(metavar="NAME", help="int8, int4, q8_0 or q4_0: quantize the linear layers as they load")),
+    ("--group-size", dict(type=int, metavar="N", help="int4's group of input channels: 32, 64 or 128 (default 32)")),
     ("--compile", dict(action=argparse.BooleanOptionalAction, default=False,
                        help="run the steps of one token per request through a compiled graph: faster steps, after "
                             "a compile of tens of seconds at the first step that reads each cache window")),
