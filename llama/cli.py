@@ -111,7 +111,8 @@ def _perplexity(
         if trained is not None and min(max_seq_len, result.tokens + 1) > trained:  # a window went past `trained`
             warnings.warn(
                 f"{trained_on(ckpt_dir, trained)}: scoring with --max-seq-len {max_seq_len} reads past what it "
-                f"learned, which makes its perplexity worse: pass --max-seq-len {trained}"
+                f"learned, which makes its perplexity worse: pass --max-seq-len {trained}",
+                stacklevel=2,
             )
         return str(result)
 

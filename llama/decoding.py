@@ -64,8 +64,9 @@ def cache_window(start_pos: int, min_window: int, max_seq_len: int) -> int:
 class Completion(NamedTuple):
     """One sequence's result: its tokens (with the prompt's if echoed; without EOS; with a stop sequence, those
     wholly inside the text, which ends before the stop), their logprobs (with logprobs=True), and their text
-    when it was followed (else None: decode(tokens)). With top_logprobs=k, for each returned token the k most likely tokens at its position, as (token id,
-    logprob) pairs, most likely first ([] for a prompt's first token, which nothing predicts)."""
+    when it was followed (else None: decode(tokens)). With top_logprobs=k, for each returned token the k most
+    likely tokens at its position, as (token id, logprob) pairs, most likely first ([] for a prompt's first
+    token, which nothing predicts)."""
 
     tokens: list[int]
     logprobs: Optional[list[float]]

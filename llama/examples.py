@@ -15,8 +15,8 @@ BOOLEAN_OPTIONS = ("--compile",)
 
 def example_parser(description: str, max_seq_len: Optional[int], max_gen_len: Optional[int]) -> argparse.ArgumentParser:
     """The options the example scripts share: the checkpoint (none: the bundled demo model), sampling, context
-    and batch sizes, device, dtype, quantization, a compiled step and speculative decoding. Parse with `llama.cli.parse_arguments`, so
-    that Meta's spellings (--ckpt_dir) work too."""
+    and batch sizes, device, dtype, quantization, a compiled step and speculative decoding. Parse with
+    `llama.cli.parse_arguments`, so that Meta's spellings (--ckpt_dir) work too."""
     parser = Parser(description=description, formatter_class=HelpFormatter)
     parser.add_argument("--ckpt-dir", help="a Meta-layout checkpoint folder (default: the bundled demo model)")
     parser.add_argument("--tokenizer-path", help="its tokenizer.model (default: CKPT_DIR/tokenizer.model)")

@@ -73,20 +73,18 @@ class Llama:
         long run on standard error (default: when it is a terminal, on rank 0). `cuda_graphs` records each
         decoding step as a CUDA graph and replays it (see llama/cuda_graphs.py; default: on a CUDA device with
         one process); `compile` compiles it with torch.compile instead (see llama/compiled.py: tens of seconds
-        to compile, then a faster step on the CPU). `quantize` ("int8" or "int4", weight-only, with `group_size` 32, 64
-        or 128 for int4, default 32; or llama.cpp's block schemes "q8_0" and "q4_0", which round the activations to int8
-        too, see llama/block_quant.py) quantizes the linear layers' weights as they load (see llama/quantize.py), so
-        that memory holds the quantized model, never the floating-point one; a checkpoint written quantized by `python
-        -m llama quantize` loads quantized without it. The caller's torch defaults are left alone, and build may be
-        called again in the same process. Raises FileNotFoundError for a missing folder, params.json, shard or
+        to compile, then a faster step on the CPU). `quantize` quantizes the linear layers' weights as they load,
+        so that memory never holds the floating-point model: "int8" or "int4" weight-only (llama/quantize.py;
+        int4 `group_size` 32, 64 or 128, default 32), or llama.cpp's block schemes "q8_0" and "q4_0", which round
+        the activations to int8 too (llama/block_quant.py); a checkpoint written by `llama quantize` loads
+        quantized without it. The caller's torch defaults are left alone, and build may be called again in the
+        same process. Raises FileNotFoundError for a missing folder, params.json, shard or
         tokenizer, and ValueError for anything that does not fit: a malformed params.json, a model-parallel
         size that does not divide the model, a corrupt shard, shards that disagree, a tensor of the wrong shape,
         a tokenizer of another vocabulary size, non-positive sizes, an unknown quantization or group size, or
-        quantize= for a checkpoint that is already quantized.
-
-        `speculate`=k: speculative decoding (docs/generation.md), k tokens proposed per step by `prompt_lookup`=n
-        or the draft in `draft_ckpt_dir` (`draft_quantize` as `quantize`); ValueError for options that do not fit.
-        """
+        quantize= for a checkpoint that is already quantized. `speculate`=k: speculative decoding
+        (docs/generation.md), k tokens proposed per step by `prompt_lookup`=n or the draft in `draft_ckpt_dir`
+        (`draft_quantize` as `quantize`); ValueError for options that do not fit."""
         max_seq_len = whole_number(max_seq_len, "max_seq_len")
         max_batch_size = whole_number(max_batch_size, "max_batch_size")
         seed = whole_number(seed, "seed", minimum=None)
@@ -194,9 +192,9 @@ class Llama:
         prompt (the prompt included with echo=True), plus "tokens" (the text of each token) and "logprobs" with
         logprobs=True, and "top_logprobs" with top_logprobs=k too (up to 20): for each token, the k most likely
         at its position as (text, logprob) pairs, most likely first. With a stop sequence, the tokens and
-        logprobs are those wholly inside the returned text (one that straddles the stop is left out). Raises TypeError for a non-string prompt or
-        stop list, ValueError for an empty list, bad sampling settings or a prompt that is too long (naming
-        it), and FloatingPointError if the model's logits are not finite.
+        logprobs are those wholly inside the returned text (one that straddles the stop is left out). Raises
+        TypeError for a non-string prompt or stop list, ValueError for an empty list, bad sampling settings or
+        a prompt that is too long (naming it), and FloatingPointError if the model's logits are not finite.
         """
         params = SamplingParams(
             temperature, top_p, top_k, max_gen_len, stop, logprobs, echo, seed=seed, top_logprobs=top_logprobs,

@@ -10,7 +10,6 @@ import torch
 
 from llama.values import flag, real_number, whole_number
 
-
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API: enough to show the alternatives, never a copy of the distribution
 
 
