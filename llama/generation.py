@@ -21,7 +21,7 @@ from llama.prompts import check_token_prompts, encode_dialogs, encode_prompts
 from llama.quantize import quantization
 from llama.sampling import SamplingParams
 from llama.speculative import Speculation
-from llama.speculative_options import build_speculation, refuse_compiled_steps, speculation_settings
+from llama.speculative_options import build_speculation, check_draft, refuse_compiled_steps, speculation_settings
 from llama.tokenizer import Tokenizer
 from llama.turns import Turns
 from llama.values import flag, whole_number
@@ -99,8 +99,9 @@ class Llama:
         dtype = resolve_dtype(dtype, device, quantized=scheme is not None or read_quantization(ckpt_dir) is not None)
         if progress is None:
             progress = sys.stderr.isatty() and is_main_process()
+        draft = check_draft(draft_ckpt_dir, tokenizer, args)  # small reads, before the model's weights load
         model = load_model(ckpt_dir, args, torch.distributed.get_rank(), device, dtype, progress, scheme)
-        speculation = build_speculation(model, plan, draft_ckpt_dir, draft_quantize, tokenizer, device, dtype, progress)
+        speculation = build_speculation(model, plan, draft, draft_quantize, device, dtype, progress)
         return Llama(model, tokenizer, seed, progress, cuda_graphs, compile, speculation)
 
     def __init__(

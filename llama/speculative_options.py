@@ -8,10 +8,11 @@ import torch
 
 from llama.args import ModelArgs
 from llama.distributed import resolve_dtype
-from llama.layout import check_folder, read_model_args, read_quantization, tokenizer_file
+from llama.layout import check_folder, read_model_args, read_quantization, tokenizer_file, trained_context_len
 from llama.loading import load_model, model_args_for
 from llama.model import Transformer
 from llama.quantize import quantization
+from llama.shards import find_shards
 from llama.speculative import DraftModel, PromptLookup, Speculation
 from llama.tokenizer import Tokenizer
 from llama.values import whole_number
@@ -44,6 +45,8 @@ def speculation_settings(
         raise ValueError(f"draft_quantize={draft_quantize!r} needs draft_ckpt_dir=DIR, the draft model to quantize")
     if draft_ckpt_dir is not None:
         check_folder(draft_ckpt_dir, "draft checkpoint")
+    if draft_quantize is not None:
+        quantization(draft_quantize)
     refuse_compiled_steps(speculate, compile, cuda_graphs)
     return speculate, prompt_lookup
 
@@ -60,27 +63,32 @@ def refuse_compiled_steps(speculate: int, compile: bool, cuda_graphs: Optional[b
 
 
 def build_speculation(
-    model: Transformer, plan: Optional[tuple[int, Optional[int]]], draft_ckpt_dir, draft_quantize: Optional[str],
-    tokenizer: Tokenizer, device: torch.device, dtype, progress: bool,
+    model: Transformer, plan: Optional[tuple[int, Optional[int]]], draft: Optional[tuple[Path, ModelArgs]],
+    draft_quantize: Optional[str], device: torch.device, dtype, progress: bool,
 ) -> Optional[Speculation]:  # fmt: skip
     """The Speculation for `model` from `speculation_settings`' result `plan` (None: none): prompt lookup, or the
-    draft in `draft_ckpt_dir` loaded as `load_draft` does."""
+    draft model that `check_draft` found (its folder and settings), quantized with `draft_quantize` as
+    `Llama.build` quantizes."""
     if plan is None:
         return None
     speculate, prompt_lookup = plan
     if prompt_lookup is not None:
         return Speculation(model, speculate, PromptLookup(prompt_lookup))
-    draft = load_draft(draft_ckpt_dir, tokenizer, model.params, device, dtype, progress, draft_quantize)
-    return Speculation(model, speculate, DraftModel(draft))
+    folder, draft_args = draft
+    scheme = None if draft_quantize is None else quantization(draft_quantize)
+    dtype = resolve_dtype(dtype, device, quantized=scheme is not None or read_quantization(folder) is not None)
+    draft_model = load_model(folder, draft_args, torch.distributed.get_rank(), device, dtype, progress, scheme)
+    return Speculation(model, speculate, DraftModel(draft_model))
 
 
-def load_draft(
-    draft_ckpt_dir, tokenizer: Tokenizer, args: ModelArgs, device: torch.device, dtype, progress: bool,
-    quantize: Optional[str],
-) -> Transformer:  # fmt: skip
-    """The draft model in `draft_ckpt_dir`, with a cache as large as the model's (`args`), quantized with
-    `quantize` as `Llama.build` does. Raises FileNotFoundError for a missing folder, and ValueError for a draft
-    of another tokenizer or vocabulary, and as loading does."""
+def check_draft(draft_ckpt_dir, tokenizer: Tokenizer, args: ModelArgs) -> Optional[tuple[Path, ModelArgs]]:
+    """The folder of the draft model in `draft_ckpt_dir` (None: no draft) and its settings for the model of
+    settings `args` and its `tokenizer`, a cache as large as the model's. Reads only small files (params.json,
+    the tokenizer, metrics.json, the shards' names), so that a draft that cannot serve is refused before the
+    model's weights load. Raises FileNotFoundError for a missing folder or shards, and ValueError for a draft of another
+    tokenizer or vocabulary, one trained on a shorter context than max_seq_len, and as `model_args_for` does."""
+    if draft_ckpt_dir is None:
+        return None
     folder = check_folder(draft_ckpt_dir, "draft checkpoint")
     own_tokenizer = tokenizer_file(folder)
     if own_tokenizer.is_file() and not same_tokenizer(tokenizer, Tokenizer(own_tokenizer)):
@@ -94,10 +102,14 @@ def load_draft(
             f"the draft in {str(draft_ckpt_dir)!r} has a vocabulary of {vocab_size} tokens, the model one of "
             f"{args.vocab_size}: a draft must share the model's tokenizer"
         )
-    draft_args = model_args_for(folder, tokenizer, args.max_seq_len, args.max_batch_size)
-    scheme = None if quantize is None else quantization(quantize)
-    dtype = resolve_dtype(dtype, device, quantized=scheme is not None or read_quantization(folder) is not None)
-    return load_model(folder, draft_args, torch.distributed.get_rank(), device, dtype, progress, scheme)
+    trained = trained_context_len(folder)
+    if trained is not None and trained < args.max_seq_len:
+        raise ValueError(
+            f"the draft in {str(draft_ckpt_dir)!r} was trained on {trained} tokens of context, fewer than "
+            f"max_seq_len={args.max_seq_len}: give max_seq_len <= {trained}, or a draft trained on a longer context"
+        )
+    find_shards(folder)
+    return folder, model_args_for(folder, tokenizer, args.max_seq_len, args.max_batch_size)
 
 
 def same_tokenizer(first: Tokenizer, second: Tokenizer) -> bool:

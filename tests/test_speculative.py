@@ -2,6 +2,9 @@
 token, whatever the proposer and however many proposals each row keeps; sampled output keeps the model's
 distribution; bad options are refused before any work."""
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -314,6 +317,39 @@ def test_a_draft_with_another_tokenizer_is_refused(stories_dir):
     ckpt_dir, tokenizer_path = demo_checkpoint()
     with pytest.raises(ValueError, match="a draft must share the model's tokenizer"):
         Llama.build(ckpt_dir, tokenizer_path, 64, 1, speculate=2, draft_ckpt_dir=stories_dir)
+
+
+def demo_folder(folder, weights: bool = True, trained_context: int = 256):
+    """A copy of the demo model's small files in `folder` (params.json, tokenizer, metrics.json giving the
+    context it was trained on), with an unreadable shard when `weights` is False, none when it is None."""
+    ckpt_dir, tokenizer_path = demo_checkpoint()
+    folder.mkdir()
+    shutil.copy(ckpt_dir / "params.json", folder / "params.json")
+    shutil.copy(tokenizer_path, folder / "tokenizer.model")
+    (folder / "metrics.json").write_text(json.dumps({"settings": {"max_seq_len": trained_context}}))
+    if weights is not None:
+        weights_file = folder / "consolidated.00.pth"
+        weights_file.write_bytes((ckpt_dir / "consolidated.00.pth").read_bytes() if weights else b"not weights")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "draft,options,error",
+    [
+        ("stories260K", {}, "a draft must share the model's tokenizer"),
+        (dict(weights=None), {}, "no consolidated.NN.pth"),
+        (dict(trained_context=128), {}, "was trained on 128 tokens of context, fewer than max_seq_len=256"),
+        ({}, dict(draft_quantize="int3"), "int3"),
+    ],
+)
+def test_a_draft_that_cannot_serve_is_refused_before_the_models_weights_are_read(
+    tmp_path, stories_dir, draft, options, error
+):
+    """The model's shard is unreadable: an error about the draft proves that nothing read the shard first."""
+    model_dir = demo_folder(tmp_path / "model", weights=False)
+    draft_dir = stories_dir if draft == "stories260K" else demo_folder(tmp_path / "draft", **draft)
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        Llama.build(model_dir, model_dir / "tokenizer.model", 256, 1, speculate=2, draft_ckpt_dir=draft_dir, **options)
 
 
 def test_greedy_with_frequency_and_presence_penalties_gives_plain_greedy_tokens(tokenizer):
