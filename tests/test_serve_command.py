@@ -3,6 +3,7 @@ environment, logs one line per request without the prompt, and ends with status 
 two processes serve what one does, and SIGTERM to torchrun ends them all."""
 
 import contextlib
+import json
 import os
 import queue
 import re
@@ -53,19 +54,38 @@ def serving(arguments: list[str], env: dict[str, str]) -> Iterator[tuple[subproc
 
 def test_llama_serve_serves_the_demo_model_logs_without_prompts_and_exits_0_on_sigterm():
     env = dict(os.environ, LLAMA_API_KEY="from-the-environment")
-    arguments = ["-m", "llama", "serve", "--port", "0", "--max-seq-len", "64", "--max-batch-size", "2"]
+    arguments = ["-m", "llama", "serve", "--port", "0", "--max-seq-len", "512", "--max-batch-size", "2"]
     with serving(arguments, env) as (process, base, seen):
         assert httpx.get(base + "/v1/models", timeout=TIMEOUT).status_code == 401
         key = {"Authorization": "Bearer from-the-environment"}
         body = {"prompt": "SECRET PROMPT", "max_tokens": 3}
         answer = httpx.post(base + "/v1/completions", json=body, headers=key, timeout=TIMEOUT).json()
         assert answer["model"] == "demo" and answer["usage"]["completion_tokens"] == 3
-        process.send_signal(signal.SIGTERM)
+        events = _stream_across_sigterm(process, base, key, max_tokens=400)
         assert process.wait(TIMEOUT) == 0
+    # The stream that ran at SIGTERM was let finish (400 tokens take about a second alone on two cores, well
+    # within the 10 s grace): its last chunk, its usage and [DONE], and no error.
+    assert events[-1] == "[DONE]" and not any("error" in event for event in events[:-1]), events[-3:]
+    assert json.loads(events[-2])["usage"]["completion_tokens"] == 400
+    assert json.loads(events[-3])["choices"][0]["finish_reason"] == "length"
     log = "".join(seen)
     assert re.search(r"POST /v1/completions 200 tokens_in=\d+ tokens_out=3 ", log), log
     assert "GET /v1/models 401" in log and "SECRET" not in log
     assert process.stdout.read().strip() == "stopped"
+
+
+def _stream_across_sigterm(process: subprocess.Popen, base: str, headers: dict, max_tokens: int) -> list[str]:
+    """The data of each event of a streamed request, SIGTERM sent to `process` once its first event is in."""
+    body = {"prompt": "ROMEO:", "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    events = []
+    with httpx.stream("POST", base + "/v1/completions", json=body, headers=headers, timeout=TIMEOUT) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 1:
+                    process.send_signal(signal.SIGTERM)
+    return events
 
 
 def test_serve_refuses_bad_settings_in_one_line_before_loading(run_main):

@@ -155,7 +155,14 @@ def _stoppable_server() -> type:
             if threading.current_thread() is not threading.main_thread():
                 yield
                 return
-            previous = {number: signal.signal(number, self.stop) for number in (signal.SIGINT, signal.SIGTERM)}
+
+            # A plain function, not the bound method: sse-starlette looks for a server behind the SIGTERM handler
+            # and cuts every open stream half a second after its should_exit turns true, which would end a running
+            # stream with neither its last chunk nor [DONE]; the scheduler's grace decides instead.
+            def stop(number, frame) -> None:
+                self.stop(number, frame)
+
+            previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
             try:
                 yield
             finally:
