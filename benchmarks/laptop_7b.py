@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_side_by_side import gguf_bytes_per_step, llama_cpp_files, llama_cpp_installed  # noqa: E402
+from llama_cpp_arm import gguf_bytes_per_step, llama_cpp_files, llama_cpp_installed  # noqa: E402
 from padded_tokenizer import write_tokenizer  # noqa: E402
 from random_model import SHAPES  # noqa: E402
 from timing import bandwidth, run_probe  # noqa: E402

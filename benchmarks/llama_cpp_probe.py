@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_side_by_side import llama_cpp_generate  # noqa: E402
+from llama_cpp_arm import llama_cpp_generate  # noqa: E402
 from load_probe import peak_rss, reset_peak  # noqa: E402
 
 

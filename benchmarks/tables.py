@@ -3,6 +3,7 @@ every benchmark command (run in a temporary folder, print the table, write --jso
 
 import argparse
 import json
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,16 @@ TABLE_ROWS = [
     ("  (floor of weights read)", "decode_b1_percent_of_floor_weights_read", 1),
     ("decode batch 1, GB/s achieved", "decode_b1_achieved_gb_per_s", 1),
 ]
+
+
+def cpu_name() -> str:
+    """The CPU's model name as Linux gives it in /proc/cpuinfo, or "a CPU" where that cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "a CPU"
+    names = re.findall(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    return names[0] if names else "a CPU"
 
 
 def speed_table(result: dict) -> list[str]:

@@ -3,7 +3,9 @@ finds that this library and Hugging Face transformers produce the same greedy to
 not checked: they depend on the machine.
 
 The benchmark commands run in this process (a new one would spend seconds importing torch again, more than the
-tiny run itself); the probes whose point is a fresh process (load time and peak memory) still get one each."""
+tiny run itself); the probes whose point is a fresh process (load time and peak memory) still get one each, and
+so does each arm of the side-by-side benchmark, whose point is that a crashing arm takes only itself down (those
+tests choose few arms: each worker imports torch)."""
 
 import importlib.util
 import json
@@ -23,6 +25,8 @@ import bench  # noqa: E402
 import decode_side_by_side  # noqa: E402
 import step_profile  # noqa: E402
 
+LLAMA_CPP = bool(importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf"))
+SIDE_BY_SIDE_TINY = ["--shape", "tiny", "--repeats", "1", "--new_tokens", "4", "--threads", "1", "--profile_steps", "2"]
 EXPECTED_FIGURES = {
     "prefill_tokens_per_s",
     "time_to_first_token_s",
@@ -49,31 +53,56 @@ def test_benchmark_smoke_run_writes_all_figures_and_both_libraries_agree_on_gree
     ]
 
 
-def test_side_by_side_decoding_benchmark_runs_every_arm_with_the_kernels(tmp_path):
-    """benchmarks/decode_side_by_side.py: float32, bfloat16, int8, int4, q8_0 and q4_0 of this library and HF's
-    float32 and bfloat16 on one random model (and llama.cpp's f32, q8_0 and q4_0 where llama-cpp-python is
-    installed); int8 and int4 use PyTorch's kernels, q8_0 and q4_0 this machine's block kernel, and this
-    library's float32 decodes Hugging Face's float32 tokens (and llama.cpp's)."""
+def test_side_by_side_benchmark_runs_each_arm_in_a_process_of_its_own_with_its_kernel(tmp_path):
+    """benchmarks/decode_side_by_side.py, each arm in a worker process of its own: our float32 and q8_0 and HF's
+    float32 on one random model (and llama.cpp's q8_0 where llama-cpp-python is installed); q8_0 uses this
+    machine's block kernel, and this library's float32 decodes Hugging Face's float32 tokens. Every arm reports
+    decode and prefill speed, and its own peak memory. Few arms: each worker imports torch."""
     output = tmp_path / "side.json"
-    arguments = ["--shape", "tiny", "--repeats", "1", "--new_tokens", "4", "--threads", "1", "--json", str(output),
-                 "--peak_arms", "int4,llama.cpp q4_0", "--profile_steps", "2"]  # fmt: skip
-    decode_side_by_side.main(arguments)
-    arms = json.loads(output.read_text())["arms"]
-    expected = {"float32", "bfloat16", "int8", "int4", "q8_0", "q4_0", "hf float32", "hf bfloat16"}
-    if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf"):
-        expected |= {"llama.cpp f32", "llama.cpp q8_0", "llama.cpp q4_0"}
-        assert arms["llama.cpp f32"]["greedy_tokens"] == arms["float32"]["greedy_tokens"]
-    assert set(arms) == expected
-    assert arms["int8"]["kernels"] == ["int8"] and arms["int4"]["kernels"] == ["int4-cpu"]
-    assert arms["q8_0"]["kernels"] == arms["q4_0"]["kernels"] == [kernel_for(torch.device("cpu"))]
-    assert arms["float32"]["greedy_tokens"] == arms["hf float32"]["greedy_tokens"]
-    assert arms["hf float32"]["tokens_as_float32"] == 4
-    # The memory of the arms asked for, each measured in a process of its own.
-    peaks = {name for name, figures in arms.items() if figures.get("peak_rss_above_start", 0) > 0}
-    assert peaks == {"int4", "llama.cpp q4_0"} & expected
-    for figures in arms.values():
-        assert {"decode_tokens_per_s", "ratio", "bytes_per_step", "percent_of_floor"} <= set(figures)
-    assert arms["int4"]["bytes_per_step"] < arms["int8"]["bytes_per_step"] < arms["bfloat16"]["bytes_per_step"]
+    arms = "float32,q8_0,hf float32" + (",llama.cpp q8_0" if LLAMA_CPP else "")
+    decode_side_by_side.main(SIDE_BY_SIDE_TINY + ["--arms", arms, "--json", str(output)])
+    result = json.loads(output.read_text())
+    figures = result["arms"]
+    assert list(figures) == arms.split(",")
+    assert figures["q8_0"]["kernels"] == [kernel_for(torch.device("cpu"))]
+    assert figures["float32"]["greedy_tokens"] == figures["hf float32"]["greedy_tokens"]
+    assert figures["hf float32"]["tokens_as_float32"] == 4
+    for name, arm in figures.items():
+        assert {"decode_tokens_per_s", "prefill_tokens_per_s", "ratio", "percent_of_floor"} <= set(arm), name
+        assert arm["peak_rss_above_start"] > 0, name
+    assert figures["q8_0"]["bytes_per_step"] < figures["float32"]["bytes_per_step"] / 3
+    assert {"torch", "transformers"} <= set(result["versions"]) and result["cpu"]["name"]
+    if LLAMA_CPP:
+        assert {"llama_cpp_python", "llama_cpp_system_info"} <= set(result["versions"])
+
+
+def test_side_by_side_benchmark_writes_its_table_and_json_when_an_arm_dies_of_a_segfault(tmp_path, monkeypatch, capsys):
+    """A peer whose process dies of SIGSEGV at its first timed run (tests/segfault_worker.py, added beside the
+    benchmark's own arms) leaves the rotation: its row says SIGSEGV, its JSON entry has `crashed` and no decode
+    figure, and the other arm's figures are all there."""
+    commands = decode_side_by_side.worker_commands
+
+    def with_a_crashing_peer(*arguments):
+        return {**commands(*arguments), "segfaulting peer": [str(REPO_ROOT / "tests" / "segfault_worker.py")]}
+
+    monkeypatch.setattr(decode_side_by_side, "worker_commands", with_a_crashing_peer)
+    output = tmp_path / "side.json"
+    decode_side_by_side.main(SIDE_BY_SIDE_TINY + ["--arms", "float32", "--json", str(output)])
+    stdout = capsys.readouterr().out
+    assert "| segfaulting peer | crashed: SIGSEGV |" in stdout, stdout
+    assert "segfaulting peer crashed (SIGSEGV); its last words: about to crash" in stdout, stdout
+    figures = json.loads(output.read_text())["arms"]
+    assert figures["segfaulting peer"]["crashed"] == "SIGSEGV"
+    assert "decode_tokens_per_s" not in figures["segfaulting peer"]
+    assert figures["float32"]["decode_tokens_per_s"] > 0 and figures["float32"]["prefill_tokens_per_s"] > 0
+    assert "| float32 |" in stdout
+
+
+def test_side_by_side_benchmark_refuses_an_arm_it_does_not_have_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        decode_side_by_side.main(["--shape", "tiny", "--no_llama_cpp", "--arms", "float32,int3"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--arms names 'int3', not an arm of this run; choose among: float32, bfloat16" in error, error
 
 
 def test_step_profile_splits_each_step_into_its_parts(capsys):
