@@ -130,8 +130,11 @@ def time_workers(
         order = list(workers) if round_number % 2 == 0 else list(reversed(workers))
         for job, prompt, new_tokens in work:
             for name in order:
+                if workers[name].crashed is not None:
+                    continue
                 answer = workers[name].ask({"prompt": prompt, "new_tokens": new_tokens})
                 if answer is None:
+                    print(f"{name} crashed: {workers[name].crashed}", file=sys.stderr, flush=True)
                     continue
                 if round_number >= warmup:
                     times[name][job].append(answer["seconds"])

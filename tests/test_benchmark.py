@@ -9,6 +9,7 @@ tests choose few arms: each worker imports torch)."""
 
 import importlib.util
 import json
+import signal
 import sys
 
 import pytest
@@ -24,6 +25,7 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import bench  # noqa: E402
 import decode_side_by_side  # noqa: E402
 import step_profile  # noqa: E402
+from workers import Worker  # noqa: E402
 
 LLAMA_CPP = bool(importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf"))
 SIDE_BY_SIDE_TINY = ["--shape", "tiny", "--repeats", "1", "--new_tokens", "4", "--threads", "1", "--profile_steps", "2"]
@@ -103,6 +105,22 @@ def test_side_by_side_benchmark_refuses_an_arm_it_does_not_have_in_one_line(caps
         decode_side_by_side.main(["--shape", "tiny", "--no_llama_cpp", "--arms", "float32,int3"])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--arms names 'int3', not an arm of this run; choose among: float32, bfloat16" in error, error
+
+
+def test_a_worker_that_sends_nothing_within_its_timeout_is_killed_and_reported(tmp_path):
+    worker = Worker(["-c", "import time; time.sleep(60)"], tmp_path / "log", timeout=0.5)
+    assert worker.ready is None and worker.crashed == "timed out after 0.5 s (killed)"
+    assert worker.process.returncode == -signal.SIGKILL
+    assert worker.ask({"prompt": [1], "new_tokens": 1}) is None
+
+
+def test_a_worker_that_raises_is_reported_with_its_exit_status_and_last_words(tmp_path):
+    script = "import json; print(json.dumps({'ready': True}), flush=True); input(); raise ValueError('no such arm')"
+    worker = Worker(["-c", script], tmp_path / "log", timeout=30)
+    assert worker.ready == {"ready": True}
+    assert worker.ask({"prompt": [1], "new_tokens": 1}) is None
+    assert worker.crashed == "exit status 1"
+    assert worker.stderr_tail()[-1] == "ValueError: no such arm"
 
 
 def test_step_profile_splits_each_step_into_its_parts(capsys):
