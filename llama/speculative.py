@@ -24,6 +24,7 @@ from llama.decoding import Batch, StepResult
 from llama.model import Transformer
 from llama.sampling import SamplingParams
 
+READ_AHEAD_FROM = 16  # tokens a row must lack for `read_ahead` to feed them in a pass of their own
 PAD_ID = 0  # fills the columns of a row that has fewer tokens than the widest row; its outputs are never read
 
 
@@ -145,8 +146,9 @@ def feed(
 def read_ahead(model: Transformer, tokens: list[list[int]], cached: list[int], histories) -> list[list[int]]:
     """Feed each row all but the last of its `tokens` (a prompt, mostly), whose logits nobody needs, with the
     output layer run on one position only, advancing `cached`; returns what is left for the pass that needs
-    logits: each row's last token."""
-    if max(len(row) for row in tokens) <= 1:
+    logits: each row's last token. A few tokens (the ones a draft lacks after a pass) are returned as they are:
+    the output layer at a few more positions of the pass that follows costs less than a pass of its own."""
+    if max(len(row) for row in tokens) <= READ_AHEAD_FROM:
         return tokens
     feed(model, [row[:-1] for row in tokens], cached, histories, last_only=True)
     for row, row_tokens in enumerate(tokens):
