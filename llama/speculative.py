@@ -25,6 +25,7 @@ from llama.model import Transformer
 from llama.sampling import SamplingParams
 
 READ_AHEAD_FROM = 16  # tokens a row must lack for `read_ahead` to feed them in a pass of their own
+MAX_PAUSE = 64  # the longest run of plain passes a row makes after its proposals were refused
 PAD_ID = 0  # fills the columns of a row that has fewer tokens than the widest row; its outputs are never read
 
 
@@ -234,6 +235,8 @@ class Speculation:
         self.proposer = proposer
         self.passes = self.proposed = self.accepted = self.generated = 0
         self.limits: list[int] = []  # per row of the batch running: the most tokens it is proposed next
+        self.paused: list[int] = []  # per row: passes it still makes without proposals
+        self.pause: list[int] = []  # per row: how many passes its next pause lasts
 
     def decode(self, batch: Batch, stop_ids: frozenset[int]) -> Iterator[StepResult]:
         """`llama.decoding.decode` for `batch`, a verification pass per step: yields a StepResult per pass
@@ -241,6 +244,7 @@ class Speculation:
         sequence's Completion."""
         cached = [batch.cached] * len(batch.host)  # per row: the positions its cache holds
         self.limits = [self.speculate] * len(batch.host)
+        self.paused, self.pause = [0] * len(batch.host), [1] * len(batch.host)
         self.proposer.begin(len(batch.host), batch.cached)
         while not all(batch.done):
             pieces = self._pass(batch, cached, stop_ids)
@@ -253,7 +257,10 @@ class Speculation:
         params, histories, rows = batch.params, batch.host, range(len(batch.host))
         # A proposal stops where the row must end, so that no position past max_seq_len is ever fed.
         counts = [
-            0 if batch.done[row] else min(self.limits[row], batch.end[row] - 1 - len(histories[row])) for row in rows
+            0
+            if batch.done[row] or self.paused[row]
+            else min(self.limits[row], batch.end[row] - 1 - len(histories[row]))
+            for row in rows
         ]
         proposed, draft_probs = self.proposer.propose(histories, counts, params, batch.generators)
         # What the cache lacks: a row's unread tokens (a finished row's prompt, read for its logprobs only).
@@ -288,12 +295,21 @@ class Speculation:
 
     def _count(self, row: int, proposed: int, produced: int) -> None:
         """Count a row's pass, and set how much it may be proposed next: one more after a pass that kept every
-        proposal (up to `speculate`), one less (down to 1) after one that refused some, so that a row whose
-        proposals are refused soon costs one draft step and one position per pass. (The limit depends on past
-        passes only, so sampling keeps its distribution.)"""
+        proposal (up to `speculate`), one less after one that refused some. A row whose single proposal is
+        refused pauses: it makes plain passes, without proposals, for 1 pass, then 2, 4, ... up to MAX_PAUSE
+        at each refusal that follows, until a pass keeps all it was proposed. A proposer that is always wrong
+        so soon costs a draft step and a position now and then, and speculation about what plain decoding
+        costs. (The limits depend on past passes only, so sampling keeps its distribution.)"""
         if proposed:
             limit = self.limits[row]
-            self.limits[row] = min(self.speculate, limit + 1) if produced - 1 == proposed else max(1, limit - 1)
+            if produced - 1 == proposed:
+                self.limits[row], self.pause[row] = min(self.speculate, limit + 1), 1
+            elif limit > 1:
+                self.limits[row] = limit - 1
+            else:
+                self.paused[row], self.pause[row] = self.pause[row], min(2 * self.pause[row], MAX_PAUSE)
+        elif self.paused[row]:
+            self.paused[row] -= 1
         self.passes += 1
         self.proposed += proposed
         self.accepted += produced - 1

@@ -190,6 +190,19 @@ def test_draft_model_greedy_output_is_plain_whether_the_draft_is_right_or_always
             assert stats.proposed < 1.5 * stats.passes, "refused proposals must shrink the next ones to about one"
 
 
+def test_a_draft_that_is_always_wrong_soon_proposes_only_now_and_then(tokenizer):
+    """Refused proposals pause the row's proposals for longer and longer runs of plain passes, so that over a
+    long generation a useless draft proposes a handful of tokens, and the output stays plain greedy decoding's."""
+    args = small_args(max_seq_len=128, max_batch_size=1)
+    model = random_model(args, seed=33)
+    expected = Llama(model, tokenizer).generate([[1, 50]], max_gen_len=120, temperature=0)
+    speculation = Speculation(model, 4, DraftModel(random_model(args, seed=34)))
+    assert Llama(model, tokenizer, speculation=speculation).generate([[1, 50]], max_gen_len=120, temperature=0) == (
+        expected
+    )
+    assert speculation.passes > 100 and speculation.accepted < speculation.proposed < 25, vars(speculation)
+
+
 def test_a_draft_rolled_back_after_a_rejection_proposes_what_a_fresh_draft_proposes():
     """The draft's cache is rolled back past a rejected proposal: its next proposals equal those of a draft that
     reads the whole history afresh."""
