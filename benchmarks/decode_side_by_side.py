@@ -213,7 +213,7 @@ def run(options: argparse.Namespace, workdir: Path) -> dict:
 def table(result: dict) -> str:
     """The figures as a Markdown table under a heading that names the machine and the run; a crashed arm's row
     says how it ended, and a line under the table gives its last words."""
-    bandwidth_figures, reference = result["bandwidth_gb_per_s"], result["reference_arm"]
+    bandwidth_figures, reference = result["bandwidth_gb_per_s"], result["reference_arm"] or "-"
     lines = [
         f"{result['cpu']['name']}; instruction sets: {', '.join(result['cpu']['instruction_sets']) or 'none listed'}",
         f"shape {result['shape']}, {result['threads']} threads, batch 1, {result['new_tokens']} new tokens, prefill "
