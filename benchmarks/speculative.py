@@ -1,27 +1,43 @@
-"""Speculative decoding against plain decoding, greedy, batch 1, eager, on three prompts: one whose passage the
-text may repeat (a passage given twice, then its start again), an ordinary one, and one with no repeats. For each,
-the acceptance rate (proposals kept), tokens per verification pass and tokens/s with and without speculation,
-checking on the way that both give the same tokens. Times include the prompt. Prints a markdown table.
+"""Speculative decoding against plain decoding, greedy, batch 1, eager, on three prompts: one that repeats a
+passage (given twice, then its start again), an ordinary one, and one with no repeats. For each, the acceptance
+rate (proposals kept), tokens per verification pass and tokens/s with and without speculation, checking on the
+way that both give the same tokens. Times include the prompt. Prints a markdown table.
 
     python benchmarks/speculative.py                                    # the demo model, prompt lookup
     python benchmarks/speculative.py --ckpt-dir ../shared/models/stories260K --texts stories
-    python benchmarks/speculative.py --draft-ckpt-dir llama/demo --draft-quantize int8
+    python benchmarks/speculative.py --draft-ckpt-dir llama/demo/draft  # the demo's trained 2-layer draft
+    python benchmarks/speculative.py --draft-ckpt-dir random            # a draft that is always wrong
+    python benchmarks/speculative.py --shape 110m --draft-ckpt-dir self --draft-quantize int8
+
+--draft-ckpt-dir random is a random model of the model's own shape and tokenizer; self is the model itself
+(quantized with --draft-quantize, it is a cheaper copy); --shape runs a random model of benchmarks/random_model.py.
 """
 
 import argparse
 import platform
+import shutil
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
 
-from llama.generation import Llama
-from llama.layout import tokenizer_file
-from llama.loading import demo_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from padded_tokenizer import write_tokenizer  # noqa: E402
+from random_model import SHAPES, random_state_dict, write_checkpoint  # noqa: E402
+
+from llama.generation import Llama  # noqa: E402
+from llama.layout import read_model_args, tokenizer_file  # noqa: E402
+from llama.loading import demo_checkpoint  # noqa: E402
+from llama.tokenizer import Tokenizer  # noqa: E402
+
+# The opening of tiny shakespeare, the demo model's training text.
 SHAKESPEARE = (
-    "ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and Juliet is the sun. Arise, fair "
-    "sun, and kill the envious moon, who is already sick and pale with grief.\n"
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\nFirst Citizen:\n"
+    "You are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
 )
 STORIES = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her red "
@@ -68,37 +84,71 @@ def table(plain: Llama, speculative: Llama, prompts: dict, max_gen_len: int, rep
     return rows
 
 
+def random_checkpoint(folder: Path, shape, tokenizer_path: Optional[Path], seed: int) -> tuple[Path, Path]:
+    """A random model of `shape` (ModelArgs) written to `folder`, with a copy of `tokenizer_path` (or, without
+    one, a padded tokenizer of its vocabulary): (ckpt_dir, tokenizer_path)."""
+    write_checkpoint(folder, shape, random_state_dict(shape, torch.bfloat16, seed=seed))
+    tokenizer = folder / "tokenizer.model"
+    if tokenizer_path is None:
+        return folder, write_tokenizer(tokenizer, shape.vocab_size)
+    shutil.copy(tokenizer_path, tokenizer)
+    return folder, tokenizer
+
+
+def checkpoints(options: argparse.Namespace, workdir: Path) -> tuple[Path, Path, Optional[Path]]:
+    """(ckpt_dir, tokenizer_path, draft_ckpt_dir) for the options: the demo model, --ckpt-dir or a random model
+    of --shape; the draft in --draft-ckpt-dir, a random model of the model's shape ("random") or the model
+    itself ("self")."""
+    if options.shape:
+        ckpt_dir, tokenizer_path = random_checkpoint(workdir / "model", SHAPES[options.shape], None, seed=0)
+    elif options.ckpt_dir:
+        ckpt_dir, tokenizer_path = Path(options.ckpt_dir), tokenizer_file(options.ckpt_dir)
+    else:
+        ckpt_dir, tokenizer_path = demo_checkpoint()
+    draft = options.draft_ckpt_dir
+    if draft == "random":
+        args = read_model_args(ckpt_dir, max_seq_len=256, max_batch_size=1)
+        args.vocab_size = Tokenizer(tokenizer_path).n_words
+        draft, _ = random_checkpoint(workdir / "draft", args, tokenizer_path, seed=1)
+    elif draft == "self":
+        draft = ckpt_dir
+    return Path(ckpt_dir), Path(tokenizer_path), None if draft is None else Path(draft)
+
+
 def main(argv: Optional[list[str]] = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt-dir", help="a checkpoint folder (default: the demo model)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="a random model of this shape instead")
     parser.add_argument("--texts", choices=sorted(TEXTS), default="shakespeare", help="the prompts' style")
     parser.add_argument("--speculate", type=int, default=4)
     parser.add_argument("--prompt-lookup", type=int, default=None, help="N (default 2 without a draft)")
-    parser.add_argument("--draft-ckpt-dir")
+    parser.add_argument("--draft-ckpt-dir", help="a folder, random (always wrong) or self (the model)")
     parser.add_argument("--draft-quantize")
     parser.add_argument("--max-gen-len", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     options = parser.parse_args(argv)
     torch.set_num_threads(options.threads)
-    ckpt_dir, tokenizer_path = demo_checkpoint() if options.ckpt_dir is None else (options.ckpt_dir, None)
-    tokenizer_path = tokenizer_path or tokenizer_file(ckpt_dir)
-    prompt_lookup = options.prompt_lookup or (None if options.draft_ckpt_dir else 2)
-    plain = Llama.build(ckpt_dir, tokenizer_path, 256, 1, device="cpu")
-    speculative = Llama.build(
-        ckpt_dir, tokenizer_path, 256, 1, device="cpu", speculate=options.speculate, prompt_lookup=prompt_lookup,
-        draft_ckpt_dir=options.draft_ckpt_dir, draft_quantize=options.draft_quantize,
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as workdir:
+        ckpt_dir, tokenizer_path, draft_dir = checkpoints(options, Path(workdir))
+        prompt_lookup = options.prompt_lookup or (None if draft_dir else 2)
+        plain = Llama.build(ckpt_dir, tokenizer_path, 256, 1, device="cpu")
+        speculative = Llama.build(
+            ckpt_dir, tokenizer_path, 256, 1, device="cpu", speculate=options.speculate, prompt_lookup=prompt_lookup,
+            draft_ckpt_dir=draft_dir, draft_quantize=options.draft_quantize,
+        )  # fmt: skip
+        rows = table(plain, speculative, TEXTS[options.texts], options.max_gen_len, options.repeats)
     proposer = f"prompt lookup n={prompt_lookup}" if prompt_lookup else f"draft {options.draft_ckpt_dir}"
     if options.draft_quantize:
         proposer += f" ({options.draft_quantize})"
+    model = f"random {options.shape}" if options.shape else ckpt_dir
     lines = [
-        f"{ckpt_dir}, k={options.speculate}, {proposer}, greedy, {options.max_gen_len} tokens, "
+        f"{model}, k={options.speculate}, {proposer}, greedy, {options.max_gen_len} tokens, "
         f"{options.threads} threads, {platform.processor() or platform.machine()}",
         "",
         "| prompt | proposals kept | tokens per pass | plain tokens/s | speculative tokens/s | speed-up |",
         "| --- | --- | --- | --- | --- | --- |",
-        *table(plain, speculative, TEXTS[options.texts], options.max_gen_len, options.repeats),
+        *rows,
     ]
     return "\n".join(lines)
 

@@ -232,6 +232,21 @@ def test_demo_model_drafting_for_itself_quantized_gives_plain_greedy_text(demo):
     assert stats.accepted > stats.proposed / 2, "an int8 copy of the model should agree with it mostly"
 
 
+def test_the_bundled_draft_drafts_for_the_demo_model_with_a_third_of_its_layers_at_most(demo):
+    """llama/demo_draft, trained on the demo model's text with its tokenizer, agrees with it often and gives
+    plain greedy text."""
+    plain, _ = demo
+    ckpt_dir, tokenizer_path = demo_checkpoint()
+    draft_dir = REPO_ROOT / "llama" / "demo_draft"
+    speculative = Llama.build(ckpt_dir, tokenizer_path, 192, 3, speculate=3, draft_ckpt_dir=draft_dir)
+    assert 3 * speculative.speculation.proposer.model.n_layers <= plain.model.n_layers
+    prompts = ["KING:\nWhat say you", "JULIET:\nO"]
+    expected = plain.text_completion(prompts, temperature=0, max_gen_len=30)
+    assert speculative.text_completion(prompts, temperature=0, max_gen_len=30) == expected
+    stats = speculative.speculation
+    assert stats.accepted > stats.proposed / 3, "a draft trained on the same text should agree with the model often"
+
+
 # Chi-square at 5 degrees of freedom (6 bins) exceeds this with probability 0.001 when the draws follow the
 # expected distribution; with fixed seeds the tests are deterministic.
 CHI2_BOUND = 20.5
