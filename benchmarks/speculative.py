@@ -5,7 +5,7 @@ way that both give the same tokens. Times include the prompt. Prints a markdown 
 
     python benchmarks/speculative.py                                    # the demo model, prompt lookup
     python benchmarks/speculative.py --ckpt-dir ../shared/models/stories260K --texts stories
-    python benchmarks/speculative.py --draft-ckpt-dir llama/demo/draft  # the demo's trained 2-layer draft
+    python benchmarks/speculative.py --draft-ckpt-dir llama/demo_draft --speculate 2  # its trained draft
     python benchmarks/speculative.py --draft-ckpt-dir random            # a draft that is always wrong
     python benchmarks/speculative.py --shape 110m --draft-ckpt-dir self --draft-quantize int8
 
@@ -14,7 +14,7 @@ way that both give the same tokens. Times include the prompt. Prints a markdown 
 """
 
 import argparse
-import platform
+import os
 import shutil
 import sys
 import tempfile
@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from padded_tokenizer import write_tokenizer  # noqa: E402
 from random_model import SHAPES, random_state_dict, write_checkpoint  # noqa: E402
+from tables import cpu_name  # noqa: E402
 
 from llama.generation import Llama  # noqa: E402
 from llama.layout import read_model_args, tokenizer_file  # noqa: E402
@@ -132,10 +133,12 @@ def main(argv: Optional[list[str]] = None) -> str:
     with tempfile.TemporaryDirectory() as workdir:
         ckpt_dir, tokenizer_path, draft_dir = checkpoints(options, Path(workdir))
         prompt_lookup = options.prompt_lookup or (None if draft_dir else 2)
-        plain = Llama.build(ckpt_dir, tokenizer_path, 256, 1, device="cpu")
+        # The trained models learned a context of 256; the padded tokenizer of a random one spells text in bytes.
+        max_seq_len = 1024 if options.shape else 256
+        plain = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device="cpu")
         speculative = Llama.build(
-            ckpt_dir, tokenizer_path, 256, 1, device="cpu", speculate=options.speculate, prompt_lookup=prompt_lookup,
-            draft_ckpt_dir=draft_dir, draft_quantize=options.draft_quantize,
+            ckpt_dir, tokenizer_path, max_seq_len, 1, device="cpu", speculate=options.speculate,
+            prompt_lookup=prompt_lookup, draft_ckpt_dir=draft_dir, draft_quantize=options.draft_quantize,
         )  # fmt: skip
         rows = table(plain, speculative, TEXTS[options.texts], options.max_gen_len, options.repeats)
     proposer = f"prompt lookup n={prompt_lookup}" if prompt_lookup else f"draft {options.draft_ckpt_dir}"
@@ -144,7 +147,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     model = f"random {options.shape}" if options.shape else ckpt_dir
     lines = [
         f"{model}, k={options.speculate}, {proposer}, greedy, {options.max_gen_len} tokens, "
-        f"{options.threads} threads, {platform.processor() or platform.machine()}",
+        f"{options.threads} threads, {cpu_name()}, load average {os.getloadavg()[0]:.1f} at the end",
         "",
         "| prompt | proposals kept | tokens per pass | plain tokens/s | speculative tokens/s | speed-up |",
         "| --- | --- | --- | --- | --- | --- |",
