@@ -176,7 +176,9 @@ def test_grouped_query_attention_equals_multi_head_attention_with_repeated_key_v
     mha.load_state_dict(state)
     tokens = torch.randint(0, gqa_args.vocab_size, (2, 10))
     with torch.no_grad():
+        # Through the cache (decoding, where the CPU's attention kernel groups the heads itself) and without it.
         torch.testing.assert_close(gqa(tokens), mha(tokens), **TOLERANCE)
+        torch.testing.assert_close(gqa(tokens, use_cache=False), mha(tokens, use_cache=False), **TOLERANCE)
     # ... while its key/value cache is n_heads / n_kv_heads = 4 times smaller.
     assert mha.layers[0].attention.kv_cache.keys.numel() == n_rep * gqa.layers[0].attention.kv_cache.keys.numel()
 

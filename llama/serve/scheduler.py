@@ -227,8 +227,13 @@ class Scheduler:
                 if outcome is not None:
                     drawn.append((sequence, outcome))
             # The one host synchronisation of the step: the tokens and whether each row's logits were usable.
-            pairs = [torch.cat((token, usable.long())) for _, (token, usable) in drawn]
-            values = torch.stack(pairs).tolist() if pairs else []
+            # Two concatenations for all rows, not one per row: a tensor operation's Python share is most of its
+            # cost at this size.
+            values = []
+            if drawn:
+                tokens = torch.cat([token for _, (token, _) in drawn])
+                usable = torch.cat([usable for _, (_, usable) in drawn])
+                values = torch.stack((tokens, usable.long()), dim=1).tolist()
         except RankLost:
             raise
         except Exception as error:  # the model broke: the requests of this step end, the server goes on
