@@ -139,8 +139,13 @@ def feed(
         columns.append(len(again))
     device = model.output.weight.device
     tokens_tensor = torch.tensor(rows, dtype=torch.long, device=device)  # (bsz, width)
+    starts = {first[0] for first in positions}
+    if len(starts) == 1:
+        # Every row at the same positions (a batch of one, always): the plain forward, which builds no
+        # per-row positions, and for one token per row no mask, as a plain decoding step.
+        return model(tokens_tensor, starts.pop(), last_only=last_only), columns
     positions_tensor = torch.tensor(positions, dtype=torch.long, device=device)  # (bsz, width)
-    cache_len = int(max(first[0] for first in positions)) + width
+    cache_len = max(starts) + width
     return model.forward_at(tokens_tensor, positions_tensor, cache_len, last_only=last_only), columns
 
 
