@@ -5,6 +5,7 @@ requests run one after another through the library in this process (`Llama.gener
 
     python benchmarks/serve_load.py --shape demo --threads 2
     python benchmarks/serve_load.py --shape 110m --threads 2 --json serve_110m.json
+    python benchmarks/serve_load.py --shape demo --threads 2 --formats f32,q8_0 --llama-server PATH/llama-server
 
 The server is the `llama serve` command in a process of its own, with as many rows as the highest concurrency;
 the clients are asyncio tasks in this process, each sending its next request when the last is answered. Every
@@ -13,18 +14,22 @@ and asks for --max-tokens new ones. The models: the bundled demo model, or a ran
 (benchmarks/random_model.py), whose tokens decode to text too. Each mode is warmed up first. The figures
 depend on the machine and on what else runs on it: the table's heading names the CPU and its load average
 before the run.
+
+--formats serves the weights in float32 (f32) and/or in 8-bit blocks (q8_0: `llama serve --quantize q8_0`).
+With --llama-server, llama.cpp's own server (benchmarks/llama_server.py) serves each format too, as GGUF written
+from the same checkpoint (benchmarks/to_gguf.py; q8_0 quantized by llama.cpp itself, which needs
+llama-cpp-python), with a slot per client. Only answers that completed with all their tokens count; the
+requests column says how many did not.
 """
 
 import argparse
 import asyncio
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -33,13 +38,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from llama_server import llama_server_request, serving_url, start_llama_server, stop  # noqa: E402
 from random_model import prepare_checkpoint, random_prompts  # noqa: E402
+from tables import cpu_name  # noqa: E402
 
 from llama import Llama, demo_checkpoint  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 PROMPT_LENGTHS = (8, 24, 40, 64)  # cycled over the requests
-START_TIMEOUT = 300  # seconds for the server to load: a bound against hangs
+REQUEST_TIMEOUT = 600  # seconds for one request, a bound against hangs
+FORMATS = {"f32": None, "q8_0": "q8_0"}  # the weights' format: llama serve's --quantize
 
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -50,6 +58,9 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens each request asks for")
     parser.add_argument("--max-seq-len", type=int, default=256, help="the server's and the library's context")
     parser.add_argument("--threads", type=int, help="PyTorch's threads, here and in the server (default: its own)")
+    parser.add_argument("--formats", default="f32", help="f32 and/or q8_0, comma-separated: the weights served")
+    parser.add_argument("--llama-server", type=Path, metavar="PATH", help="llama.cpp's llama-server binary: "
+                        "serve each format with it too (on the same weights as GGUF)")  # fmt: skip
     parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args(argv)
 
@@ -63,57 +74,56 @@ def checkpoint(options: argparse.Namespace, workdir: Path) -> tuple[Path, Path]:
     return prepare_checkpoint(settings, workdir)
 
 
-def start_server(ckpt_dir: Path, tokenizer_path: Path, options: argparse.Namespace, rows: int) -> tuple:
+def start_server(ckpt_dir: Path, tokenizer_path: Path, options: argparse.Namespace, rows: int,
+                 quantize: Optional[str] = None) -> tuple:  # fmt: skip
     """(the `llama serve` process, its base URL), once it serves."""
     command = [sys.executable, "-m", "llama", "serve", "--ckpt-dir", str(ckpt_dir), "--tokenizer-path",
                str(tokenizer_path), "--port", "0", "--max-batch-size", str(rows), "--max-seq-len",
-               str(options.max_seq_len), "--max-queue", str(options.requests), "--device", "cpu"]  # fmt: skip
+               str(options.max_seq_len), "--max-queue", str(options.requests), "--device", "cpu",
+               *(["--quantize", quantize] if quantize else [])]  # fmt: skip
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(options.threads)} if options.threads else {}))
-    process = subprocess.Popen(command, cwd=REPOSITORY, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                               text=True)  # fmt: skip
-    deadline = time.monotonic() + START_TIMEOUT
-    for line in process.stderr:
-        found = re.search(r"serving .* on (http://\S+)", line)
-        if found:  # its log lines are read on, so that the pipe never fills
-            threading.Thread(target=process.stderr.read, daemon=True).start()
-            return process, found.group(1)
-        if time.monotonic() > deadline:
-            break
-    process.kill()
-    raise RuntimeError(f"llama serve did not start (exit status {process.wait()})")
+    process = subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, text=True)  # fmt: skip
+    return process, serving_url(process, r"serving .* on (http://\S+)", "llama serve")
 
 
 async def _request(http, prompt: list[int], max_tokens: int) -> dict:
-    """One streamed request: its seconds to the first token and to the end, and the tokens it got."""
+    """One streamed request to `llama serve`: its seconds to the first token and to the end, the tokens it got,
+    and whether it completed (its usage and [DONE] came)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
-    start, first, tokens = time.perf_counter(), None, 0
+    start, first, tokens, done = time.perf_counter(), None, 0, False
     async with http.stream("POST", "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
+        if response.status_code != 200:  # refused: counted as incomplete
+            await response.aread()
+        async for line in response.aiter_lines() if response.status_code == 200 else ():
+            done = done or line == "data: [DONE]"
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
-            if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+            if first is None and chunk.get("choices") and chunk["choices"][0]["text"]:
                 first = time.perf_counter()
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     end = time.perf_counter()
-    return {"latency": end - start, "first_token": (first or end) - start, "tokens": tokens}
+    return {"latency": end - start, "first_token": (first or end) - start, "tokens": tokens,
+            "complete": done and tokens > 0}  # fmt: skip
 
 
-async def _load(base: str, prompts: list[list[int]], max_tokens: int, concurrency: int) -> tuple[list, float]:
-    """Every prompt sent by `concurrency` clients: (each request's figures, the seconds it all took)."""
+async def _load(base: str, prompts: list[list[int]], max_tokens: int, concurrency: int,
+                send=_request) -> tuple[list, float]:  # fmt: skip
+    """Every prompt sent by `concurrency` clients, each request through `send`: (each request's figures, the
+    seconds it all took)."""
     import httpx
 
     waiting, records = list(reversed(prompts)), []
 
     async def client(http) -> None:
         while waiting:
-            records.append(await _request(http, waiting.pop(), max_tokens))
+            records.append(await send(http, waiting.pop(), max_tokens))
 
     limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, timeout=None, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT, limits=limits) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
         return records, time.perf_counter() - start
@@ -125,79 +135,130 @@ def sequential(llama: Llama, prompts: list[list[int]], max_tokens: int) -> tuple
     for prompt in prompts:
         began = time.perf_counter()
         tokens, _ = llama.generate([prompt], max_tokens, temperature=0)
-        records.append({"latency": time.perf_counter() - began, "first_token": None, "tokens": len(tokens[0])})
+        records.append({"latency": time.perf_counter() - began, "first_token": None, "tokens": len(tokens[0]),
+                        "complete": True})  # fmt: skip
     return records, time.perf_counter() - start
 
 
 def summary(records: list[dict], seconds: float) -> dict:
-    """Total tokens and tokens/s, and per-request latency and time to the first token (p50, p95), in seconds."""
+    """Total tokens and tokens/s, and per-request latency and time to the first token (p50, p95), in seconds, of
+    the requests that completed; `incomplete` counts the others."""
 
     def percentile(values: list[float], share: float) -> Optional[float]:
         return statistics.quantiles(values, n=100, method="inclusive")[share - 1] if len(values) > 1 else None
 
-    tokens = sum(record["tokens"] for record in records)
-    latency = [record["latency"] for record in records]
-    first = [record["first_token"] for record in records if record["first_token"] is not None]
-    return {"requests": len(records), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+    complete = [record for record in records if record["complete"]]
+    tokens = sum(record["tokens"] for record in complete)
+    latency = [record["latency"] for record in complete]
+    first = [record["first_token"] for record in complete if record["first_token"] is not None]
+    return {"requests": len(complete), "incomplete": len(records) - len(complete), "tokens": tokens,
+            "seconds": seconds, "tokens_per_s": tokens / seconds,
             "latency_p50": percentile(latency, 50), "latency_p95": percentile(latency, 95),
             "first_token_p50": percentile(first, 50), "first_token_p95": percentile(first, 95)}  # fmt: skip
 
 
 def machine() -> str:
     """The CPU's name and core count, and the load average now."""
-    names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE) or ["a CPU"]
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    return f"{names[0]}, {os.cpu_count()} logical cores; load average before the run {load}"
+    return f"{cpu_name()}, {os.cpu_count()} logical cores; load average before the run {load}"
 
 
 def table(results: dict) -> str:
-    """The figures as a Markdown table, the sequential run first; speedup is tokens/s over the sequential's."""
+    """The figures as a Markdown table, the sequential runs first; "vs sequential" is tokens/s over that of the
+    library's sequential run on the same format."""
 
     def seconds(value: Optional[float]) -> str:
         return "-" if value is None else f"{value:.2f}"
 
-    base = results["sequential"]["tokens_per_s"]
     lines = [f"`{results['shape']}`, {results['max_tokens']} new tokens per request, {results['machine']}", "",
              "| run | clients | requests | tokens | tokens/s | vs sequential | latency p50 / p95 (s) | "
              "first token p50 / p95 (s) |", "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]  # fmt: skip
-    rows = [("one after another (library)", "1", results["sequential"])]
-    rows += [("llama serve", str(level), figures) for level, figures in results["served"].items()]
-    for name, clients, figures in rows:
+    rows = [(f"one after another (library) {form}", form, "1", figures)
+            for form, figures in results["sequential"].items()]  # fmt: skip
+    for name, levels in results["served"].items():
+        rows += [(name, results["formats"][name], str(level), figures) for level, figures in levels.items()]
+    for name, form, clients, figures in rows:
+        missing = figures["incomplete"]
+        requests = f"{figures['requests']}" + (f" ({missing} incomplete)" if missing else "")
         lines.append(
-            f"| {name} | {clients} | {figures['requests']} | {figures['tokens']} | {figures['tokens_per_s']:.1f} | "
-            f"{figures['tokens_per_s'] / base:.2f}x | {seconds(figures['latency_p50'])} / "
-            f"{seconds(figures['latency_p95'])} | {seconds(figures['first_token_p50'])} / "
-            f"{seconds(figures['first_token_p95'])} |"
+            f"| {name} | {clients} | {requests} | {figures['tokens']} | {figures['tokens_per_s']:.1f} | "
+            f"{figures['tokens_per_s'] / results['sequential'][form]['tokens_per_s']:.2f}x | "
+            f"{seconds(figures['latency_p50'])} / {seconds(figures['latency_p95'])} | "
+            f"{seconds(figures['first_token_p50'])} / {seconds(figures['first_token_p95'])} |"
         )
     return "\n".join(lines)
 
 
-def run(options: argparse.Namespace, workdir: Path) -> dict:
-    """Every figure: the sequential run, then the server at each concurrency."""
-    levels = [int(level) for level in options.concurrency.split(",")]
-    results = {"shape": options.shape, "max_tokens": options.max_tokens, "machine": machine(), "served": {}}
-    ckpt_dir, tokenizer_path = checkpoint(options, workdir)
-    llama = Llama.build(ckpt_dir, tokenizer_path, options.max_seq_len, 1, device="cpu")
-    vocab = llama.model.params.vocab_size
-    prompts = [random_prompts(1, PROMPT_LENGTHS[index % len(PROMPT_LENGTHS)], vocab, seed=index)[0]
-               for index in range(options.requests)]  # fmt: skip
-    sequential(llama, prompts[:2], options.max_tokens)  # warm-up
-    results["sequential"] = summary(*sequential(llama, prompts, options.max_tokens))
-    del llama  # the server has the machine to itself
-    server, base = start_server(ckpt_dir, tokenizer_path, options, max(levels))
+def servers(options: argparse.Namespace, ckpt_dir: Path, tokenizer_path: Path, workdir: Path, rows: int) -> list:
+    """(name, format, start, send) of every server to measure: `llama serve` on each format, and llama-server on
+    each with --llama-server. start() returns (process, base URL); send is the coroutine of one request."""
+    arms = []
+    for form in options.formats:
+        start = lambda form=form: start_server(ckpt_dir, tokenizer_path, options, rows, FORMATS[form])  # noqa: E731
+        arms.append((f"llama serve {form}", form, start, _request))
+    if options.llama_server:
+        for form, model in gguf_models(ckpt_dir, tokenizer_path, workdir, options).items():
+            start = lambda model=model: start_llama_server(  # noqa: E731
+                options.llama_server, model, rows, options.max_seq_len, options.threads
+            )
+            arms.append((f"llama-server {form}", form, start, llama_server_request))
+    return arms
+
+
+def gguf_models(ckpt_dir: Path, tokenizer_path: Path, workdir: Path, options: argparse.Namespace) -> dict:
+    """{format: GGUF file} of the checkpoint for llama-server: f32 written by benchmarks/to_gguf.py, q8_0 by
+    llama.cpp's own quantizer from it (through llama-cpp-python, in a process of its own)."""
+    from to_gguf import write_gguf
+
+    if options.formats == ["f32"]:
+        return {"f32": write_gguf(ckpt_dir, tokenizer_path, workdir / "model-f32.gguf")}
+    from llama_cpp_arm import llama_cpp_files
+
+    files = llama_cpp_files(ckpt_dir, tokenizer_path, workdir, options.threads or os.cpu_count())
+    return {form: files[form] for form in options.formats}
+
+
+def under_load(start, send, prompts: list[list[int]], levels: list[int], max_tokens: int) -> dict:
+    """{concurrency: figures} of a server, started by start() and stopped at the end, after a warm-up."""
+    process, base = start()
     try:
-        asyncio.run(_load(base, prompts[:2], options.max_tokens, 2))  # warm-up
-        for level in levels:
-            results["served"][level] = summary(*asyncio.run(_load(base, prompts, options.max_tokens, level)))
+        asyncio.run(_load(base, prompts[:2], max_tokens, 2, send))
+        return {level: summary(*asyncio.run(_load(base, prompts, max_tokens, level, send))) for level in levels}
     finally:
-        server.terminate()
-        server.wait(60)
+        stop(process)
+
+
+def run(options: argparse.Namespace, workdir: Path) -> dict:
+    """Every figure: the sequential run on each format, then each server at each concurrency."""
+    levels = [int(level) for level in options.concurrency.split(",")]
+    results = {"shape": options.shape, "max_tokens": options.max_tokens, "machine": machine(), "sequential": {},
+               "served": {}, "formats": {}}  # fmt: skip
+    ckpt_dir, tokenizer_path = checkpoint(options, workdir)
+    prompts = None
+    for form in options.formats:
+        llama = Llama.build(ckpt_dir, tokenizer_path, options.max_seq_len, 1, device="cpu", quantize=FORMATS[form])
+        vocab = llama.model.params.vocab_size
+        prompts = prompts or [random_prompts(1, PROMPT_LENGTHS[index % len(PROMPT_LENGTHS)], vocab, seed=index)[0]
+                              for index in range(options.requests)]  # fmt: skip
+        sequential(llama, prompts[:2], options.max_tokens)  # warm-up
+        results["sequential"][form] = summary(*sequential(llama, prompts, options.max_tokens))
+        del llama  # each server has the machine to itself
+    for name, form, start, send in servers(options, ckpt_dir, tokenizer_path, workdir, max(levels)):
+        results["formats"][name] = form
+        results["served"][name] = under_load(start, send, prompts, levels, options.max_tokens)
     return results
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     """Run the benchmark; print the table (and write --json); return the figures."""
     options = parse(argv)
+    options.formats = options.formats.split(",")
+    unknown = sorted(set(options.formats) - set(FORMATS))
+    if unknown:
+        raise SystemExit(f"error: --formats {','.join(unknown)}: choose from {', '.join(FORMATS)}")
+    if options.llama_server and not options.llama_server.is_file():
+        raise SystemExit(f"error: --llama-server {str(options.llama_server)!r} is not a file: build llama-server "
+                         "first (docs/serving.md says how)")  # fmt: skip
     if options.threads:
         torch.set_num_threads(options.threads)
     with tempfile.TemporaryDirectory() as workdir:
