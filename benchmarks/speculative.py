@@ -9,7 +9,8 @@ way that both give the same tokens. Times include the prompt. Prints a markdown 
     python benchmarks/speculative.py --draft-ckpt-dir random            # a draft that is always wrong
     python benchmarks/speculative.py --shape 110m --draft-ckpt-dir self --draft-quantize int8
 
---draft-ckpt-dir random is a random model of the model's own shape and tokenizer; self is the model itself
+--draft-ckpt-dir random is a random model of the model's width and tokenizer, with --random-draft-layers layers
+(default 1); self is the model itself
 (quantized with --draft-quantize, it is a cheaper copy); --shape runs a random model of benchmarks/random_model.py.
 """
 
@@ -98,8 +99,8 @@ def random_checkpoint(folder: Path, shape, tokenizer_path: Optional[Path], seed:
 
 def checkpoints(options: argparse.Namespace, workdir: Path) -> tuple[Path, Path, Optional[Path]]:
     """(ckpt_dir, tokenizer_path, draft_ckpt_dir) for the options: the demo model, --ckpt-dir or a random model
-    of --shape; the draft in --draft-ckpt-dir, a random model of the model's shape ("random") or the model
-    itself ("self")."""
+    of --shape; the draft in --draft-ckpt-dir, a random model of the model's width ("random", of
+    --random-draft-layers layers) or the model itself ("self")."""
     if options.shape:
         ckpt_dir, tokenizer_path = random_checkpoint(workdir / "model", SHAPES[options.shape], None, seed=0)
     elif options.ckpt_dir:
@@ -110,6 +111,7 @@ def checkpoints(options: argparse.Namespace, workdir: Path) -> tuple[Path, Path,
     if draft == "random":
         args = read_model_args(ckpt_dir, max_seq_len=256, max_batch_size=1)
         args.vocab_size = Tokenizer(tokenizer_path).n_words
+        args.n_layers = options.random_draft_layers or args.n_layers
         draft, _ = random_checkpoint(workdir / "draft", args, tokenizer_path, seed=1)
     elif draft == "self":
         draft = ckpt_dir
@@ -125,6 +127,9 @@ def main(argv: Optional[list[str]] = None) -> str:
     parser.add_argument("--prompt-lookup", type=int, default=None, help="N (default 2 without a draft)")
     parser.add_argument("--draft-ckpt-dir", help="a folder, random (always wrong) or self (the model)")
     parser.add_argument("--draft-quantize")
+    parser.add_argument(
+        "--random-draft-layers", type=int, default=1, help="layers of the random draft (0: as many as the model)"
+    )
     parser.add_argument("--max-gen-len", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)

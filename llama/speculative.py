@@ -300,17 +300,17 @@ class Speculation:
 
     def _count(self, row: int, proposed: int, produced: int) -> None:
         """Count a row's pass, and set how much it may be proposed next: one more after a pass that kept every
-        proposal (up to `speculate`), one less after one that refused some. A row whose single proposal is
-        refused pauses: it makes plain passes, without proposals, for 1 pass, then 2, 4, ... up to MAX_PAUSE
-        at each refusal that follows, until a pass keeps all it was proposed. A proposer that is always wrong
-        so soon costs a draft step and a position now and then, and speculation about what plain decoding
-        costs. (The limits depend on past passes only, so sampling keeps its distribution.)"""
+        proposal (up to `speculate`), one less after one that kept some, half after one that kept none. A row
+        whose single proposal is refused pauses: it makes plain passes, without proposals, for 1 pass, then 2,
+        4, ... up to MAX_PAUSE at each refusal that follows, until a pass keeps all it was proposed. A proposer
+        that is always wrong so soon costs a draft step and a position now and then, and speculation about what
+        plain decoding costs. (The limits depend on past passes only, so sampling keeps its distribution.)"""
         if proposed:
             limit = self.limits[row]
             if produced - 1 == proposed:
                 self.limits[row], self.pause[row] = min(self.speculate, limit + 1), 1
             elif limit > 1:
-                self.limits[row] = limit - 1
+                self.limits[row] = limit - 1 if produced > 1 else limit // 2
             else:
                 self.paused[row], self.pause[row] = self.pause[row], min(2 * self.pause[row], MAX_PAUSE)
         elif self.paused[row]:
