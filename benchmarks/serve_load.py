@@ -118,9 +118,24 @@ async def _load(base: str, prompts: list[list[int]], max_tokens: int, concurrenc
 
     waiting, records = list(reversed(prompts)), []
 
+    async def answer(http, prompt: list[int]) -> dict:
+        began = time.perf_counter()
+        for attempt in range(2):
+            try:
+                return await send(http, prompt, max_tokens)
+            except httpx.TransportError as error:  # the connection broke or timed out: no answer
+                if attempt == 0 and isinstance(error, httpx.RemoteProtocolError):
+                    # The server closed the connection without a word, as llama-server now and then does to a
+                    # kept-alive one as it is reused: sent again once, on a new connection (its time counts).
+                    print(f"{base}: a request was sent again: {error!r}", file=sys.stderr)
+                    continue
+                print(f"{base}: a request got no answer: {error!r}", file=sys.stderr)
+                break
+        return {"latency": time.perf_counter() - began, "first_token": None, "tokens": 0, "complete": False}
+
     async def client(http) -> None:
         while waiting:
-            records.append(await send(http, waiting.pop(), max_tokens))
+            records.append(await answer(http, waiting.pop()))
 
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT, limits=limits) as http:
@@ -225,6 +240,8 @@ def under_load(start, send, prompts: list[list[int]], levels: list[int], max_tok
         asyncio.run(_load(base, prompts[:2], max_tokens, 2, send))
         return {level: summary(*asyncio.run(_load(base, prompts, max_tokens, level, send))) for level in levels}
     finally:
+        if process.poll() is not None:  # its requests since then count as incomplete
+            print(f"{base}: the server ended during the run, exit status {process.returncode}", file=sys.stderr)
         stop(process)
 
 

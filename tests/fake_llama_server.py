@@ -1,13 +1,16 @@
 """A stand-in for llama.cpp's `llama-server` in the benchmark's smoke test: it takes the options
 benchmarks/llama_server.py gives, prints `listening on URL` as llama-server does, answers /health, and streams
 /completion's events (a piece per token, then the last event with `stop` and `tokens_predicted`). A prompt of
-exactly SHORT_PROMPT tokens gets one token fewer than it asks for, as an answer cut short would."""
+exactly SHORT_PROMPT tokens gets one token fewer than it asks for, as an answer cut short would; one of
+DROPPED_PROMPT tokens finds its connection closed without an answer every other time it comes."""
 
 import argparse
 import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 SHORT_PROMPT = 24
+DROPPED_PROMPT = 40
+arrivals = {"dropped": 0}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -18,6 +21,11 @@ class Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self.path != "/completion" or not body.get("stream") or not body.get("ignore_eos"):
             return self._send(400, b'{"error": "not what the benchmark sends"}')
+        if len(body["prompt"]) == DROPPED_PROMPT:
+            arrivals["dropped"] += 1
+            if arrivals["dropped"] % 2:
+                self.close_connection = True
+                return
         count = body["n_predict"] - (len(body["prompt"]) == SHORT_PROMPT)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")

@@ -32,7 +32,8 @@ def test_serve_load_benchmark_measures_every_concurrency_against_the_sequential_
         assert set(at_level) == FIGURES and at_level["requests"] == 3 and at_level["incomplete"] == 0, level
         assert at_level["tokens"] == sequential["tokens"], "greedy requests get the same tokens served"
         assert at_level["first_token_p50"] is not None and at_level["first_token_p50"] <= at_level["latency_p95"]
-    # The stand-in answers the prompt of 24 tokens (the second of three) with a token too few: not counted.
+    # The stand-in answers the prompt of 24 tokens (the second of three) with a token too few: not counted. It
+    # closes the connection of the third without a word the first time: sent again, that one counts.
     for level, at_level in figures["served"]["llama-server f32"].items():
         assert (at_level["requests"], at_level["incomplete"], at_level["tokens"]) == (2, 1, 6), level
     table = capsys.readouterr().out
