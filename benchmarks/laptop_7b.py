@@ -1,7 +1,7 @@
 """A Llama 2 7B-shaped model on the CPU, quantized as it loads: a random checkpoint in bfloat16 (as Meta ships
-the 7B model, 13.5 GB) is written once into --workdir, then loaded with quantize="int8" and "int4", each in a
-fresh process (benchmarks/load_probe.py): load time, peak resident memory against the quantized model plus its
-key/value cache, and decode tokens/s at batch 1 as a percentage of the streaming-read floor. With
+the 7B model, 13.5 GB) is written once into --workdir, then loaded with each of --schemes (int4, int8, q4_0 and
+q8_0), each in a fresh process (benchmarks/load_probe.py): load time, peak resident memory against the quantized
+model plus its key/value cache, and decode tokens/s at batch 1 as a percentage of the streaming-read floor. With
 llama-cpp-python installed, llama.cpp on the same weights: the checkpoint written as a bfloat16 GGUF file and
 quantized to q8_0 and q4_0 by llama.cpp (kept in --workdir), each loaded and decoded in a fresh process
 (benchmarks/llama_cpp_probe.py).
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--workdir", required=True, help="where the random checkpoint is written (kept for reruns)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--schemes", default="int4,int8")
+    parser.add_argument("--schemes", default="int4,int8,q4_0,q8_0", help="our schemes, comma-separated")
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave out llama.cpp even when installed")
     parser.add_argument("--json", help="write the figures to this file")
     options = parser.parse_args()

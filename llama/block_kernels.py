@@ -13,6 +13,7 @@ layers compute with the PyTorch block product of llama/block_quant.py: the same 
 import hashlib
 import os
 import shutil
+import sys
 import warnings
 from functools import cache
 from pathlib import Path
@@ -63,10 +64,19 @@ def operators(variant: str):
     return _build(variant)
 
 
+# OpenMP, so that at::parallel_for (a template, compiled into the kernels) splits the rows over Torch's threads: without
+# it the pragma is ignored and the kernels run on one thread. Linux only (GCC and Clang there know the flag); the
+# process already holds Torch's libgomp.so.1, which the kernels then share, with its thread count.
+OPENMP = ("-fopenmp",) if sys.platform.startswith("linux") else ()
+
+
 @cache
 def _build(variant: str):
-    # The source's digest in the name: an edited source builds anew, and never replaces another's build.
-    name = f"llama_block_{variant}_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
+    # The digest of the source and the flags in the name: an edited source or another flag builds anew, and never
+    # replaces another's build.
+    flags = ["-O3", "-std=c++17", *OPENMP, *VARIANTS[variant][1]]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    name = f"llama_block_{variant}_{digest}"
     try:
         from torch.utils import cpp_extension
 
@@ -78,8 +88,13 @@ def _build(variant: str):
             staged = folder / f"{SOURCE.name}.{os.getpid()}"
             shutil.copyfile(SOURCE, staged)
             os.replace(staged, source)
-        flags = ["-O3", "-std=c++17", *VARIANTS[variant][1], f"-DVARIANT={name}"]
-        cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags, is_python_module=False)
+        cpp_extension.load(
+            name=name,
+            sources=[str(source)],
+            extra_cflags=[*flags, f"-DVARIANT={name}"],
+            extra_ldflags=list(OPENMP),
+            is_python_module=False,
+        )
     except Exception as error:  # no compiler, no ninja, headers missing: the PyTorch product still works
         warnings.warn(
             f"the {variant} q8_0/q4_0 kernels could not be built ({type(error).__name__}: {str(error)[:200]}): "

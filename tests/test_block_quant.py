@@ -6,9 +6,12 @@ pretrained model's greedy text kept, and clear errors."""
 
 import json
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 from helpers import random_model, small_args, write_checkpoint
 from llama import Llama
@@ -92,6 +95,31 @@ def test_bfloat16_activations_are_rounded_from_their_bfloat16_values(kernel):
     got = block_layer(parts, Q8_0, kernel)(x)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), expected, rtol=2**-8, atol=2**-8 * expected.abs().max().item())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernels use OpenMP on Linux")
+@pytest.mark.parametrize("kernel", list(VARIANTS))
+def test_native_kernels_share_their_rows_among_torchs_threads_with_the_same_results(kernel):
+    """Built with OpenMP, at::parallel_for splits the output rows among Torch's threads (without it, its pragma is
+    ignored and a kernel runs on one thread whatever torch.set_num_threads says): the library calls OpenMP's parallel
+    region, and one thread or two give the same numbers, each output being the whole sum of one thread."""
+    if kernel not in runnable_variants() or operators(kernel) is None:
+        pytest.skip(f"no {kernel} kernels on this machine")
+    name = operators(kernel).name
+    library = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+    assert b"GOMP_parallel" in library.read_bytes(), f"{library.name} was built without OpenMP"
+    weight, x = varied(96, 256, seed=10), varied(3, 256, seed=11)
+    threads = torch.get_num_threads()
+    for scheme in (Q8_0, Q4_0):
+        layer = block_layer(quantize_weight(weight.clone(), scheme), scheme, kernel)
+        try:
+            torch.set_num_threads(1)
+            alone = layer(x)
+            torch.set_num_threads(2)
+            shared = layer(x)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(alone, shared), f"{scheme} differs between one thread and two"
 
 
 def test_activations_round_within_half_a_step_of_each_block():
