@@ -105,10 +105,9 @@ void quantize_row(const float* x, int64_t blocks, int8_t* q, float* scales, int3
 #endif
 }
 
-// The eight products of eight blocks' weight scales (float16) and activation scales.
-inline __m256 eight_scales(const uint16_t* weight_scales, const float* scales) {
-  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(weight_scales));
-  return _mm256_mul_ps(_mm256_cvtph_ps(halves), _mm256_loadu_ps(scales));
+// Eight blocks' weight scales (float16), converted to float32.
+inline __m256 eight_weight_scales(const uint16_t* weight_scales) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(weight_scales)));
 }
 
 // The products of a block's 32 weights and 32 activations, summed in eight int32 lanes of four.
@@ -122,19 +121,29 @@ inline __m256i sum_products(__m256i unsigned_bytes, __m256i signed_bytes, __m256
 #endif
 }
 
+// Each scheme's weights are prepared once per block (or pair of blocks) and multiplied with several rows of
+// activations: `prepare` loads them, `product` multiplies one row's bytes by them.
 struct Q8 {
   using Weight = int8_t;
   static constexpr int64_t kBytes = kBlock;  // per block
   static constexpr bool kOffsets = false;
-  static __m256i block(const Weight* w, int64_t b, __m256i a, const int32_t*) {
+  struct Block { __m256i magnitudes, signs; };
+  static Block prepare(const Weight* w, int64_t b) {
     const __m256i weights = load256(w + b * kBlock);
-    return sum_products(_mm256_sign_epi8(weights, weights), _mm256_sign_epi8(a, weights), _mm256_setzero_si256());
+    return {_mm256_sign_epi8(weights, weights), weights};
+  }
+  static __m256i product(const Block& weights, __m256i a, const int32_t*, int64_t) {
+    return sum_products(weights.magnitudes, _mm256_sign_epi8(a, weights.signs), _mm256_setzero_si256());
   }
 #if WIDE
-  static __m512i pair(const Weight* w, int64_t b, __m512i a, const int32_t*) {
+  struct Pair { __m512i magnitudes; __mmask64 negative; };
+  static Pair prepare_pair(const Weight* w, int64_t b) {
     const __m512i weights = _mm512_loadu_si512(w + b * kBlock);
-    const __m512i signed_a = _mm512_mask_sub_epi8(a, _mm512_movepi8_mask(weights), _mm512_setzero_si512(), a);
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(weights), signed_a);
+    return {_mm512_abs_epi8(weights), _mm512_movepi8_mask(weights)};
+  }
+  static __m512i pair_product(const Pair& weights, __m512i a, const int32_t*, int64_t) {
+    const __m512i signed_a = _mm512_mask_sub_epi8(a, weights.negative, _mm512_setzero_si512(), a);
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), weights.magnitudes, signed_a);
   }
   // Which block each of a pair's 16 sums belongs to: eight of the first, eight of the second.
   static __m512i owners(int first) {
@@ -149,16 +158,23 @@ struct Q4 {
   using Weight = uint8_t;
   static constexpr int64_t kBytes = kBlock / 2;
   static constexpr bool kOffsets = true;
-  static __m256i block(const Weight* w, int64_t b, __m256i a, const int32_t* offsets) {
+  using Block = __m256i;  // the 32 values, unpacked
+  static Block prepare(const Weight* w, int64_t b) {
     const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * kBytes));
-    const __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(15));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(15));
+  }
+  static __m256i product(const Block& nibbles, __m256i a, const int32_t* offsets, int64_t b) {
     return sum_products(nibbles, a, load256(offsets + b * kLanes));
   }
 #if WIDE
-  static __m512i pair(const Weight* w, int64_t b, __m512i a, const int32_t* offsets) {
+  using Pair = __m512i;
+  static Pair prepare_pair(const Weight* w, int64_t b) {
     const __m256i packed = load256(w + b * kBytes);
     const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(packed), _mm256_srli_epi16(packed, 4), 1);
-    return _mm512_dpbusd_epi32(_mm512_loadu_si512(offsets + b * kLanes), _mm512_and_si512(both, _mm512_set1_epi8(15)), a);
+    return _mm512_and_si512(both, _mm512_set1_epi8(15));
+  }
+  static __m512i pair_product(const Pair& nibbles, __m512i a, const int32_t* offsets, int64_t b) {
+    return _mm512_dpbusd_epi32(_mm512_loadu_si512(offsets + b * kLanes), nibbles, a);
   }
   // The pair's sums in the activations' pair layout: four of the first block, four of the second, and again.
   static __m512i owners(int first) {
@@ -168,42 +184,63 @@ struct Q4 {
 #endif
 };
 
-// One output: the weights of a row times one row of rounded activations, eight blocks at a time (their scales
-// converted together), each block's integer sums scaled by its two scales and added up in float32.
-template <typename Scheme>
-float row_product(const typename Scheme::Weight* w, const uint16_t* weight_scales, const int8_t* q,
-                  const float* scales, const int32_t* offsets, int64_t blocks) {
-  __m256 sums[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // two chains, to overlap their latency
+// Rows rows of activations against one row of weights: `Rows` outputs. Eight blocks at a time (their scales
+// converted together), each block's integer sums scaled by its two scales and added up in float32. The weights are
+// loaded and prepared once for all the rows: a prompt, or a batch of rows decoding together, reuses them from
+// registers, and the rows' independent sums keep the CPU's units busy.
+template <typename Scheme, int Rows>
+void row_products(const typename Scheme::Weight* w, const uint16_t* weight_scales, const int8_t* const* q,
+                  const float* const* scales, const int32_t* const* offsets, int64_t blocks, float* const* out) {
+  __m256 sums[Rows][2];  // two chains per row, to overlap their latency
+  for (int r = 0; r < Rows; ++r) sums[r][0] = sums[r][1] = _mm256_setzero_ps();
   int64_t b = 0;
 #if WIDE
-  __m512 wide_sums[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 wide_sums[Rows][2];
+  for (int r = 0; r < Rows; ++r) wide_sums[r][0] = wide_sums[r][1] = _mm512_setzero_ps();
   for (; b + kStep <= blocks; b += kStep) {
-    const __m512 eight = _mm512_castps256_ps512(eight_scales(weight_scales + b, scales + b));
+    const __m256 halves = eight_weight_scales(weight_scales + b);
+    __m512 eight[Rows];
+    for (int r = 0; r < Rows; ++r) eight[r] = _mm512_castps256_ps512(_mm256_mul_ps(halves, _mm256_loadu_ps(scales[r] + b)));
     for (int pair = 0; pair < 4; ++pair) {
-      const __m512i a = _mm512_loadu_si512(q + (b + 2 * pair) * kBlock);
-      const __m512i integers = Scheme::pair(w, b + 2 * pair, a, offsets);
-      const __m512 scale = _mm512_permutexvar_ps(Scheme::owners(2 * pair), eight);
-      wide_sums[pair & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(integers), scale, wide_sums[pair & 1]);
+      const auto weights = Scheme::prepare_pair(w, b + 2 * pair);
+      const __m512i owners = Scheme::owners(2 * pair);
+      for (int r = 0; r < Rows; ++r) {
+        const __m512i a = _mm512_loadu_si512(q[r] + (b + 2 * pair) * kBlock);
+        const __m512i integers = Scheme::pair_product(weights, a, offsets[r], b + 2 * pair);
+        const __m512 scale = _mm512_permutexvar_ps(owners, eight[r]);
+        wide_sums[r][pair & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(integers), scale, wide_sums[r][pair & 1]);
+      }
     }
   }
-  const __m512 wide = _mm512_add_ps(wide_sums[0], wide_sums[1]);
-  sums[0] = _mm256_add_ps(_mm512_castps512_ps256(wide), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(wide), 1)));
+  for (int r = 0; r < Rows; ++r) {
+    const __m512 wide = _mm512_add_ps(wide_sums[r][0], wide_sums[r][1]);
+    sums[r][0] = _mm256_add_ps(_mm512_castps512_ps256(wide),
+                               _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(wide), 1)));
+  }
 #else
   for (; b + kStep <= blocks; b += kStep) {
-    const __m256 eight = eight_scales(weight_scales + b, scales + b);
+    const __m256 halves = eight_weight_scales(weight_scales + b);
+    __m256 eight[Rows];
+    for (int r = 0; r < Rows; ++r) eight[r] = _mm256_mul_ps(halves, _mm256_loadu_ps(scales[r] + b));
     for (int k = 0; k < kStep; ++k) {
-      const __m256i integers = Scheme::block(w, b + k, load256(q + (b + k) * kBlock), offsets);
-      const __m256 scale = _mm256_permutevar8x32_ps(eight, _mm256_set1_epi32(k));
-      sums[k & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(integers), scale, sums[k & 1]);
+      const auto weights = Scheme::prepare(w, b + k);
+      for (int r = 0; r < Rows; ++r) {
+        const __m256i integers = Scheme::product(weights, load256(q[r] + (b + k) * kBlock), offsets[r], b + k);
+        const __m256 scale = _mm256_permutevar8x32_ps(eight[r], _mm256_set1_epi32(k));
+        sums[r][k & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(integers), scale, sums[r][k & 1]);
+      }
     }
   }
 #endif
   for (; b < blocks; ++b) {
-    const __m256i integers = Scheme::block(w, b, load256(q + b * kBlock), offsets);
-    const __m256 scale = _mm256_set1_ps(_cvtsh_ss(weight_scales[b]) * scales[b]);
-    sums[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(integers), scale, sums[b & 1]);
+    const auto weights = Scheme::prepare(w, b);
+    for (int r = 0; r < Rows; ++r) {
+      const __m256i integers = Scheme::product(weights, load256(q[r] + b * kBlock), offsets[r], b);
+      const __m256 scale = _mm256_set1_ps(_cvtsh_ss(weight_scales[b]) * scales[r][b]);
+      sums[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(integers), scale, sums[r][b & 1]);
+    }
   }
-  return sum_lanes(_mm256_add_ps(sums[0], sums[1]));
+  for (int r = 0; r < Rows; ++r) *out[r] = sum_lanes(_mm256_add_ps(sums[r][0], sums[r][1]));
 }
 
 template <typename Scheme>
@@ -234,17 +271,36 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& weight, const at:
   const auto* w_data = w.data_ptr<typename Scheme::Weight>();
   const auto* w_scale_data = reinterpret_cast<const uint16_t*>(w_scales.data_ptr<at::Half>());  // F16C converts them
   float* out_data = out.data_ptr<float>();
-  // A few weight rows at a time against every row of activations: the weights stay in the nearest cache while
-  // each row of activations is read once per few weight rows, not once per weight row.
+  // A few weight rows at a time against every row of activations, four rows at a time: the weights stay in the
+  // nearest cache while each row of activations is read once per few weight rows, not once per weight row.
   constexpr int64_t kWeightRows = 8;
+  constexpr int kRows = 4;
   at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
     for (int64_t first = begin; first < end; first += kWeightRows) {
       const int64_t last = std::min(end, first + kWeightRows);
-      for (int64_t m = 0; m < rows; ++m) {
+      for (int64_t m = 0; m < rows; m += kRows) {
+        const int count = static_cast<int>(std::min<int64_t>(kRows, rows - m));
+        const int8_t* q_rows[kRows];
+        const float* scale_rows[kRows];
+        const int32_t* offset_rows[kRows];
+        for (int r = 0; r < count; ++r) {
+          q_rows[r] = q_data + (m + r) * in_features;
+          scale_rows[r] = scale_data + (m + r) * blocks;
+          offset_rows[r] = offset_data == nullptr ? nullptr : offset_data + (m + r) * blocks * kLanes;
+        }
         for (int64_t n = first; n < last; ++n) {
-          out_data[m * out_features + n] = row_product<Scheme>(
-              w_data + n * Scheme::kBytes * blocks, w_scale_data + n * blocks, q_data + m * in_features,
-              scale_data + m * blocks, offset_data == nullptr ? nullptr : offset_data + m * blocks * kLanes, blocks);
+          const auto* weights = w_data + n * Scheme::kBytes * blocks;
+          const uint16_t* weight_scales = w_scale_data + n * blocks;
+          float* outputs[kRows];
+          for (int r = 0; r < count; ++r) outputs[r] = out_data + (m + r) * out_features + n;
+          if (count == kRows) {
+            row_products<Scheme, kRows>(weights, weight_scales, q_rows, scale_rows, offset_rows, blocks, outputs);
+          } else {
+            for (int r = 0; r < count; ++r) {
+              row_products<Scheme, 1>(weights, weight_scales, q_rows + r, scale_rows + r, offset_rows + r, blocks,
+                                      outputs + r);
+            }
+          }
         }
       }
     }
