@@ -6,6 +6,7 @@ each token is scored once, in the first window that holds it with some context b
 below the window every token but the first of the text is predicted from at least window - stride tokens."""
 
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -39,6 +40,16 @@ class Perplexity(NamedTuple):
         )
 
 
+def scored_windows(length: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """The windows over a text of `length` tokens, as (start, end, scored_until): tokens[start:end] are read, and
+    tokens[scored_until:end], which no earlier window scored, are scored (see the module's docstring)."""
+    scored_until, start = 1, 0  # tokens before scored_until are scored
+    while scored_until < length:
+        end = min(start + window, length)
+        yield start, end, scored_until
+        scored_until, start = end, start + stride
+
+
 @torch.no_grad()
 def sequence_nll(model: Transformer, tokens: list[int], window: int, stride: int) -> tuple[float, int]:
     """The total negative log-likelihood (nats, summed in float64) of tokens[1:], each given the tokens before it
@@ -51,15 +62,13 @@ def sequence_nll(model: Transformer, tokens: list[int], window: int, stride: int
     if stride >= window:
         raise ValueError(f"stride={stride} must be below window={window}, or tokens would be read without context")
     device = model.tok_embeddings.weight.device
-    total, scored_until, start = 0.0, 1, 0  # tokens before scored_until are scored
-    while scored_until < len(tokens):
-        end = min(start + window, len(tokens))
+    total = 0.0
+    for start, end, scored_until in scored_windows(len(tokens), window, stride):
         inputs = torch.tensor(tokens[start:end], device=device)[None]  # (1, end - start)
         logits = model(inputs, use_cache=False)[0].float()  # row i predicts tokens[start + i + 1]
         targets = torch.tensor(tokens[scored_until:end], device=device)
         rows = logits[scored_until - start - 1 : end - start - 1]
         total += F.cross_entropy(rows, targets, reduction="sum").double().item()
-        scored_until, start = end, start + stride
     return total, max(0, len(tokens) - 1)
 
 
