@@ -66,6 +66,7 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self.process.stdout.close()
 
     def stderr_tail(self, lines: int = 5) -> list[str]:
         """The last lines the worker wrote to its standard error (a traceback's last line says what failed)."""

@@ -112,6 +112,7 @@ def test_a_worker_that_sends_nothing_within_its_timeout_is_killed_and_reported(t
     assert worker.ready is None and worker.crashed == "timed out after 0.5 s (killed)"
     assert worker.process.returncode == -signal.SIGKILL
     assert worker.ask({"prompt": [1], "new_tokens": 1}) is None
+    worker.close()
 
 
 def test_a_worker_that_raises_is_reported_with_its_exit_status_and_last_words(tmp_path):
@@ -121,6 +122,7 @@ def test_a_worker_that_raises_is_reported_with_its_exit_status_and_last_words(tm
     assert worker.ask({"prompt": [1], "new_tokens": 1}) is None
     assert worker.crashed == "exit status 1"
     assert worker.stderr_tail()[-1] == "ValueError: no such arm"
+    worker.close()
 
 
 def test_step_profile_splits_each_step_into_its_parts(capsys):
