@@ -120,3 +120,23 @@ def test_llama_cpp_decodes_stories260k_from_the_gguf_file_to_our_greedy_text(tmp
     ours = Llama.build(stories_dir, stories_dir / "tokenizer.model", max_seq_len=128, max_batch_size=1, device="cpu")
     our_tokens, _ = ours.generate([prompt], max_gen_len=40, temperature=0)
     assert their_tokens == our_tokens[0]
+
+
+
+def test_llama_cpp_scores_the_demo_models_float32_perplexity_as_we_do_on_the_same_windows(tmp_path, capsys):
+    """benchmarks/llama_cpp_perplexity.py: llama.cpp's log-likelihoods of the same tokens in the same windows
+    (perplexity.scored_windows) give our float32 perplexity, so its quantized figures beside ours compare like
+    with like."""
+    pytest.importorskip("llama_cpp")
+    import llama_cpp_perplexity
+
+    ckpt_dir, _ = demo_checkpoint()
+    text = tmp_path / "text.txt"
+    text.write_text("KING HENRY:\nWhat say you, my lords? Shall we to France, or stay at home in peace?\n" * 4)
+    llama_cpp_perplexity.main(["--ckpt-dir", str(ckpt_dir), "--text-path", str(text), "--max-seq-len", "32",
+                               "--threads", "1"])  # fmt: skip
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    figures = {row[0].strip(): (float(row[1]), float(row[2])) for row in rows[2:]}  # after the heading's two
+    assert set(figures) == {"f32", "q8_0", "q4_0"}
+    ours, theirs = figures["f32"]
+    assert abs(ours - theirs) <= 1e-3 * ours, f"float32 perplexity: ours {ours}, llama.cpp {theirs}"
